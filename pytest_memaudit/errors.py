@@ -1,0 +1,22 @@
+"""Errors an audit reports to its user.
+
+Every problem with the user's input (checkpoint, data, YAML, options) is raised as an
+``AuditError`` whose message says what is wrong and how to fix it; the plugin shows it as one
+paragraph with no traceback. Anything else escaping the library is a bug.
+"""
+
+
+class AuditError(Exception):
+    """An audit cannot run as asked; the message is meant for the user."""
+
+
+class ConfigError(AuditError):
+    """A YAML audit file or an option is invalid."""
+
+
+class CheckpointError(AuditError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit the model."""
+
+
+class DataError(AuditError):
+    """The image source is missing, empty or unreadable."""

@@ -1,0 +1,120 @@
+"""Registry of auditable encoders.
+
+A model is a ``ModelSpec``: how to build the module (with its weights) and which of its
+layers to audit, in forward order. Built-in models are listed in ``BUILTIN_MODELS``; users add
+their own in an audit YAML file (``models:`` section, a ``module:callable`` factory plus a
+layer list). Building imports torch; looking up names and layer lists does not.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import AuditError, ConfigError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One audited layer: its display name (seed report style) and its module path."""
+
+    name: str
+    module: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layers: tuple[LayerSpec, ...]
+    # build(checkpoint: str | None) -> torch.nn.Module in eval mode, weights loaded.
+    build: Callable[[str | None], Any] = field(compare=False)
+    description: str = ""
+    default_image_size: int = 256
+    needs_checkpoint: bool = True
+
+    def layer(self, name_or_module: str) -> LayerSpec | None:
+        for layer in self.layers:
+            if name_or_module in (layer.name, layer.module):
+                return layer
+        return None
+
+
+def var_layer_specs(levels: int = 5, blocks: int = 2, attn_levels: tuple[int, ...] = (4,)) -> tuple[LayerSpec, ...]:
+    """The audited layers of a VAR-style VQVAE encoder, in forward order."""
+    specs = [LayerSpec("conv.in", "conv_in")]
+    for i in range(levels):
+        for j in range(blocks):  # attention (where present) runs right after its block
+            specs.append(LayerSpec(f"down.{i}.block.{j}", f"down.{i}.block.{j}"))
+            if i in attn_levels:
+                specs.append(LayerSpec(f"down.{i}.attn.{j}", f"down.{i}.attn.{j}"))
+        if i < levels - 1:
+            specs.append(LayerSpec(f"down.{i}.downsample", f"down.{i}.downsample"))
+    specs += [
+        LayerSpec("mid.block.1", "mid.block_1"),
+        LayerSpec("mid.attn.1", "mid.attn_1"),
+        LayerSpec("mid.block.2", "mid.block_2"),
+        LayerSpec("norm.out", "norm_out"),
+        LayerSpec("conv.out", "conv_out"),
+    ]
+    return tuple(specs)
+
+
+def _build_var_d16(checkpoint: str | None):
+    from .var import build_var_d16
+
+    return build_var_d16(checkpoint)
+
+
+BUILTIN_MODELS: dict[str, ModelSpec] = {
+    "var_d16": ModelSpec(
+        name="var_d16",
+        layers=var_layer_specs(),
+        build=_build_var_d16,
+        description="Encoder of VAR-d16's VQVAE tokenizer (vae_ch160v4096z32.pth)",
+    ),
+}
+
+
+def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
+    """A model declared in an audit YAML file: ``factory: module:callable`` and ``layers``."""
+    factory_ref = entry["factory"]
+    layers = tuple(
+        LayerSpec(item, item) if isinstance(item, str) else LayerSpec(item["name"], item["module"])
+        for item in entry["layers"]
+    )
+
+    def build(checkpoint: str | None):
+        module_name, _, attr = factory_ref.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise AuditError(
+                f"model {name!r} (declared in {source}): cannot import factory {factory_ref!r}: "
+                f"{exc}. Write it as 'package.module:function' and make sure the package is "
+                "importable (installed, or on PYTHONPATH)."
+            ) from None
+        return factory(checkpoint)
+
+    return ModelSpec(
+        name=name,
+        layers=layers,
+        build=build,
+        description=entry.get("description", f"user model from {factory_ref}"),
+        default_image_size=int(entry.get("image_size", 256)),
+        needs_checkpoint=False,
+    )
+
+
+def get_model_spec(name: str, user_models: dict[str, ModelSpec] | None = None) -> ModelSpec:
+    models = {**BUILTIN_MODELS, **(user_models or {})}
+    if name in models:
+        return models[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(models), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(models))}. "
+        "Declare your own encoder under 'models:' in an audit YAML file."
+    )
