@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AuditError, ConfigError
@@ -27,11 +28,13 @@ class LayerSpec:
 class ModelSpec:
     name: str
     layers: tuple[LayerSpec, ...]
-    # build(checkpoint: str | None) -> torch.nn.Module in eval mode, weights loaded.
-    build: Callable[[str | None], Any] = field(compare=False)
+    # build(checkpoint) -> torch.nn.Module with its weights loaded; ``checkpoint`` is what
+    # ``locate`` returned for the user's --memaudit-checkpoint (None: nothing given or needed).
+    build: Callable[[Path | None], Any] = field(compare=False)
+    locate: Callable[[str | None], Path | None] = field(compare=False, default=lambda given: Path(given) if given else None)
     description: str = ""
     default_image_size: int = 256
-    needs_checkpoint: bool = True
+    default_samples: int = 64  # for the built-in image set
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
         for layer in self.layers:
@@ -60,10 +63,16 @@ def var_layer_specs(levels: int = 5, blocks: int = 2, attn_levels: tuple[int, ..
     return tuple(specs)
 
 
-def _build_var_d16(checkpoint: str | None):
+def _build_var_d16(checkpoint: Path | None):
     from .var import build_var_d16
 
     return build_var_d16(checkpoint)
+
+
+def _locate_var_d16(given: str | None) -> Path:
+    from .var import locate_var_d16_checkpoint
+
+    return locate_var_d16_checkpoint(given)
 
 
 BUILTIN_MODELS: dict[str, ModelSpec] = {
@@ -71,6 +80,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         name="var_d16",
         layers=var_layer_specs(),
         build=_build_var_d16,
+        locate=_locate_var_d16,
         description="Encoder of VAR-d16's VQVAE tokenizer (vae_ch160v4096z32.pth)",
     ),
 }
@@ -84,7 +94,7 @@ def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
         for item in entry["layers"]
     )
 
-    def build(checkpoint: str | None):
+    def build(checkpoint: Path | None):
         module_name, _, attr = factory_ref.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
@@ -94,7 +104,7 @@ def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
                 f"{exc}. Write it as 'package.module:function' and make sure the package is "
                 "importable (installed, or on PYTHONPATH)."
             ) from None
-        return factory(checkpoint)
+        return factory(None if checkpoint is None else str(checkpoint))
 
     return ModelSpec(
         name=name,
@@ -102,7 +112,6 @@ def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
         build=build,
         description=entry.get("description", f"user model from {factory_ref}"),
         default_image_size=int(entry.get("image_size", 256)),
-        needs_checkpoint=False,
     )
 
 

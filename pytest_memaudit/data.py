@@ -1,0 +1,349 @@
+"""The audited images: listing, sampling, decoding and batched loading.
+
+An audit streams N images ("data points") through an encoder. Data point ``i`` is named by a
+string id: a path relative to the data root with forward slashes (``cat/0001.jpg``), or
+``builtin/0007`` for the generated set, which needs no files. Images reach the encoder as
+uint8 tensors of shape (3, size, size); what the model does with them is not this module's
+business.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+BUILTIN_PREFIX = "builtin/"
+
+
+# --- listing and sampling -------------------------------------------------------------------
+
+
+def list_image_files(root: str | os.PathLike) -> list[str]:
+    """Images under ``root`` (flat or one subfolder per class, any depth), as sorted POSIX
+    paths relative to ``root``. Hidden files and folders are skipped; symlinked folders are
+    followed once."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(
+            f"data directory {root} does not exist; pass --memaudit-data DIR with an existing "
+            "folder of images (flat, or one subfolder per class)."
+        )
+    if not root.is_dir():
+        raise DataError(
+            f"data directory {root} is a file, not a directory; pass --memaudit-data DIR with "
+            "the folder that holds the images (flat, or one subfolder per class)."
+        )
+    images: list[str] = []
+    others: Counter[str] = Counter()
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink loop, or a folder linked twice
+            dirnames.clear()
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_EXTENSIONS:
+                images.append(Path(dirpath, name).relative_to(root).as_posix())
+            else:
+                others[suffix or "(no extension)"] += 1
+    if not images:
+        accepted = " ".join(IMAGE_EXTENSIONS)
+        if others:
+            common = ", ".join(f"{suffix} x{count}" for suffix, count in others.most_common(5))
+            seen = f"{sum(others.values())} other files were ignored ({common})"
+        else:
+            seen = "it holds no other files either"
+        raise DataError(
+            f"no images found under data directory {root}: accepted extensions are {accepted} "
+            f"(any case) and {seen}; convert the images to one of these formats or pass "
+            "--memaudit-data DIR with the folder that holds them."
+        )
+    return sorted(images)
+
+
+def select_samples(
+    ids: list[str], samples: int | None, seed: int, *, source: str = "the data set"
+) -> tuple[list[str], str | None]:
+    """Pick ``samples`` of ``ids`` at random (seeded), or all of them when ``samples`` is None.
+
+    Returns the chosen ids in sorted order and a warning when fewer ids than asked for exist
+    (then all of them are used). The choice depends on the set of ids, not on their order.
+    """
+    if samples is not None and samples < 1:
+        raise DataError(f"the number of samples must be at least 1, got {samples}; ask for 1 or more.")
+    ids = sorted(ids)
+    if samples is None or samples == len(ids):
+        return ids, None
+    if samples > len(ids):
+        warning = (
+            f"asked for {samples} samples but {source} holds only {len(ids)} images; "
+            f"auditing all {len(ids)}"
+        )
+        return ids, warning
+    chosen = np.random.default_rng(seed).choice(len(ids), size=samples, replace=False)
+    return sorted(ids[i] for i in chosen), None
+
+
+# --- the built-in generated set -------------------------------------------------------------
+
+
+def builtin_ids(n: int) -> list[str]:
+    """Ids of the first ``n`` generated images, zero-padded so that they sort by index."""
+    width = max(4, len(str(n - 1)))
+    return [f"{BUILTIN_PREFIX}{i:0{width}d}" for i in range(n)]
+
+
+def builtin_image(index: int, size: int, seed: int) -> np.ndarray:
+    """Generated image ``index`` of the built-in set: uint8 (size, size, 3).
+
+    The kind (corner gradient, stripes, checkerboard, shapes, smooth noise) cycles with the
+    index; colours and geometry come from a generator seeded with (seed, index), so an image
+    does not depend on the size of the set it belongs to.
+    """
+    rng = np.random.default_rng([seed, index])
+    t = (np.arange(size, dtype=np.float32) + 0.5) / size
+    y, x = t[:, None, None], t[None, :, None]  # broadcast to (size, size, 1)
+    image = _KINDS[index % len(_KINDS)](rng, y, x)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _colors(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.uniform(0, 255, (n, 3)).astype(np.float32)
+
+
+def _blend(weight: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+    return c0 + weight * (c1 - c0)
+
+
+def _corner_gradient(rng, y, x):
+    c = _colors(rng, 4)
+    top, bottom = _blend(x, c[0], c[1]), _blend(x, c[2], c[3])
+    return _blend(y, top, bottom)
+
+
+def _stripes(rng, y, x):
+    c = _colors(rng, 2)
+    angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(2, 16), rng.uniform(0, 2 * np.pi)
+    wave = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+    if rng.random() < 0.5:
+        wave = (wave > 0.5).astype(np.float32)
+    return _blend(wave, c[0], c[1])
+
+
+def _checkerboard(rng, y, x):
+    c = _colors(rng, 2)
+    angle = rng.uniform(0, np.pi / 2)
+    rows, cols = rng.integers(2, 12, size=2)
+    u = x * np.cos(angle) - y * np.sin(angle)
+    v = x * np.sin(angle) + y * np.cos(angle)
+    cells = (np.floor(u * cols) + np.floor(v * rows)) % 2
+    return _blend(cells.astype(np.float32), c[0], c[1])
+
+
+def _shapes(rng, y, x):
+    count = int(rng.integers(3, 9))
+    c = _colors(rng, count + 1)
+    image = np.broadcast_to(c[0], (y.shape[0], x.shape[1], 3))
+    for color in c[1:]:
+        cy, cx = rng.uniform(0, 1, 2)
+        if rng.random() < 0.5:
+            radius = rng.uniform(0.08, 0.35)
+            mask = (y - cy) ** 2 + (x - cx) ** 2 < radius**2
+        else:
+            half_h, half_w = rng.uniform(0.05, 0.3, 2)
+            mask = (np.abs(y - cy) < half_h) & (np.abs(x - cx) < half_w)
+        image = np.where(mask, color, image)
+    return image
+
+
+def _smooth_noise(rng, y, x):
+    """Random colours on a coarse grid, upsampled bilinearly."""
+    cells = int(rng.integers(3, 9))
+    grid = _colors(rng, cells * cells).reshape(cells, cells, 3)
+
+    def lerp_index(t):
+        pos = t.ravel() * (cells - 1)
+        low = np.minimum(np.floor(pos).astype(np.intp), cells - 2)
+        return low, (pos - low)[:, None, None]
+
+    iy, fy = lerp_index(y)
+    ix, fx = lerp_index(x)
+    rows = _blend(fy, grid[iy], grid[iy + 1])  # (size, cells, 3)
+    return _blend(fx[:, 0][None], rows[:, ix], rows[:, ix + 1])
+
+
+_KINDS: tuple[Callable[..., np.ndarray], ...] = (
+    _corner_gradient,
+    _stripes,
+    _checkerboard,
+    _shapes,
+    _smooth_noise,
+)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+class UnreadableImage(DataError):
+    """One image file cannot be decoded; the loader reports it as skipped."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(str(path), reason)  # plain args keep the exception picklable
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot read image {self.path}: {self.reason}; replace or remove the file."
+
+
+def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """Decode an image file to a uint8 (3, size, size) tensor.
+
+    Any mode becomes RGB. Alpha (RGBA, LA, PA, palette or colour-key transparency) is dropped,
+    keeping the stored colour of transparent pixels, as torchvision's ``ImageFolder`` loader
+    (``convert("RGB")``) does. 16-bit greyscale is scaled to 8 bits (Pillow's own conversion
+    would clip at 255). The image is then resized to (size, size), ignoring aspect ratio, with
+    torchvision's bilinear antialiased resize.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            pixels = _rgb_array(img)
+    except UnidentifiedImageError as exc:
+        empty = os.path.getsize(path) == 0
+        raise UnreadableImage(path, "empty file" if empty else "not an image Pillow can read") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(path, str(exc) or type(exc).__name__) from exc
+    return TF.resize(_chw(pixels), [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def _chw(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) array to a contiguous (3, H, W) tensor. numpy does the transpose: torch's
+    multi-threaded strided copy stalls for images this small on busy few-core hosts."""
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def _rgb_array(img: Image.Image) -> np.ndarray:
+    """A writable uint8 (H, W, 3) copy of ``img``."""
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit greyscale PNG
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode != "RGB":
+        if "A" in img.mode or "transparency" in img.info:
+            img = img.convert("RGBA")  # converting a palette image with transparency straight to RGB warns
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)
+
+
+# --- the audited set and its loader ---------------------------------------------------------
+
+
+@dataclass
+class ImageBatch:
+    """Consecutive data points of one loader batch.
+
+    ``images[k]`` is data point ``positions[k]``; ``skipped`` holds (position, reason) for the
+    batch's images that failed to decode, so ``images`` may be empty, shape (0, 3, size, size).
+    """
+
+    positions: list[int]
+    images: torch.Tensor
+    skipped: list[tuple[int, str]]
+
+    def pin_memory(self) -> ImageBatch:
+        """Called by the DataLoader's pinning thread when ``pin_memory`` is on."""
+        return ImageBatch(self.positions, self.images.pin_memory(), self.skipped)
+
+
+@dataclass
+class ImageSet(Dataset):
+    """The audited data points: ``ids[i]`` is data point i.
+
+    ``root`` is the data directory, or None for the built-in generated set. ``warning`` carries
+    the sampling warning (fewer images than asked for), if any. As a ``Dataset``, item i is
+    ``(i, image, None)`` or ``(i, None, reason)`` when the image cannot be decoded.
+    """
+
+    ids: list[str]
+    root: Path | None
+    size: int
+    seed: int
+    warning: str | None = None
+
+    @classmethod
+    def from_folder(
+        cls, root: str | os.PathLike, size: int, samples: int | None, seed: int
+    ) -> ImageSet:
+        root = Path(root)
+        ids, warning = select_samples(list_image_files(root), samples, seed, source=str(root))
+        return cls(ids, root, size, seed, warning)
+
+    @classmethod
+    def builtin(cls, n: int, size: int, seed: int) -> ImageSet:
+        if n < 1:
+            raise DataError(f"the built-in image set needs at least 1 sample, got {n}; ask for 1 or more.")
+        return cls(builtin_ids(n), None, size, seed)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, position: int) -> torch.Tensor:
+        """Data point ``position`` as uint8 (3, size, size); raises ``UnreadableImage``."""
+        id_ = self.ids[position]
+        if self.root is None:
+            index = int(id_.removeprefix(BUILTIN_PREFIX))
+            return _chw(builtin_image(index, self.size, self.seed))
+        return decode_image(self.root / id_, self.size)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return position, self.load(position), None
+        except UnreadableImage as exc:
+            return position, None, exc.reason
+
+    def iter_batches(
+        self, images_per_batch: int, workers: int, *, pin_memory: bool = False
+    ) -> Iterator[ImageBatch]:
+        """Batches of consecutive data points in order; ``workers`` = 0 decodes in process."""
+        loader = DataLoader(
+            self,
+            batch_size=images_per_batch,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=functools.partial(_collate, size=self.size),
+            pin_memory=pin_memory,
+            persistent_workers=False,
+            prefetch_factor=2 if workers > 0 else None,
+        )
+        yield from loader
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]], size: int) -> ImageBatch:
+    loaded = [(position, image) for position, image, _ in items if image is not None]
+    skipped = [(position, reason) for position, image, reason in items if image is None]
+    if loaded:
+        # numpy's single-threaded stack: torch.stack's thread pool stalls on busy few-core hosts
+        images = torch.from_numpy(np.stack([image.numpy() for _, image in loaded]))
+    else:
+        images = torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return ImageBatch([position for position, _ in loaded], images, skipped)

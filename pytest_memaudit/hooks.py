@@ -1,0 +1,77 @@
+"""Forward hooks that reduce each audited layer's output to one number per unit, at once.
+
+The reduction (mean of |a| over space) runs inside the hook, on the device, so full activation
+maps are never kept and later in-place ops (VAR's SiLU after ``norm_out``) cannot change what
+was measured.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+
+import torch
+
+from .errors import AuditError
+from .models import LayerSpec
+
+
+def unit_means(output: torch.Tensor) -> torch.Tensor:
+    """(batch, units) float32: mean |activation| per unit over its spatial or token positions.
+
+    4-D outputs are (batch, channels, H, W); 3-D outputs are (batch, tokens, channels), as
+    transformer blocks give; 2-D outputs are already one number per unit.
+    """
+    if output.dim() == 4:
+        return output.abs().mean(dim=(2, 3), dtype=torch.float32)
+    if output.dim() == 3:
+        return output.abs().mean(dim=1, dtype=torch.float32)
+    if output.dim() == 2:
+        return output.abs().float()
+    raise AuditError(f"cannot audit an output of shape {tuple(output.shape)}: expected 2, 3 or 4 dimensions")
+
+
+class LayerRecorder:
+    """Attach to ``layers`` of ``model``; after each forward, ``take()`` gives {name: (batch, units)}."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[LayerSpec]):
+        modules = dict(model.named_modules())
+        self._handles = []
+        self._outputs: dict[str, torch.Tensor] = {}
+        try:
+            for layer in layers:
+                module = modules.get(layer.module)
+                if module is None:
+                    close = difflib.get_close_matches(layer.module, list(modules), n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise AuditError(
+                        f"layer {layer.name!r}: the model has no module {layer.module!r}.{hint} "
+                        "List module paths with model.named_modules()."
+                    )
+                self._handles.append(module.register_forward_hook(self._hook(layer.name)))
+        except BaseException:
+            self.close()
+            raise
+
+    def _hook(self, name: str):
+        def record(module, inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            self._outputs[name] = unit_means(output)
+
+        return record
+
+    def take(self) -> dict[str, torch.Tensor]:
+        outputs, self._outputs = self._outputs, {}
+        return outputs
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "LayerRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,267 @@
+"""The pytest plugin: options, one test item per audited layer, the session's audit, summary.
+
+No metric code lives here. Importing this module imports neither torch nor numpy, so the
+plugin costs nothing to pytest runs that collect no audit file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from .config import AuditFile, RunSettings
+    from .gates import GateOutcome
+    from .models import LayerSpec, ModelSpec
+    from .results import AuditResult
+
+# (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>.
+OPTIONS: list[tuple[str, Any, str]] = [
+    ("model", str, "encoder to audit: demo (default), var_d16, or a model declared in the audit YAML"),
+    ("checkpoint", str, "checkpoint file of the model (var_d16: vae_ch160v4096z32.pth); also found via "
+     "$MEMAUDIT_CHECKPOINT or the Hugging Face cache"),
+    ("data", str, "directory of images (flat or class subfolders; jpg, png, webp, bmp), or 'builtin' for "
+     "the generated set (default: the model's own default set)"),
+    ("samples", int, "number of data points: a seeded random subset of the directory (default: all; "
+     "64 for the built-in set)"),
+    ("image-size", int, "resize images to this square size, a multiple of 16 (default: the model's, 256 for var_d16)"),
+    ("augmentations", int, "augmented views per image, the seed's recipe (default 10; 0 = one plain view)"),
+    ("reduce", str, "how the non-maximal activations are summarized: mean (default, streams) or median "
+     "(the paper's code; keeps N x units values)"),
+    ("batch-size", int, "views per forward pass (default 32 on CPU, 256 on CUDA)"),
+    ("device", str, "auto (default: cuda if available), cpu, cuda or cuda:N"),
+    ("seed", int, "seed of sample selection, augmentations and the control's weights (default 0)"),
+    ("topk", int, "how many top data points to keep per unit for the report (default 10)"),
+    ("precision", str, "float32 (default), bfloat16 (autocast, faster, opt-in) or tf32 (CUDA only)"),
+    ("workers", int, "image decoding worker processes (default: by source and CPU count)"),
+    ("control", str, "none, or random: also audit the same architecture with random weights"),
+]
+CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32"), "control": ("none", "random")}
+DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("memaudit", "memorization audit (UnitMem) of vision encoders")
+    for suffix, kind, help_text in OPTIONS:
+        dest = "memaudit_" + suffix.replace("-", "_")
+        group.addoption(f"--memaudit-{suffix}", dest=dest, type=kind, default=None,
+                        choices=CHOICES.get(suffix), metavar=None if suffix in CHOICES else suffix.split("-")[-1].upper(),
+                        help=help_text)
+        parser.addini(dest, f"default for --memaudit-{suffix}", default=None)
+    group.addoption("--memaudit-threshold", dest="memaudit_threshold", action="append", default=[],
+                    metavar="[LAYER:]KEY=VALUE",
+                    help="override a threshold for every layer (or one layer), e.g. ttest_p_max=0.01; repeatable")
+    group.addoption("--memaudit-json", dest="memaudit_json", metavar="PATH", default=None,
+                    help="write the audit's results as JSON to PATH (atomically)")
+    parser.addini("memaudit_json", "default for --memaudit-json", default=None)
+    parser.addini("memaudit_files", "glob patterns of audit YAML files", type="args",
+                  default=DEFAULT_FILE_PATTERNS)
+
+
+@dataclass
+class AuditSession:
+    """The session's audit, stashed on the config: settings once, the result once."""
+
+    config: pytest.Config
+    settings: "RunSettings | None" = None
+    spec: "ModelSpec | None" = None
+    result: "AuditResult | None" = None
+    wanted_layers: set[str] = field(default_factory=set)
+    json_path: Path | None = None
+
+    def load_settings(self) -> "RunSettings":
+        if self.settings is None:
+            from .config import make_settings
+
+            values = {}
+            for suffix, kind, _ in OPTIONS:
+                dest = "memaudit_" + suffix.replace("-", "_")
+                value = self.config.getoption(dest)
+                if value is None:
+                    value = self.config.getini(dest)
+                values[dest.removeprefix("memaudit_")] = value if value not in ("", None) else None
+            self.settings = make_settings(**values)
+        return self.settings
+
+    def threshold_overrides(self) -> dict[str, dict[str, float | None]]:
+        from .config import parse_threshold_option
+
+        overrides: dict[str, dict[str, float | None]] = {}
+        for text in self.config.getoption("memaudit_threshold"):
+            layer, key, value = parse_threshold_option(text)
+            overrides.setdefault(layer, {})[key] = value
+        return overrides
+
+    def run(self) -> "AuditResult":
+        """Compute the audit for every wanted layer (once); AuditError -> pytest.UsageError."""
+        if self.result is None:
+            from .audit import run_audit
+            from .errors import AuditError
+
+            layers = [layer.name for layer in self.spec.layers if layer.name in self.wanted_layers]
+            try:
+                with _progress(self.config) as progress:
+                    self.result = run_audit(self.settings, self.spec, layers, progress)
+            except AuditError as exc:
+                raise pytest.UsageError(f"memaudit: the audit cannot run: {exc}") from None
+        return self.result
+
+
+audit_session_key = pytest.StashKey[AuditSession]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[audit_session_key] = AuditSession(config)
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    patterns = parent.config.getini("memaudit_files")
+    if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in patterns):
+        return AuditYamlFile.from_parent(parent, path=file_path)
+    return None
+
+
+class AuditYamlFile(pytest.File):
+    """An audit YAML file: collects one LayerItem per layer of the audited model."""
+
+    def collect(self):
+        from .errors import ConfigError
+
+        state = self.config.stash[audit_session_key]
+        try:
+            settings = state.load_settings()
+            from .config import load_audit_file
+
+            audit = load_audit_file(self.path)
+            spec = audit.model_spec(settings.model)
+            thresholds = audit.thresholds_for(spec, state.threshold_overrides())
+        except ConfigError as exc:
+            raise self.CollectError(f"memaudit: {exc}") from None
+        if state.spec is None:
+            state.spec = spec
+        elif state.spec != spec:
+            raise self.CollectError(f"memaudit: {self.path} declares model {spec.name} differently from another audit file")
+        for layer in spec.layers:
+            yield LayerItem.from_parent(self, name=layer.name, layer=layer, thresholds=thresholds[layer.name])
+
+
+class LayerGateFailure(Exception):
+    """A layer's figures crossed a threshold."""
+
+
+class LayerItem(pytest.Item):
+    """One audited layer: passes when every figure is within its thresholds."""
+
+    def __init__(self, *, layer: "LayerSpec", thresholds: dict[str, float | None], **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+        self.thresholds = thresholds
+
+    def runtest(self) -> None:
+        from .gates import evaluate, layer_figures
+
+        result = self.config.stash[audit_session_key].run()
+        layer = result.layer(self.layer.name)
+        figures = layer_figures(layer.stats, layer.values.unitmem, self.thresholds["fraction_above_level"],
+                                layer.control_mean)
+        outcome = evaluate(layer.name, figures, self.thresholds)
+        layer.thresholds, layer.outcome = self.thresholds, outcome
+        self.user_properties += [(f"memaudit_{name}", round(value, 6)) for name, value in figures.items()]
+        if not outcome.passed:
+            raise LayerGateFailure(outcome)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, LayerGateFailure):
+            outcome: GateOutcome = excinfo.value.args[0]
+            return outcome.failure_message()
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, f"memaudit layer {self.layer.name} ({self.layer.module})"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Run the audit once, after -k/-m deselection, for exactly the selected layers."""
+    state = session.config.stash[audit_session_key]
+    items = [item for item in session.items if isinstance(item, LayerItem)]
+    if not items or session.config.option.collectonly:
+        return
+    state.wanted_layers = {item.layer.name for item in items}
+    state.run()
+
+
+@pytest.fixture(scope="session")
+def memaudit_result(pytestconfig: pytest.Config) -> "AuditResult":
+    """The session's AuditResult (computed for every layer if no layer test asked first)."""
+    state = pytestconfig.stash[audit_session_key]
+    if state.result is None:
+        state.load_settings()
+        if state.spec is None:
+            from .models import get_model_spec
+
+            state.spec = get_model_spec(state.settings.model)
+        state.wanted_layers = {layer.name for layer in state.spec.layers}
+    return state.run()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(audit_session_key, None)
+    if state is None or state.result is None:
+        return
+    path = session.config.getoption("memaudit_json") or session.config.getini("memaudit_json")
+    if path:
+        from .results import write_json_atomic
+
+        state.json_path = write_json_atomic(Path(path), state.result.to_json())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    state = config.stash.get(audit_session_key, None)
+    if state is None or state.result is None:
+        return
+    from .terminal import render_summary
+
+    terminalreporter.section("memaudit summary")
+    terminalreporter.write(render_summary(state.result, markup=terminalreporter.hasmarkup,
+                                          width=terminalreporter._tw.fullwidth))
+    if state.json_path:
+        terminalreporter.write_line(f"memaudit: results written to {state.json_path}")
+
+
+class _progress:
+    """A rich progress bar on a terminal, out of pytest's capture; silent elsewhere."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.bar = None
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        self._capture = capman.global_and_fixture_disabled() if capman else None
+        if self._capture:
+            self._capture.__enter__()
+        console = Console(file=sys.stderr)
+        if console.is_terminal and self.config.get_verbosity() >= 0:
+            self.bar = Progress(TextColumn("memaudit"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                                TimeRemainingColumn(), console=console, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("audit", total=None)
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        if self._capture:
+            self._capture.__exit__(*exc)

@@ -1,0 +1,113 @@
+"""Audit YAML files, settings and threshold resolution."""
+
+import pytest
+
+from pytest_memaudit.config import load_audit_file, make_settings, parse_threshold_option
+from pytest_memaudit.errors import ConfigError
+from pytest_memaudit.models import BUILTIN_MODELS
+
+VAR = BUILTIN_MODELS["var_d16"]
+
+
+def write(tmp_path, text, name="memaudit.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_threshold_precedence(tmp_path):
+    path = write(tmp_path, """
+thresholds: {ttest_p_max: 0.05, mean_unitmem_max: 0.8}
+layers:
+  conv.out: {ttest_p_max: 0.1}
+  down.3.block.1: {mean_unitmem_max: 0.9}
+models:
+  var_d16:
+    thresholds: {mean_unitmem_max: 0.7, gap_min: 0.2}
+    layers:
+      conv_out: {gap_min: 0.1}
+""")
+    resolved = load_audit_file(path).thresholds_for(VAR, {"*": {"ttest_p_max": 0.01}, "norm.out": {"gap_min": 0.5}})
+    assert resolved["conv.in"]["mean_unitmem_max"] == 0.7  # model beats file-wide
+    assert resolved["down.3.block.1"]["mean_unitmem_max"] == 0.9  # layer beats model-wide
+    assert resolved["conv.out"]["gap_min"] == 0.1  # addressed by module path
+    assert resolved["conv.out"]["ttest_p_max"] == 0.01  # command line beats all
+    assert resolved["norm.out"]["gap_min"] == 0.5
+    assert resolved["conv.in"]["fraction_above_level"] == 0.9  # built-in default
+    assert resolved["conv.in"]["dead_fraction_max"] is None
+    assert len(resolved) == 22
+
+
+def test_empty_file_means_no_thresholds(tmp_path):
+    resolved = load_audit_file(write(tmp_path, "")).thresholds_for(VAR)
+    assert resolved["conv.in"]["ttest_p_max"] is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("thresholds: {ttest_p_mx: 0.05}", r"thresholds: unknown key 'ttest_p_mx'. Did you mean 'ttest_p_max'"),
+        ("tresholds: {}", r"the top level: unknown key 'tresholds'. Did you mean 'thresholds'"),
+        ("thresholds: {ttest_p_max: 'low'}", r"thresholds: ttest_p_max must be a number .* got 'low'"),
+        ("thresholds: {ttest_p_max: true}", r"must be a number"),
+        ("thresholds: {gap_min: 1.5}", r"gap_min = 1.5 is outside \[0, 1\]"),
+        ("thresholds: [1, 2]", r"thresholds must be a mapping"),
+        ("thresholds: {a: [1, 2", r"invalid YAML \(line \d+, column \d+\)"),
+        ("- 1\n- 2", r"the top level must be a mapping"),
+        ("models: {mine: {factory: nocolon}}", r"factory must be 'package.module:function'"),
+        ("models: {mine: {factory: 'a:b'}}", r"audited_layers must be a non-empty list"),
+        ("models: {var_d16: {layer: {}}}", r"models: var_d16: unknown key 'layer'. Did you mean 'layers'"),
+    ],
+)
+def test_bad_files_name_the_file_and_problem(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_audit_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_layer_has_did_you_mean(tmp_path):
+    audit = load_audit_file(write(tmp_path, "layers: {down.3.blok.1: {gap_min: 0.1}}"))
+    with pytest.raises(ConfigError, match=r"memaudit.yaml: layers: model var_d16 has no layer 'down.3.blok.1'. Did you mean 'down.3.block.1'"):
+        audit.thresholds_for(VAR)
+
+
+def test_user_model(tmp_path):
+    audit = load_audit_file(write(tmp_path, """
+models:
+  mine:
+    factory: mypkg.enc:build
+    audited_layers: [stem, {name: block.one, module: blocks.1}]
+    image_size: 64
+    thresholds: {gap_min: 0.3}
+"""))
+    spec = audit.model_spec("mine")
+    assert [(l.name, l.module) for l in spec.layers] == [("stem", "stem"), ("block.one", "blocks.1")]
+    assert spec.default_image_size == 64
+    assert audit.thresholds_for(spec)["block.one"]["gap_min"] == 0.3
+    with pytest.raises(ConfigError, match=r"unknown model 'mien'. Did you mean 'mine'"):
+        audit.model_spec("mien")
+
+
+def test_settings_validation():
+    assert make_settings(model="var_d16", samples="12").samples == 12
+    assert make_settings().reduce == "mean"
+    for bad, message in [
+        ({"image_size": 100}, "multiple of 16"),
+        ({"samples": 1}, "at least 2"),
+        ({"augmentations": -1}, "at least 0"),
+        ({"reduce": "max"}, "mean, median"),
+        ({"device": "tpu"}, "auto, cpu, cuda"),
+        ({"batch_size": "many"}, "whole number"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            make_settings(**bad)
+
+
+def test_threshold_option():
+    assert parse_threshold_option("ttest_p_max=0.01") == ("*", "ttest_p_max", 0.01)
+    assert parse_threshold_option("down.3.block.1:gap_min=0.2") == ("down.3.block.1", "gap_min", 0.2)
+    assert parse_threshold_option("gap_min=off") == ("*", "gap_min", None)
+    for bad, message in [("gap_min", "KEY=VALUE"), ("gapmin=0.1", "Did you mean 'gap_min'"), ("gap_min=x", "not a number")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_threshold_option(bad)
