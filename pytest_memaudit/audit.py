@@ -54,12 +54,12 @@ def run_audit(
     views = max(settings.augmentations, 1)
     batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
     images = open_images(settings, spec, image_size)
-    source = "builtin (generated images)" if images.root is None else str(images.root)
+    source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
 
     checkpoint = spec.locate(settings.checkpoint)
     subject = prepare(spec.build(checkpoint), device)
     subjects = {"model": subject}
-    control = settings.control or "none"
+    control = settings.control or spec.default_control
     if control == "random":
         subjects["control"] = prepare(random_weights_copy(subject, settings.seed), device)
 
@@ -139,6 +139,7 @@ def run_audit(
         },
         environment=environment(device),
         notes=[images.warning] if images.warning else [],
+        canaries=[sample for sample in samples if sample in set(images.canaries)],
     )
     if "control" in results:
         for layer, control_layer in zip(result.layers, results["control"]):
@@ -176,6 +177,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def open_images(settings: RunSettings, spec: ModelSpec, image_size: int) -> ImageSet:
+    if settings.data is None and spec.default_data is not None:
+        return spec.default_data(image_size, settings.seed)
     if settings.data in (None, "builtin"):
         return ImageSet.builtin(settings.samples or spec.default_samples, image_size, settings.seed)
     return ImageSet.from_folder(settings.data, image_size, settings.samples, settings.seed)

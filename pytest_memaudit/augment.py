@@ -200,7 +200,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     sixths.add_(6 * factor.view(-1, 1, 1))
     offsets = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # no host copy
     k = (sixths.unsqueeze(1) + offsets).remainder_(6.0)
-    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
+    ramp = k.sub_(2).abs_().neg_().add_(2).clamp_(0, 1)  # min(k, 4 - k), in place
     value = maxc.unsqueeze(1)
     return ramp.mul_(value * saturation.unsqueeze(1)).neg_().add_(value).clamp_(0, 1)
 

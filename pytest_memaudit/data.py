@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -289,6 +289,8 @@ class ImageSet(Dataset):
     size: int
     seed: int
     warning: str | None = None
+    description: str | None = None  # how reports name the source; default: the root or "builtin"
+    canaries: list[str] = field(default_factory=list)  # ids of images planted to be memorized
 
     @classmethod
     def from_folder(

@@ -71,6 +71,7 @@ class AuditResult:
     timing: dict[str, float] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings the user should see in the report
+    canaries: list[str] = field(default_factory=list)  # sample ids planted to be memorized
     control: "AuditResult | None" = None
 
     def layer(self, name: str) -> LayerResult:
@@ -82,6 +83,23 @@ class AuditResult:
     @property
     def units(self) -> int:
         return sum(layer.channels for layer in self.layers)
+
+    def data_point_ranking(self) -> list[tuple[str, int]]:
+        """Data points by how many units pick them as their maximum, most first (ties: by index).
+
+        The seed's "most memorized images": a data point that many units single out is one the
+        encoder has specialized units for.
+        """
+        counts = np.zeros(len(self.samples), dtype=np.int64)
+        for layer in self.layers:
+            counts += np.bincount(layer.values.max_sample, minlength=len(self.samples))
+        order = np.argsort(-counts, kind="stable")
+        return [(self.samples[i], int(counts[i])) for i in order]
+
+    def canary_ranks(self) -> dict[str, int]:
+        """1-based rank of each canary in ``data_point_ranking`` (1 = picked by the most units)."""
+        ranking = [sample for sample, _ in self.data_point_ranking()]
+        return {canary: ranking.index(canary) + 1 for canary in self.canaries}
 
     def depth_correlation(self) -> tuple[float, float]:
         return depth_correlation([layer.stats.mean_unitmem for layer in self.layers])
@@ -110,6 +128,8 @@ class AuditResult:
             "timing": self.timing,
             "environment": self.environment,
             "notes": self.notes,
+            "canaries": [{"id": c, "rank": r} for c, r in self.canary_ranks().items()],
+            "data_point_ranking": [{"id": s, "units": n} for s, n in self.data_point_ranking()[:50]],
             "layers": [layer.to_json() for layer in self.layers],
             "control": None if self.control is None else self.control.to_json(),
         }

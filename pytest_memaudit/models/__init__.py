@@ -35,6 +35,10 @@ class ModelSpec:
     description: str = ""
     default_image_size: int = 256
     default_samples: int = 64  # for the built-in image set
+    # default_data(image_size, seed) -> data.ImageSet: the images audited when --memaudit-data
+    # is not given (a demo model's own training set); None: the built-in generated set.
+    default_data: Callable[[int, int], Any] | None = field(compare=False, default=None)
+    default_control: str = "none"  # "random": also audit random weights unless told otherwise
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
         for layer in self.layers:
