@@ -159,7 +159,7 @@ def apply_views(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
     for (op, _), rows, factor in zip(jitter_steps, rows_on_device[1:-1], factors_on_device):
         _on_rows(x, rows, _JITTER_OPS[op], factor)
     _on_rows(x, rows_on_device[-1], rgb_to_grayscale)
-    return (x * 2 - 1).to(images.dtype)
+    return x.mul_(2).sub_(1).to(images.dtype)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""Hooks: attach to the audited layers, reduce at once, detach cleanly."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pytest_memaudit.errors import AuditError
+from pytest_memaudit.hooks import LayerRecorder, unit_means
+from pytest_memaudit.models import LayerSpec, var_layer_specs
+from pytest_memaudit.models.var import VAREncoder
+
+
+@pytest.fixture(scope="module")
+def small_var():
+    torch.manual_seed(0)
+    return VAREncoder(ch=32).eval()
+
+
+def test_all_22_layers_reduce_to_one_value_per_unit(small_var):
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with LayerRecorder(small_var, var_layer_specs()) as recorder, torch.no_grad():
+        small_var(x)
+        outputs = recorder.take()
+    assert list(outputs) == [layer.name for layer in var_layer_specs()]  # forward order
+    assert [v.shape[1] for v in outputs.values()] == [32] * 7 + [64] * 6 + [128] * 8 + [32]
+    assert all(v.shape[0] == 3 and v.dtype == torch.float32 for v in outputs.values())
+    assert recorder.take() == {}
+
+
+def test_norm_out_is_measured_before_the_inplace_silu(small_var):
+    captured = {}
+    handle = small_var.mid.block_2.register_forward_hook(lambda m, i, o: captured.__setitem__("mid", o.clone()))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with LayerRecorder(small_var, [LayerSpec("norm.out", "norm_out")]) as recorder, torch.no_grad():
+        small_var(x)
+        measured = recorder.take()["norm.out"]
+    handle.remove()
+    norm = small_var.norm_out
+    before_silu = F.group_norm(captured["mid"], 32, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(measured, before_silu.abs().mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    after_silu = F.silu(before_silu).abs().mean(dim=(2, 3))
+    assert (measured - after_silu).abs().max() > 1e-2  # SiLU changes what would be seen
+
+
+def test_hooks_are_removed(small_var):
+    with LayerRecorder(small_var, var_layer_specs()) as recorder:
+        pass
+    assert all(not module._forward_hooks for module in small_var.modules())
+    assert recorder.take() == {}
+
+
+def test_unknown_module_is_a_clear_error(small_var):
+    with pytest.raises(AuditError, match=r"no module 'down.3.blok.1'. Did you mean 'down.3.block.1'"):
+        LayerRecorder(small_var, [LayerSpec("conv.in", "conv_in"), LayerSpec("x", "down.3.blok.1")])
+    assert all(not module._forward_hooks for module in small_var.modules())
+
+
+def test_unit_means_shapes():
+    nchw = torch.tensor([[[[1.0, -3.0]], [[0.0, 2.0]]]])  # (1, 2, 1, 2)
+    assert unit_means(nchw).tolist() == [[2.0, 1.0]]
+    tokens = torch.tensor([[[1.0, -2.0], [3.0, 0.0]]])  # (1, tokens 2, units 2)
+    assert unit_means(tokens).tolist() == [[2.0, 1.0]]
+    assert unit_means(torch.tensor([[-1.5, 2.0]])).tolist() == [[1.5, 2.0]]
+    with pytest.raises(AuditError, match="shape"):
+        unit_means(torch.zeros(2))
