@@ -116,7 +116,15 @@ audit_session_key = pytest.StashKey[AuditSession]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[audit_session_key] = AuditSession(config)
+    state = config.stash[audit_session_key] = AuditSession(config)
+    given = [suffix for suffix, _, _ in OPTIONS if config.getoption("memaudit_" + suffix.replace("-", "_")) is not None]
+    if given:  # bad option values are usage errors, found before any collection
+        from .errors import ConfigError
+
+        try:
+            state.load_settings()
+        except ConfigError as exc:
+            raise pytest.UsageError(f"memaudit: {exc}") from None
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
@@ -227,8 +235,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     from .terminal import render_summary
 
     terminalreporter.section("memaudit summary")
-    terminalreporter.write(render_summary(state.result, markup=terminalreporter.hasmarkup,
-                                          width=terminalreporter._tw.fullwidth))
+    terminalreporter.write(render_summary(state.result, markup=terminalreporter.hasmarkup))
     if state.json_path:
         terminalreporter.write_line(f"memaudit: results written to {state.json_path}")
 

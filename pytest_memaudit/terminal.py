@@ -17,15 +17,16 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def render_summary(result: AuditResult, markup: bool = False, width: int = 100) -> str:
+def render_summary(result: AuditResult, markup: bool = False) -> str:
+    """The per-layer table and a few lines; never truncated (a log is better wide than cut)."""
     table = Table(title=None, show_edge=False, pad_edge=False, header_style="bold")
     columns = ["layer", "units", "mean", "max", "top10%", "bottom10%", "t", "p", "dead"]
     control = result.control is not None
     if control:
         columns.append("control")
     for name in columns:
-        table.add_column(name, justify="left" if name == "layer" else "right")
-    table.add_column("gate", justify="left")
+        table.add_column(name, justify="left" if name == "layer" else "right", no_wrap=True)
+    table.add_column("gate", justify="left", no_wrap=True)
     for layer in result.layers:
         s = layer.stats
         row = [layer.name, str(layer.channels), _fmt(s.mean_unitmem), _fmt(s.max_unitmem), _fmt(s.top_mean),
@@ -48,8 +49,8 @@ def render_summary(result: AuditResult, markup: bool = False, width: int = 100) 
         f"{_fmt(result.timing.get('wall_s'), '.1f')} s ({_fmt(result.timing.get('views_per_s'), '.1f')} views/s)"
     )
     buffer = io.StringIO()
-    console = Console(file=buffer, force_terminal=markup, no_color=not markup, width=max(width, 80),
-                      highlight=False, soft_wrap=False)
+    console = Console(file=buffer, force_terminal=markup, no_color=not markup, width=1000,
+                      highlight=False, soft_wrap=True)
     console.print(table)
     console.print(lines, markup=False)
     if result.skipped:

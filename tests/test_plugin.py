@@ -192,3 +192,48 @@ def test_help_lists_every_option(pytester):
     for option in ["model", "checkpoint", "data", "samples", "image-size", "augmentations", "reduce",
                    "batch-size", "device", "seed", "json", "threshold", "precision"]:
         result.stdout.fnmatch_lines([f"*--memaudit-{option}*"])
+
+
+def test_bad_option_value_is_a_usage_error(pytester, audit_dir):
+    result = pytester.runpytest("audits", "--memaudit-image-size", "100")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: memaudit: --memaudit-image-size must be a multiple of 16*, got 100"])
+
+
+def test_user_model_from_yaml_factory(pytester, audit_dir):
+    pytester.makepyfile(tinyenc="""
+import torch
+
+def build(checkpoint):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("stem", torch.nn.Conv2d(3, 4, 3, padding=1))
+    net.add_module("act", torch.nn.ReLU())
+    net.add_module("head", torch.nn.Conv2d(4, 2, 1))
+    return net
+""")
+    pytester.syspathinsert()
+    (audit_dir / "memaudit.yaml").write_text("""
+models:
+  tiny:
+    factory: tinyenc:build
+    audited_layers: [stem, {name: head.out, module: head}]
+    image_size: 16
+    thresholds: {mean_unitmem_max: 1.0}
+""")
+    result = pytester.runpytest("audits", "-v", "--memaudit-model", "tiny", "--memaudit-samples", "5",
+                                "--memaudit-augmentations", "2", "--memaudit-json", "out.json", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*memaudit.yaml::stem PASSED*", "*memaudit.yaml::head.out PASSED*"])
+    data = json.loads((pytester.path / "out.json").read_text())
+    assert [(l["name"], l["module"], l["channels"]) for l in data["layers"]] == [("stem", "stem", 4), ("head.out", "head", 2)]
+    assert data["settings"]["image_size"] == 16 and len(data["samples"]) == 5
+
+
+def test_fewer_images_than_asked_warns(pytester, audit_dir, var_checkpoint):
+    data = make_images(pytester.path / "imgs", 3, size=32)
+    args = var_args(var_checkpoint, "-k", "conv.out", samples=50)
+    args[args.index("builtin")] = str(data)
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["note: asked for 50 samples but * holds only 3 images; auditing all 3"])
