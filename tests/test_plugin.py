@@ -237,3 +237,13 @@ def test_fewer_images_than_asked_warns(pytester, audit_dir, var_checkpoint):
     result = pytester.runpytest(*args)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["note: asked for 50 samples but * holds only 3 images; auditing all 3"])
+
+
+def test_memaudit_result_fixture_serves_own_tests(pytester, audit_dir, var_checkpoint):
+    pytester.makepyfile(test_own="""
+def test_conv_out(memaudit_result):
+    layer = memaudit_result.layer("conv.out")
+    assert layer.channels == 32 and len(memaudit_result.samples) == 6
+""")
+    result = pytester.runpytest(*var_args(var_checkpoint, "-k", "conv.out or test_conv_out"), "test_own.py")
+    result.assert_outcomes(passed=2)
