@@ -39,10 +39,14 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("topk", int, "how many top data points to keep per unit for the report (default 10)"),
     ("precision", str, "float32 (default), bfloat16 (autocast, faster, opt-in) or tf32 (CUDA only)"),
     ("workers", int, "image decoding worker processes (default: by source and CPU count)"),
+    ("median-memory", int, "MB of memory the median reduction's N x units float32 matrix may take; a larger "
+     "one is kept in a temporary file on disk (default 2048)"),
     ("control", str, "none, or random: also audit the same architecture with random weights"),
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32"), "control": ("none", "random")}
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
+DEFAULT_REPORT_DIR = "memaudit-report"  # under the rootdir: report.html and results.json
+GALLERY_MODES = ("images", "names", "none")  # as pytest_memaudit.report.thumbnails, without importing it
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,6 +63,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--memaudit-json", dest="memaudit_json", metavar="PATH", default=None,
                     help="write the audit's results as JSON to PATH (atomically)")
     parser.addini("memaudit_json", "default for --memaudit-json", default=None)
+    group.addoption("--memaudit-html", dest="memaudit_html", metavar="PATH", default=None,
+                    help=f"write the HTML audit report to PATH (default: {DEFAULT_REPORT_DIR}/report.html under the "
+                         "rootdir; the JSON goes beside it as results.json unless --memaudit-json is given); "
+                         "'none': no report")
+    parser.addini("memaudit_html", "default for --memaudit-html ('none': no report)", default=None)
+    group.addoption("--memaudit-gallery", dest="memaudit_gallery", choices=GALLERY_MODES, default=None,
+                    help="what the report shows of the audited images: images (thumbnails and file names, default), "
+                         "names (file names only) or none (neither: a report that leaks no training data)")
+    parser.addini("memaudit_gallery", "default for --memaudit-gallery", default=None)
     parser.addini("memaudit_files", "glob patterns of audit YAML files", type="args",
                   default=DEFAULT_FILE_PATTERNS)
 
@@ -73,6 +86,8 @@ class AuditSession:
     result: "AuditResult | None" = None
     wanted_layers: set[str] = field(default_factory=set)
     json_path: Path | None = None
+    html_path: Path | None = None
+    report_error: str | None = None  # why the HTML report could not be written
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None:
@@ -117,6 +132,11 @@ audit_session_key = pytest.StashKey[AuditSession]()
 
 def pytest_configure(config: pytest.Config) -> None:
     state = config.stash[audit_session_key] = AuditSession(config)
+    if gallery_mode(config) not in GALLERY_MODES:
+        raise pytest.UsageError(f"memaudit: memaudit_gallery must be one of {', '.join(GALLERY_MODES)}, "
+                                f"got {gallery_mode(config)!r}")
+    if config.pluginmanager.hasplugin("html"):
+        config.pluginmanager.register(HtmlReportExtras(), "memaudit-html-extras")
     given = [suffix for suffix, _, _ in OPTIONS if config.getoption("memaudit_" + suffix.replace("-", "_")) is not None]
     if given:  # bad option values are usage errors, found before any collection
         from .errors import ConfigError
@@ -221,11 +241,49 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(audit_session_key, None)
     if state is None or state.result is None:
         return
-    path = session.config.getoption("memaudit_json") or session.config.getini("memaudit_json")
-    if path:
+    html_path, json_path = report_paths(session.config)
+    if json_path:
         from .results import write_json_atomic
 
-        state.json_path = write_json_atomic(Path(path), state.result.to_json())
+        state.json_path = write_json_atomic(json_path, state.result.to_json())
+    if html_path:
+        try:
+            state.html_path = write_report(state, html_path)
+        except Exception as exc:  # the JSON and the gates' outcomes stand; the run must not pass silently
+            state.report_error = f"{type(exc).__name__}: {exc}"
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+
+def report_paths(config: pytest.Config) -> tuple[Path | None, Path | None]:
+    """Where the HTML report and the JSON go: (None, ...) when the report is off ('none')."""
+    html = config.getoption("memaudit_html")
+    html = html if html is not None else config.getini("memaudit_html")
+    if not html:
+        html_path = config.rootpath / DEFAULT_REPORT_DIR / "report.html"
+    else:
+        html_path = None if html.strip().lower() == "none" else Path(html)
+    json_path = config.getoption("memaudit_json") or config.getini("memaudit_json")
+    if json_path:
+        return html_path, Path(json_path)
+    return html_path, None if html_path is None else html_path.parent / "results.json"
+
+
+def gallery_mode(config: pytest.Config) -> str:
+    return config.getoption("memaudit_gallery") or config.getini("memaudit_gallery") or "images"
+
+
+def write_report(state: AuditSession, path: Path) -> Path:
+    """Render the session's result; thumbnails are decoded again from the audited images."""
+    from .report import ImageSetThumbnails, write_html
+
+    gallery = gallery_mode(state.config)
+    images = None
+    if gallery == "images":
+        from .audit import open_images
+
+        images = ImageSetThumbnails(open_images(state.settings, state.spec, state.result.settings["image_size"]))
+    return write_html(path, state.result, images, gallery)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -238,6 +296,29 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     terminalreporter.write(render_summary(state.result, markup=terminalreporter.hasmarkup))
     if state.json_path:
         terminalreporter.write_line(f"memaudit: results written to {state.json_path}")
+    if state.html_path:
+        terminalreporter.write_line(f"memaudit: report written to {state.html_path}")
+    if state.report_error:
+        terminalreporter.write_line(f"memaudit: ERROR: the HTML report could not be written: {state.report_error}",
+                                    red=True, bold=True)
+
+
+class HtmlReportExtras:
+    """Adds each layer's figures to its row of a pytest-html report; registered only with pytest-html."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        outcome = yield
+        if call.when != "call" or not isinstance(item, LayerItem) or not item.user_properties:
+            return
+        from html import escape
+
+        from pytest_html import extras
+
+        report = outcome.get_result()
+        rows = "".join(f"<tr><td>{escape(str(name))}</td><td>{escape(str(value))}</td></tr>"
+                       for name, value in item.user_properties)
+        report.extras = [*getattr(report, "extras", []), extras.html(f"<table>{rows}</table>")]
 
 
 class _progress:

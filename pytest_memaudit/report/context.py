@@ -1,0 +1,245 @@
+"""What the report shows, computed from an ``AuditResult``: rows and figures for the templates.
+
+Every number comes from the result; templates only lay it out. Numbers are formatted here, once,
+so the HTML shows exactly what this module decides (``n/a`` for undefined figures).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..gates import LIMITS, Check
+from ..results import AuditResult, LayerResult
+from ..stats import group_size
+from . import figures
+from .thumbnails import Gallery
+
+TABLE1_UNITS = 20
+FIGURE3_UNITS = 10
+PICKED_SHOWN = 12  # data points shown per group in Figure 4
+
+
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
+    """Everything the report template renders; thumbnails are collected as rows are built."""
+    values = [layer.values.unitmem for layer in result.layers]
+    all_values = np.concatenate(values)
+    top, bottom, k = extreme_units(values)
+    rho, p = result.depth_correlation()
+    ranked = ranked_units(result.layers)
+    context = {
+        "result": result,
+        "gallery": gallery.mode,
+        "summary": {
+            "layers": len(result.layers),
+            "units": int(all_values.size),
+            "samples": len(result.samples),
+            "views": result.settings.get("views_per_image"),
+            "mean": fmt(float(all_values.mean())),
+            "rho": fmt(rho, ".3f"),
+            "p": fmt(p, ".4g"),
+            "group": k,
+        },
+        "verdict": verdict(result.layers),
+        "gates": gate_table(result.layers),
+        "table1": [unit_row(rank, result.layers[i], u, gallery) for rank, (i, u) in enumerate(ranked[:TABLE1_UNITS], 1)],
+        "table2": [layer_row(layer) for layer in result.layers],
+        "control": result.control is not None,
+        "top_units": [top_images(result.layers[i], u, gallery) for i, u in ranked[:FIGURE3_UNITS]],
+        "most_picked": picked(result, top, gallery),
+        "least_picked": picked(result, bottom, gallery),
+        "canaries": canary_rows(result, gallery),
+        "run": run_record(result),
+        "skipped": result.skipped if gallery.mode != "none" else [],
+        "skipped_count": len(result.skipped),
+        "heatmap": figures.heatmap(
+            [layer.name for layer in result.layers],
+            values,
+            [("a", "(a) all units", None),
+             ("b", f"(b) top 10% of units ({k} of {all_values.size})", top),
+             ("c", f"(c) bottom 10% of units ({k} of {all_values.size})", bottom)],
+        ),
+        "color_stops": figures.color_stops(),
+        "histogram": figures.histogram(all_values, float(all_values.mean())),
+        "depth": depth_figure(result),
+    }
+    context["thumbnails"] = gallery.stylesheet()  # last: after every row has asked for its images
+    return context
+
+
+def extreme_units(values: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Per-layer masks of the top and bottom 10% of all units (k = group_size of the total).
+
+    Ties are broken by forward order, so the groups hold exactly k units each.
+    """
+    flat = np.concatenate(values)
+    k = min(group_size(flat.size), flat.size)
+    top = np.zeros(flat.size, dtype=bool)
+    top[np.argsort(-flat, kind="stable")[:k]] = True
+    bottom = np.zeros(flat.size, dtype=bool)
+    bottom[np.argsort(flat, kind="stable")[:k]] = True
+    splits = np.cumsum([v.size for v in values])[:-1]
+    return np.split(top, splits), np.split(bottom, splits), k
+
+
+def ranked_units(layers: list[LayerResult]) -> list[tuple[int, int]]:
+    """(layer index, unit) of every unit, highest UnitMem first; ties in forward order."""
+    layer_of = np.concatenate([np.full(layer.channels, i) for i, layer in enumerate(layers)])
+    unit_of = np.concatenate([np.arange(layer.channels) for layer in layers])
+    order = np.argsort(-np.concatenate([layer.values.unitmem for layer in layers]), kind="stable")
+    return list(zip(layer_of[order].tolist(), unit_of[order].tolist()))
+
+
+def verdict(layers: list[LayerResult]) -> dict[str, str]:
+    gated = [layer for layer in layers if layer.outcome is not None]
+    failed = [layer.name for layer in gated if not layer.outcome.passed]
+    ungated = len(layers) - len(gated)
+    if not gated:
+        return {"status": "not gated", "text": "No thresholds were applied: no layer test gated this result."}
+    if failed:
+        text = f"{len(failed)} of {len(gated)} gated layers crossed a threshold: {', '.join(failed)}."
+    else:
+        text = f"All {len(gated)} gated layers are within their thresholds."
+    if ungated:
+        text += f" {ungated} layer(s) were not gated."
+    return {"status": "failed" if failed else "passed", "text": text}
+
+
+def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
+    """One column per threshold in use, one row per layer: failed layers first, then passed, then
+    not gated; forward order within each."""
+    def status(layer: LayerResult) -> str:
+        if layer.outcome is None:
+            return "not gated"
+        return "passed" if layer.outcome.passed else "failed"
+
+    used = {check.key for layer in layers if layer.outcome for check in layer.outcome.checks}
+    keys = [key for key in LIMITS if key in used]
+    rank = {"failed": 0, "passed": 1, "not gated": 2}
+    rows = []
+    for layer in sorted(layers, key=lambda layer: rank[status(layer)]):
+        level = (layer.thresholds or {}).get("fraction_above_level")
+        checks = {c.key: check_cell(c, level) for c in (layer.outcome.checks if layer.outcome else ())}
+        rows.append({"name": layer.name, "module": layer.module, "status": status(layer),
+                     "cells": [checks.get(key) for key in keys]})
+    columns = [{"key": key, "figure": LIMITS[key][0], "meaning": LIMITS[key][1]} for key in keys]
+    return {"columns": columns, "rows": rows}
+
+
+def check_cell(check: Check, level: float | None) -> dict[str, Any]:
+    """A figure next to its limit; a failed check shows the relation it broke."""
+    if check.key.endswith("_max"):
+        relation = "≤" if check.passed else ">"
+    else:
+        relation = "≥" if check.passed else "<"
+    note = f"UnitMem > {fmt(level, 'g')}" if check.key == "fraction_above_max" and level is not None else None
+    return {"value": fmt(check.value, ".4g"), "relation": relation, "limit": fmt(check.limit, "g"),
+            "passed": check.passed, "note": note}
+
+
+def unit_row(rank: int, layer: LayerResult, unit: int, gallery: Gallery) -> dict[str, Any]:
+    return {
+        "rank": rank,
+        "layer": layer.name,
+        "unit": unit,
+        "unitmem": fmt(layer.values.unitmem[unit]),
+        "point": gallery.point(layer.values.max_sample[unit]),
+    }
+
+
+def layer_row(layer: LayerResult) -> dict[str, Any]:
+    s = layer.stats
+    excess = None if layer.control_mean is None else s.mean_unitmem - layer.control_mean
+    return {
+        "name": layer.name,
+        "module": layer.module,
+        "channels": layer.channels,
+        "k": s.group_size,
+        "top": fmt(s.top_mean),
+        "bottom": fmt(s.bottom_mean),
+        "t": fmt(s.ttest_t, ".2f"),
+        "p": fmt(s.ttest_p, ".4g"),
+        "mean": fmt(s.mean_unitmem),
+        "median": fmt(s.median_unitmem),
+        "max": fmt(s.max_unitmem),
+        "dead": s.dead_units,
+        "control": fmt(layer.control_mean),
+        "excess": fmt(excess, "+.3f"),
+    }
+
+
+def top_images(layer: LayerResult, unit: int, gallery: Gallery) -> dict[str, Any]:
+    """A unit and the data points that activate it most (the audit's top-k), most first."""
+    values = layer.values
+    return {
+        "layer": layer.name,
+        "unit": unit,
+        "unitmem": fmt(values.unitmem[unit]),
+        "images": [(gallery.point(values.top_samples[j, unit]), fmt(values.top_values[j, unit], ".3g"))
+                   for j in range(values.top_samples.shape[0])],
+    }
+
+
+def picked(result: AuditResult, masks: list[np.ndarray], gallery: Gallery) -> list[tuple[Any, int]]:
+    """Data points that the units in ``masks`` pick as their maximum, most picks first."""
+    counts = np.zeros(len(result.samples), dtype=np.int64)
+    for layer, mask in zip(result.layers, masks):
+        counts += np.bincount(layer.values.max_sample[mask], minlength=len(result.samples))
+    order = np.argsort(-counts, kind="stable")[:PICKED_SHOWN]
+    return [(gallery.point(i), int(counts[i])) for i in order if counts[i]]
+
+
+def canary_rows(result: AuditResult, gallery: Gallery) -> list[dict[str, Any]]:
+    if not result.canaries:
+        return []
+    units = dict(result.data_point_ranking())
+    position = {sample: i for i, sample in enumerate(result.samples)}
+    return [{"point": gallery.point(position[canary]), "rank": rank, "units": units[canary]}
+            for canary, rank in sorted(result.canary_ranks().items(), key=lambda item: item[1])]
+
+
+def depth_figure(result: AuditResult) -> figures.DepthPlot:
+    lines = [("mean UnitMem", "trained", [layer.stats.mean_unitmem for layer in result.layers])]
+    if result.control is not None:
+        lines.append(("control (random weights)", "control",
+                      [math.nan if layer.control_mean is None else layer.control_mean for layer in result.layers]))
+    return figures.depth_plot([layer.name for layer in result.layers], lines)
+
+
+def run_record(result: AuditResult) -> list[tuple[str, str]]:
+    """(label, value) rows that say how the numbers were made."""
+    s, t = result.settings, result.timing
+    checkpoint = result.checkpoint or {}
+    n = len(result.samples)
+    wall = t.get("wall_s")
+    rows = [
+        ("model", result.model),
+        ("checkpoint", checkpoint.get("path", "none")),
+        ("checkpoint sha256", checkpoint.get("sha256", "n/a")),
+        ("data source", result.data_source),
+        ("data points (N)", f"{n} audited, {len(result.skipped)} unreadable skipped"),
+        ("image size", f"{s.get('image_size')} px"),
+        ("augmentations", f"{s.get('augmentations')} ({s.get('views_per_image')} views per image)"),
+        ("seed", str(s.get("seed"))),
+        ("reduction", str(s.get("reduce"))),
+        ("precision", str(s.get("precision"))),
+        ("device", str(s.get("device"))),
+        ("batch size", f"{s.get('batch_size')} views"),
+        ("top-k kept per unit", str(s.get("topk"))),
+        ("control", str(s.get("control"))),
+    ]
+    rows += list(result.environment.items())  # versions of python, torch, the plugin, ...
+    rows += [
+        ("wall time", f"{fmt(wall, '.1f')} s ({fmt(t.get('forward_s'), '.1f')} s in forward passes)"),
+        ("throughput", f"{fmt(t.get('views_per_s'), '.1f')} views/s, "
+                       f"{fmt(n / wall if wall else None, '.2f')} images/s"),
+    ]
+    return rows
