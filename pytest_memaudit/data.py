@@ -18,15 +18,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 BUILTIN_PREFIX = "builtin/"
+CANARY_PREFIX = "canary/"
 
 
 # --- listing and sampling -------------------------------------------------------------------
@@ -200,6 +200,19 @@ _KINDS: tuple[Callable[..., np.ndarray], ...] = (
 )
 
 
+def canary_image(index: int, size: int, seed: int) -> np.ndarray:
+    """Canary ``index``: uint8 (size, size, 3), a mosaic of 8x8 random-colour cells.
+
+    Unlike any built-in kind (its nearest, smooth noise, blends 3-8 cells), the colour changes
+    sharply at every cell edge. Its generator stream differs from the built-in images', so
+    canary k is unrelated to built-in image k.
+    """
+    rng = np.random.default_rng([seed, index, 0xCA])
+    cells = _colors(rng, 64).reshape(8, 8, 3)
+    cell = np.minimum((np.arange(size) * 8) // size, 7)
+    return np.clip(np.rint(cells[cell[:, None], cell[None, :]]), 0, 255).astype(np.uint8)
+
+
 # --- decoding -------------------------------------------------------------------------------
 
 
@@ -233,7 +246,15 @@ def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
         raise UnreadableImage(path, "empty file" if empty else "not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(path, str(exc) or type(exc).__name__) from exc
-    return TF.resize(_chw(pixels), [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return _resize(_chw(pixels), size)
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's ``resize(image, [size, size], antialias=True)`` for uint8 on the CPU: the same
+    interpolate call, without importing torchvision (seconds of start-up)."""
+    if image.shape[1:] == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def _chw(pixels: np.ndarray) -> torch.Tensor:
@@ -279,7 +300,8 @@ class ImageBatch:
 class ImageSet(Dataset):
     """The audited data points: ``ids[i]`` is data point i.
 
-    ``root`` is the data directory, or None for the built-in generated set. ``warning`` carries
+    ``root`` is the data directory, or None for generated images (``builtin/N`` and
+    ``canary/K`` ids). ``warning`` carries
     the sampling warning (fewer images than asked for), if any. As a ``Dataset``, item i is
     ``(i, image, None)`` or ``(i, None, reason)`` when the image cannot be decoded.
     """
@@ -313,6 +335,8 @@ class ImageSet(Dataset):
         """Data point ``position`` as uint8 (3, size, size); raises ``UnreadableImage``."""
         id_ = self.ids[position]
         if self.root is None:
+            if id_.startswith(CANARY_PREFIX):
+                return _chw(canary_image(int(id_.removeprefix(CANARY_PREFIX)), self.size, self.seed))
             index = int(id_.removeprefix(BUILTIN_PREFIX))
             return _chw(builtin_image(index, self.size, self.seed))
         return decode_image(self.root / id_, self.size)

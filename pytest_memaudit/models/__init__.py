@@ -79,7 +79,38 @@ def _locate_var_d16(given: str | None) -> Path:
     return locate_var_d16_checkpoint(given)
 
 
+def _build_demo(checkpoint: Path | None):
+    from .demo import build_demo
+
+    return build_demo(checkpoint)
+
+
+def _locate_demo(given: str | None) -> Path:
+    from .demo import locate_demo
+
+    return locate_demo(given)
+
+
+def _demo_data(image_size: int, seed: int):
+    from .demo import demo_image_set
+
+    # The demo's own training set, whatever the audit's seed (which still drives augmentations
+    # and the control's weights).
+    return demo_image_set(image_size)
+
+
 BUILTIN_MODELS: dict[str, ModelSpec] = {
+    "demo": ModelSpec(
+        name="demo",
+        layers=var_layer_specs(),
+        build=_build_demo,
+        locate=_locate_demo,
+        description="VAR-d16's encoder at width 32, trained by pytest_memaudit.train_demo as an "
+        "autoencoder on its 64x64 demo set with planted, repeated canaries",
+        default_image_size=64,
+        default_data=_demo_data,
+        default_control="random",
+    ),
     "var_d16": ModelSpec(
         name="var_d16",
         layers=var_layer_specs(),

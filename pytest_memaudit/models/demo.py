@@ -1,0 +1,72 @@
+"""The ``demo`` model: VAR's encoder at width 32, trained by ``train_demo`` with planted canaries.
+
+The shipped weights (``demo_encoder.pt``, a plain state_dict stored as float16) come with
+``demo_encoder.json``: how they were trained, on what, and each canary's repetition count.
+Retrain with ``python -m pytest_memaudit.train_demo --out PATH``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data import BUILTIN_PREFIX, CANARY_PREFIX, ImageSet, builtin_ids
+from ..errors import CheckpointError
+
+WIDTH = 32  # VAREncoder(ch=WIDTH): the 22 layers of var_d16 at a fifth of its width
+IMAGE_SIZE = 64
+DEMO_IMAGES = 256  # generated images in the training set, besides the canaries
+DATA_SEED = 0  # the training set's generator seed, fixed so that every audit sees that set
+# Copies of canary/k in each training epoch (a built-in image appears once per epoch).
+CANARY_REPEATS = (1, 1, 4, 4, 16, 16)
+WEIGHTS = Path(__file__).with_name("demo_encoder.pt")
+METADATA = WEIGHTS.with_suffix(".json")
+
+
+def canary_ids() -> list[str]:
+    return [f"{CANARY_PREFIX}{k}" for k in range(len(CANARY_REPEATS))]
+
+
+def demo_image_set(image_size: int = IMAGE_SIZE, seed: int = DATA_SEED, images: int = DEMO_IMAGES) -> ImageSet:
+    """The demo's training set: ``images`` built-in generated images, then the canaries."""
+    canaries = canary_ids()
+    return ImageSet(
+        builtin_ids(images) + canaries,
+        root=None,
+        size=image_size,
+        seed=seed,
+        description=f"demo training set ({images} generated images + {len(canaries)} canaries)",
+        canaries=canaries,
+    )
+
+
+def training_copies(image_set: ImageSet) -> list[int]:
+    """Positions of one training epoch: each built-in image once, canary k CANARY_REPEATS[k] times."""
+    positions = []
+    for position, id_ in enumerate(image_set.ids):
+        if id_.startswith(BUILTIN_PREFIX):
+            positions.append(position)
+        else:
+            positions += [position] * CANARY_REPEATS[int(id_.removeprefix(CANARY_PREFIX))]
+    return positions
+
+
+def locate_demo(given: str | None) -> Path:
+    """The user's checkpoint (a ``train_demo`` output) if given, else the shipped weights."""
+    path = Path(given).expanduser() if given else WEIGHTS
+    if not path.is_file():
+        hint = "" if given else " The installed package is incomplete; reinstall pytest-memaudit."
+        raise CheckpointError(f"demo checkpoint {path} does not exist.{hint}")
+    return path
+
+
+def build_demo(checkpoint: Path | None):
+    """The demo encoder in eval mode, its weights read safely (``weights_only=True``)."""
+    import torch
+
+    from .var import VAREncoder, encoder_state_dict, load_checkpoint_file
+
+    path = checkpoint or locate_demo(None)
+    with torch.device("meta"):
+        model = VAREncoder(ch=WIDTH)
+    model.load_state_dict(encoder_state_dict(load_checkpoint_file(path), model, str(path)), assign=True)
+    return model.eval()
