@@ -147,12 +147,10 @@ def apply_views(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         params.grayscale.nonzero().squeeze(1),
     ]
     sizes = [len(rows) for rows in all_rows]
-    rows_on_device = torch.cat(all_rows).to(images.device).split(sizes)
-    factors_on_device = (
-        torch.cat([factors[op][rows] for op, rows in jitter_steps])
-        .to(images.device)
-        .split(sizes[1:-1])
-    )
+    rows_on_device = _to_device(torch.cat(all_rows), images.device).split(sizes)
+    factors_on_device = _to_device(
+        torch.cat([factors[op][rows] for op, rows in jitter_steps]), images.device
+    ).split(sizes[1:-1])
 
     x = images.to(torch.float32).repeat_interleave(views, dim=0)
     _on_rows(x, rows_on_device[0], torch.flip, [-1])
@@ -226,6 +224,13 @@ def _on_rows(x: torch.Tensor, rows: torch.Tensor, op: Callable, *args) -> None:
     if len(rows):
         # x[rows], not index_select: on the CPU the latter is about 10x slower for whole views.
         x.index_copy_(0, rows, op(x[rows], *args))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to ``device`` without waiting for it: a plain copy to a GPU waits for all queued work."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _per_view(factor: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,15 @@ class RunSettings:
     topk: int = 10
     precision: str = "float32"
     workers: int | None = None
+    median_memory: int = 2048  # MB the median's N x units matrix may take in memory; over it, on disk
     control: str | None = None  # None: the model's default
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-_INT_FIELDS = {"samples": 2, "image_size": 16, "augmentations": 0, "batch_size": 1, "seed": 0, "topk": 1, "workers": 0}
+_INT_FIELDS = {"samples": 2, "image_size": 16, "augmentations": 0, "batch_size": 1, "seed": 0, "topk": 1, "workers": 0,
+               "median_memory": 0}
 _CHOICES = {"reduce": ("mean", "median"), "precision": PRECISIONS, "control": CONTROLS}
 
 

@@ -301,9 +301,9 @@ class ImageSet(Dataset):
     """The audited data points: ``ids[i]`` is data point i.
 
     ``root`` is the data directory, or None for generated images (``builtin/N`` and
-    ``canary/K`` ids). ``warning`` carries
-    the sampling warning (fewer images than asked for), if any. As a ``Dataset``, item i is
-    ``(i, image, None)`` or ``(i, None, reason)`` when the image cannot be decoded.
+    ``canary/K`` ids). ``warning`` carries the sampling warning (fewer images than asked for),
+    if any. As a ``Dataset``, item i is ``(i, image, None)`` or ``(i, None, reason)`` when the
+    image cannot be decoded.
     """
 
     ids: list[str]

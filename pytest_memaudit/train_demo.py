@@ -136,7 +136,7 @@ def train(args: argparse.Namespace) -> dict:
     out.with_suffix(".json").write_text(json.dumps(metadata, indent=1) + "\n")
 
     print(f"done: {args.steps} steps ({metadata['training']['epochs']} epochs) in {wall:.0f} s; "
-          f"final loss {curve[-1][1]:.5f}")
+          f"final loss {curve[-1][1]:.5f} (mean over the last log interval)")
     print(f"reconstruction MSE: generated images {builtin_mse:.5f}; canaries " + ", ".join(
         f"{c['id']} (x{c['repeats_per_epoch']}) {c['final_mse']:.5f}" for c in metadata["data"]["canaries"]))
     print(f"wrote {out} ({out.stat().st_size:,} bytes) and {out.with_suffix('.json')}")

@@ -11,7 +11,7 @@ The spec (``shared/spec/unitmem.md``) defines, per unit u:
 The mean reduction streams (top-k and a float64 sum per unit: memory independent of N); the
 median reduction needs every value and keeps the N x units matrix, on disk past a size limit.
 Accumulators live on the device the activations are on; nothing is copied to the host until
-``finalize``.
+``finalize``, except the median's rows, a few MB at a time.
 """
 
 from __future__ import annotations
@@ -86,12 +86,15 @@ class UnitMemAccumulator:
         if reduce not in REDUCTIONS:
             raise AuditError(f"unknown reduction {reduce!r}: use one of {', '.join(REDUCTIONS)}")
         self.units = units
+        self.capacity = capacity
         self.reduce = reduce
         self.count = 0
         device = torch.device(device)
         self._top = _TopK(units, max(1, topk), device)
         self._sum = torch.zeros(units, dtype=torch.float64, device=device)
         self._matrix: np.ndarray | None = None
+        self._pending: list[torch.Tensor] = []  # median rows not yet copied to the matrix
+        self._stored = 0  # rows copied to the matrix
         self.spill_path: str | None = None
         if reduce == "median":
             self._matrix, self.spill_path = _allocate_matrix(
@@ -103,10 +106,18 @@ class UnitMemAccumulator:
         values = values.float()
         self._top.update(values, samples)
         self._sum += values.sum(dim=0, dtype=torch.float64)
-        if self._matrix is not None:
-            n = values.shape[0]
-            self._matrix[self.count : self.count + n] = values.cpu().numpy()
         self.count += values.shape[0]
+        if self._matrix is not None:
+            self._pending.append(values)
+            if (self.count - self._stored) * self.units * 4 >= PENDING_BYTES:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Copy the pending rows to the matrix: one device-to-host copy for many batches."""
+        if self._pending:
+            self._matrix[self._stored : self.count] = torch.cat(self._pending).cpu().numpy()
+            self._stored = self.count
+            self._pending.clear()
 
     def finalize(self, layer: str = "layer") -> UnitMemValues:
         n = self.count
@@ -129,6 +140,7 @@ class UnitMemAccumulator:
         if self.reduce == "mean":
             mu_rest = (total - mu_max) / (n - 1)
         else:
+            self._flush()
             mu_rest = _median_without_max(self._matrix[:n])
         unitmem, dead = unitmem_from(mu_max, mu_rest)
         return UnitMemValues(
@@ -144,12 +156,18 @@ class UnitMemAccumulator:
     def close(self) -> None:
         """Release the on-disk matrix, if any."""
         self._matrix = None
+        self._pending.clear()
         if self.spill_path and os.path.exists(self.spill_path):
             os.unlink(self.spill_path)
 
 
+# Median rows wait on their device until this many bytes are pending, then move to the host.
+PENDING_BYTES = 4 << 20
+
+
 def median_matrix_bytes(samples: int, units: int) -> int:
-    """Memory law of the median reduction: every a[i, u] as float32."""
+    """Memory law of the median reduction: every a[i, u] as float32 (plus at most
+    ``PENDING_BYTES`` per layer not yet moved to the host)."""
     return samples * units * 4
 
 

@@ -14,6 +14,7 @@ import torch
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
 from pytest_memaudit.data import canary_image
+from pytest_memaudit.errors import CheckpointError
 from pytest_memaudit.models import get_model_spec, var_layer_specs
 from pytest_memaudit.models.demo import (
     CANARY_REPEATS,
@@ -96,11 +97,15 @@ def test_training_script_runs_end_to_end(tmp_path):
     assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
     assert "final loss" in run.stdout and str(out) in run.stdout
 
+    spec = get_model_spec("demo")
+    assert spec.locate(str(out)) == out  # --memaudit-checkpoint: a retrained demo
+    with pytest.raises(CheckpointError, match="does not exist"):
+        spec.locate(str(tmp_path / "missing.pt"))
     model = build_demo(out)
     assert isinstance(model, VAREncoder) and model.conv_in.out_channels == 32
     metadata = json.loads(out.with_suffix(".json").read_text())
     assert metadata["training"]["steps"] == 3 and metadata["data"]["generated_images"] == 8
-    assert metadata["final_loss"] == pytest.approx(losses[-1])
+    assert metadata["final_loss"] == pytest.approx(losses[-1], abs=5e-6)  # printed to 5 decimals
     assert [c["id"] for c in metadata["data"]["canaries"]] == demo_image_set().canaries
 
 

@@ -55,7 +55,7 @@ def locate_demo(given: str | None) -> Path:
     path = Path(given).expanduser() if given else WEIGHTS
     if not path.is_file():
         hint = "" if given else " The installed package is incomplete; reinstall pytest-memaudit."
-        raise CheckpointError(f"demo checkpoint {path} does not exist.{hint}")
+        raise CheckpointError(f"demo checkpoint {path} does not exist or is not a file.{hint}")
     return path
 
 
