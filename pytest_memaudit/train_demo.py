@@ -22,7 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.demo import CANARY_REPEATS, DATA_SEED, DEMO_IMAGES, IMAGE_SIZE, WIDTH, demo_image_set, training_copies
+from .models.demo import (
+    CANARY_REPEATS,
+    DATA_SEED,
+    DEMO_IMAGES,
+    IMAGE_SIZE,
+    WIDTH,
+    demo_image_set,
+    pixels_sha256,
+    training_copies,
+)
 from .models.var import VAREncoder
 
 
@@ -108,6 +117,7 @@ def train(args: argparse.Namespace) -> dict:
             "image_size": args.image_size,
             "generated_images": args.images,
             "data_seed": DATA_SEED,
+            "pixels_sha256": pixels_sha256(images),
             "canaries": [
                 {"id": id_, "repeats_per_epoch": repeats, "final_mse": per_image[id_]}
                 for id_, repeats in zip(images.canaries, CANARY_REPEATS)

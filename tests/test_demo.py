@@ -24,6 +24,7 @@ from pytest_memaudit.models.demo import (
     WEIGHTS,
     build_demo,
     demo_image_set,
+    pixels_sha256,
     training_copies,
 )
 from pytest_memaudit.models.var import VAREncoder
@@ -56,6 +57,7 @@ def test_shipped_metadata_matches_the_data_set_and_the_weights():
     assert [c["repeats_per_epoch"] for c in data["canaries"]] == list(CANARY_REPEATS)
     assert (data["generated_images"], data["data_seed"], data["image_size"]) == (DEMO_IMAGES, DATA_SEED, 64)
     assert data["description"] == images.description
+    assert data["pixels_sha256"] == pixels_sha256(images)  # the generators still make those images
     assert metadata["weights_sha256"] == hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
     assert metadata["model"] == {"class": "VAREncoder", "ch": 32, "weights_dtype": "float16"}
     losses = [loss for _, loss in metadata["loss_curve"]]

@@ -50,6 +50,16 @@ def training_copies(image_set: ImageSet) -> list[int]:
     return positions
 
 
+def pixels_sha256(image_set: ImageSet) -> str:
+    """SHA-256 of the set's uint8 pixels in order: ties trained weights to the exact images."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for position in range(len(image_set)):
+        digest.update(image_set.load(position).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def locate_demo(given: str | None) -> Path:
     """The user's checkpoint (a ``train_demo`` output) if given, else the shipped weights."""
     path = Path(given).expanduser() if given else WEIGHTS
