@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import hashlib
 import importlib.metadata
 import os
@@ -29,6 +28,7 @@ from .augment import augment_views
 from .config import RunSettings
 from .data import ImageSet
 from .errors import AuditError, DataError
+from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
 from .models import LayerSpec, ModelSpec, get_model_spec
 from .results import AuditResult, LayerResult
@@ -181,7 +181,8 @@ def resolve_device(name: str) -> torch.device:
 
 def open_images(settings: RunSettings, spec: ModelSpec, image_size: int) -> ImageSet:
     if settings.data is None and spec.default_data is not None:
-        return spec.default_data(image_size, settings.seed)
+        images = spec.default_data(image_size, settings.seed)
+        return images if settings.samples is None else images.sample(settings.samples, settings.seed)
     if settings.data in (None, "builtin"):
         return ImageSet.builtin(settings.samples or spec.default_samples, image_size, settings.seed)
     return ImageSet.from_folder(settings.data, image_size, settings.samples, settings.seed)
@@ -216,8 +217,9 @@ class AdaptiveForward:
         start = 0
         while start < len(views):
             if self._runs(net, views[start : start + self.size]):
-                parts.append(recorder.take())
+                part = recorder.take()
                 start += self.size
+                parts.append(part if start >= len(views) else {name: out.clone() for name, out in part.items()})
             else:
                 recorder.take()  # the layers the failed pass reached
                 self._halve()
@@ -278,44 +280,6 @@ def spill_notes(role: str, accumulators: dict[str, UnitMemAccumulator], limit_mb
         f"--memaudit-median-memory ({limit_mb} MB), so it is kept on disk in "
         f"{os.path.dirname(spilled[0].spill_path)}"
     ]
-
-
-@contextlib.contextmanager
-def reuse_freed_memory(device: torch.device):
-    """On the CPU with glibc, let each batch reuse the memory the previous batch freed.
-
-    glibc serves blocks over its mmap threshold (at most 32 MB) with fresh mmap() calls and
-    unmaps them on free, so every forward pass page-faults its activations in again: var_d16 at
-    64x64, 30 views per pass, touched 15 GB of new pages per 240 views, about 15% of the audit's
-    time. With mmap off, freed blocks stay in the heap (up to 256 MB free at its top, which
-    bounds the extra peak RSS: +170 MB there), and page faults drop ninefold. glibc's defaults
-    are restored and the heap trimmed afterwards.
-    """
-    libc = _glibc() if device.type == "cpu" else None
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-
-
-def _glibc():
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return None
-        return ctypes.CDLL("libc.so.6")
-    except (AttributeError, ValueError, OSError):  # not Linux, or no glibc
-        return None
 
 
 def random_weights_copy(net: torch.nn.Module, seed: int) -> torch.nn.Module:

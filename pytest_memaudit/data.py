@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -327,6 +327,19 @@ class ImageSet(Dataset):
         if n < 1:
             raise DataError(f"the built-in image set needs at least 1 sample, got {n}; ask for 1 or more.")
         return cls(builtin_ids(n), None, size, seed)
+
+    def sample(self, samples: int, seed: int) -> ImageSet:
+        """``samples`` of these data points, chosen as ``from_folder`` chooses files."""
+        source = f"the {self.description}" if self.description else "the data set"
+        ids, warning = select_samples(self.ids, samples, seed, source=source)
+        chosen = set(ids)
+        return replace(
+            self,
+            ids=ids,
+            warning=warning,
+            description=self.description if len(ids) == len(self.ids) else f"{len(ids)} chosen from {source}",
+            canaries=[canary for canary in self.canaries if canary in chosen],
+        )
 
     def __len__(self) -> int:
         return len(self.ids)

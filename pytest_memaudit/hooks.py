@@ -16,28 +16,34 @@ from .errors import AuditError
 from .models import LayerSpec
 
 
-def unit_means(output: torch.Tensor) -> torch.Tensor:
+def unit_means(output: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, units) float32: mean |activation| per unit over its spatial or token positions.
 
     4-D outputs are (batch, channels, H, W); 3-D outputs are (batch, tokens, channels), as
-    transformer blocks give; 2-D outputs are already one number per unit.
+    transformer blocks give; 2-D outputs are already one number per unit. ``out``, if given,
+    receives the result.
     """
-    if output.dim() == 4:
-        return output.abs().mean(dim=(2, 3), dtype=torch.float32)
-    if output.dim() == 3:
-        return output.abs().mean(dim=1, dtype=torch.float32)
+    if output.dim() in (3, 4):
+        dims = (2, 3) if output.dim() == 4 else (1,)
+        return torch.mean(output.abs(), dim=dims, dtype=torch.float32, out=out)
     if output.dim() == 2:
-        return output.abs().float()
+        return output.abs().float() if out is None else out.copy_(output).abs_()
     raise AuditError(f"cannot audit an output of shape {tuple(output.shape)}: expected 2, 3 or 4 dimensions")
 
 
 class LayerRecorder:
-    """Attach to ``layers`` of ``model``; after each forward, ``take()`` gives {name: (batch, units)}."""
+    """Attach to ``layers`` of ``model``; after each forward, ``take()`` gives {name: (batch, units)}.
+
+    The tensors ``take()`` gives are the recorder's own, reused by the next forward: copy what
+    must outlive it. Results allocated afresh during every pass would stay alive among the pass's
+    freed activations and fragment the CPU heap, so that peak memory crept up over a long audit.
+    """
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[LayerSpec]):
         modules = dict(model.named_modules())
         self._handles = []
         self._outputs: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
         try:
             for layer in layers:
                 module = modules.get(layer.module)
@@ -57,9 +63,17 @@ class LayerRecorder:
         def record(module, inputs, output):
             if isinstance(output, (tuple, list)):
                 output = output[0]
-            self._outputs[name] = unit_means(output)
+            self._outputs[name] = unit_means(output, out=self._buffer(name, output))
 
         return record
+
+    def _buffer(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        """Layer ``name``'s result tensor for ``output``, allocated again only when it grows."""
+        batch, units = output.shape[0], output.shape[-1 if output.dim() == 3 else 1]
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < batch or buffer.shape[1] != units or buffer.device != output.device:
+            buffer = self._buffers[name] = torch.empty(batch, units, dtype=torch.float32, device=output.device)
+        return buffer[:batch]
 
     def take(self) -> dict[str, torch.Tensor]:
         outputs, self._outputs = self._outputs, {}

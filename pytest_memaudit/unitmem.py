@@ -66,8 +66,12 @@ class _TopK:
         all_values = torch.cat([self.values, values])
         all_samples = torch.cat([self.samples, batch_samples])
         order = torch.sort(all_values, dim=0, descending=True, stable=True).indices[: self.k]
-        self.values = torch.gather(all_values, 0, order)
-        self.samples = torch.gather(all_samples, 0, order)
+        if len(self.values) == self.k:  # in place: new tensors kept across passes fragment the heap
+            torch.gather(all_values, 0, order, out=self.values)
+            torch.gather(all_samples, 0, order, out=self.samples)
+        else:
+            self.values = torch.gather(all_values, 0, order)
+            self.samples = torch.gather(all_samples, 0, order)
 
 
 class UnitMemAccumulator:
@@ -95,6 +99,8 @@ class UnitMemAccumulator:
         self._matrix: np.ndarray | None = None
         self._pending: list[torch.Tensor] = []  # median rows not yet copied to the matrix
         self._stored = 0  # rows copied to the matrix
+        # On a GPU, rows wait there and move in blocks; on the CPU a copy buys nothing.
+        self._flush_bytes = 0 if device.type == "cpu" else PENDING_BYTES
         self.spill_path: str | None = None
         if reduce == "median":
             self._matrix, self.spill_path = _allocate_matrix(
@@ -109,7 +115,7 @@ class UnitMemAccumulator:
         self.count += values.shape[0]
         if self._matrix is not None:
             self._pending.append(values)
-            if (self.count - self._stored) * self.units * 4 >= PENDING_BYTES:
+            if (self.count - self._stored) * self.units * 4 >= self._flush_bytes:
                 self._flush()
 
     def _flush(self) -> None:
@@ -161,13 +167,13 @@ class UnitMemAccumulator:
             os.unlink(self.spill_path)
 
 
-# Median rows wait on their device until this many bytes are pending, then move to the host.
+# Median rows computed on a GPU wait there until this many bytes are pending, then move to the host.
 PENDING_BYTES = 4 << 20
 
 
 def median_matrix_bytes(samples: int, units: int) -> int:
-    """Memory law of the median reduction: every a[i, u] as float32 (plus at most
-    ``PENDING_BYTES`` per layer not yet moved to the host)."""
+    """Memory law of the median reduction: every a[i, u] as float32, in host memory or on disk
+    (on a GPU, up to ``PENDING_BYTES`` per layer wait in device memory)."""
     return samples * units * 4
 
 

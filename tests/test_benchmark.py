@@ -16,6 +16,7 @@ from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
 from pytest_memaudit.errors import AuditError
 from pytest_memaudit.models import LayerSpec, ModelSpec
+from pytest_memaudit.unitmem import UnitMemAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,3 +123,19 @@ def test_median_over_its_memory_limit_is_kept_on_disk(monkeypatch, tmp_path):
     assert on_disk.settings["median_memory"] == 0
     assert_same_numbers(on_disk, in_memory)
     assert list(tmp_path.iterdir()) == []  # the temporary matrix is gone
+
+
+def test_median_rows_moved_in_blocks_as_on_a_gpu_are_the_same():
+    rng = np.random.default_rng(0)
+    matrix = rng.random((50, 7)).astype(np.float32)
+    results = []
+    for flush_bytes in (0, 3 * 7 * 4):  # every batch (the CPU); every third row or more (as on a GPU)
+        acc = UnitMemAccumulator(7, capacity=50, reduce="median")
+        acc._flush_bytes = flush_bytes
+        for start in range(0, 50, 2):
+            acc.update(torch.from_numpy(matrix[start : start + 2]), torch.arange(start, start + 2))
+        results.append(acc.finalize().mu_rest)
+        acc.close()
+    expected = [np.median(np.delete(column, np.argmax(column))) for column in matrix.T.astype(np.float64)]
+    np.testing.assert_allclose(results[0], expected, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(results[1], results[0])

@@ -299,6 +299,20 @@ def test_from_folder_samples_and_warning(tmp_path):
     assert everything.warning == f"asked for 50 samples but {root} holds only 10 images; auditing all 10"
 
 
+def test_sample_of_a_named_set_keeps_its_chosen_canaries_and_says_so():
+    canaries = ["canary/0", "canary/1"]
+    images = ImageSet(builtin_ids(20) + canaries, None, 16, seed=0, description="demo set", canaries=canaries)
+    part = images.sample(5, seed=3)
+    assert part.ids == select_samples(images.ids, 5, seed=3)[0]
+    assert part.canaries == [c for c in canaries if c in part.ids]
+    assert part.description == "5 chosen from the demo set"
+    assert (part.warning, part.size, part.seed, part.root) == (None, 16, 0, None)
+    assert images.sample(4, seed=3).ids != images.sample(4, seed=4).ids
+    everything = images.sample(30, seed=3)
+    assert len(everything) == 22 and everything.canaries == canaries and everything.description == "demo set"
+    assert everything.warning == "asked for 30 samples but the demo set holds only 22 images; auditing all 22"
+
+
 def test_builtin_set_batches():
     images = ImageSet.builtin(5, 32, seed=2)
     assert images.root is None and images.ids == builtin_ids(5)

@@ -131,3 +131,12 @@ def test_demo_audit_has_a_control_and_ranks_every_canary():
         assert 1 <= rank <= len(images) and ranking[rank - 1][0] == canary
     assert [c["id"] for c in result.to_json()["canaries"]] == images.canaries
     assert np.isfinite([layer.control_mean for layer in result.layers]).all()
+
+
+def test_demo_audit_samples_its_own_set_when_asked():
+    settings = make_settings(model="demo", image_size=16, augmentations=0, samples=12, seed=5, device="cpu", control="none")
+    result = run_audit(settings)
+    expected = demo_image_set().sample(12, seed=5)
+    assert result.samples == expected.ids and len(result.samples) == 12
+    assert result.canaries == [c for c in demo_image_set().canaries if c in expected.ids]
+    assert result.data_source.startswith("12 chosen from the demo training set")

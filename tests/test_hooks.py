@@ -63,3 +63,26 @@ def test_unit_means_shapes():
     assert unit_means(torch.tensor([[-1.5, 2.0]])).tolist() == [[1.5, 2.0]]
     with pytest.raises(AuditError, match="shape"):
         unit_means(torch.zeros(2))
+
+
+def test_results_are_reused_across_passes_and_right_for_a_smaller_batch(small_var):
+    layers = [LayerSpec("conv.in", "conv_in"), LayerSpec("mid.attn.1", "mid.attn_1")]
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with LayerRecorder(small_var, layers) as recorder, torch.no_grad():
+        small_var(x)
+        first = recorder.take()
+        small_var(x[:2])
+        second = recorder.take()
+        expected = {"conv.in": small_var.conv_in(x[:2]).abs().mean(dim=(2, 3))}
+    for name in first:
+        assert second[name].shape[0] == 2 and second[name].data_ptr() == first[name].data_ptr()
+    torch.testing.assert_close(second["conv.in"], expected["conv.in"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_means_into_a_given_tensor(dtype):
+    for output in (torch.randn(3, 2, 4, 4), torch.randn(3, 5, 2), torch.randn(3, 2)):
+        output = output.to(dtype)
+        out = torch.full((3, 2), float("nan"))
+        assert unit_means(output, out=out) is out
+        torch.testing.assert_close(out, unit_means(output), rtol=0, atol=0)
