@@ -124,13 +124,19 @@ def heatmap(
 
 
 @dataclass
-class Histogram:
+class PlotArea:
+    """An SVG figure's size and the rectangle its axes enclose, in pixels."""
+
     width: int
     height: int
     left: int
     top: int
     plot_width: int
     plot_height: int
+
+
+@dataclass
+class Histogram(PlotArea):
     bars: list[tuple[float, float, float, float, str]]  # x, y, width, height, hover text
     x_ticks: list[tuple[float, str]]
     y_ticks: list[tuple[float, str]]
@@ -182,13 +188,7 @@ class Series:
 
 
 @dataclass
-class DepthPlot:
-    width: int
-    height: int
-    left: int
-    top: int
-    plot_width: int
-    plot_height: int
+class DepthPlot(PlotArea):
     series: list[Series]
     x_labels: list[tuple[float, str]]
     y_ticks: list[tuple[float, str]]
