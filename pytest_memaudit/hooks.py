@@ -63,17 +63,14 @@ class LayerRecorder:
         def record(module, inputs, output):
             if isinstance(output, (tuple, list)):
                 output = output[0]
-            self._outputs[name] = unit_means(output, out=self._buffer(name, output))
+            buffer = self._buffers.get(name)
+            if buffer is None or len(buffer) < len(output) or buffer.device != output.device:
+                # The first pass, or a larger batch: allocate this layer's result once more.
+                self._outputs[name] = self._buffers[name] = unit_means(output)
+            else:
+                self._outputs[name] = unit_means(output, out=buffer[: len(output)])
 
         return record
-
-    def _buffer(self, name: str, output: torch.Tensor) -> torch.Tensor:
-        """Layer ``name``'s result tensor for ``output``, allocated again only when it grows."""
-        batch, units = output.shape[0], output.shape[-1 if output.dim() == 3 else 1]
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape[0] < batch or buffer.shape[1] != units or buffer.device != output.device:
-            buffer = self._buffers[name] = torch.empty(batch, units, dtype=torch.float32, device=output.device)
-        return buffer[:batch]
 
     def take(self) -> dict[str, torch.Tensor]:
         outputs, self._outputs = self._outputs, {}

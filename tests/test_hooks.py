@@ -86,3 +86,13 @@ def test_unit_means_into_a_given_tensor(dtype):
         out = torch.full((3, 2), float("nan"))
         assert unit_means(output, out=out) is out
         torch.testing.assert_close(out, unit_means(output), rtol=0, atol=0)
+
+
+def test_an_output_of_unsupported_shape_is_a_clear_error_through_the_recorder():
+    class Sums(torch.nn.Module):
+        def forward(self, x):
+            return x.sum(dim=(1, 2, 3))
+
+    model = torch.nn.Sequential(Sums())
+    with LayerRecorder(model, [LayerSpec("sums", "0")]), pytest.raises(AuditError, match=r"shape \(2,\)"):
+        model(torch.zeros(2, 3, 4, 4))
