@@ -126,6 +126,7 @@ def run_audit(
         "control": control,
         "views_per_image": views,
     }
+    planted = set(images.canaries)
     result = AuditResult(
         model=spec.name,
         settings=resolved,
@@ -142,7 +143,7 @@ def run_audit(
         },
         environment=environment(device),
         notes=notes,
-        canaries=[sample for sample in samples if sample in set(images.canaries)],
+        canaries=[sample for sample in samples if sample in planted],
     )
     if "control" in results:
         for layer, control_layer in zip(result.layers, results["control"]):
