@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +26,44 @@ import torch
 
 from . import __version__
 from .augment import augment_views
-from .config import RunSettings
-from .data import ImageSet
+from .config import RunSettings, control_roles
+from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
 from .errors import AuditError, DataError
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
+from .labelled import LabelledImages, labelled_images
+from .membership import Contrast, membership_contrast
 from .models import LayerSpec, ModelSpec, get_model_spec
-from .results import AuditResult, LayerResult
-from .stats import layer_stats
-from .unitmem import UnitMemAccumulator, median_matrix_bytes
+from .planted import PlantedUnit, choose_plants, planted_copy, thumbnails
+from .planted import evaluate as evaluate_planted
+from .results import AuditResult, LayerResult, SubjectResult
+from .stats import jackknife_interval, layer_stats, spread_figures
+from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
 # Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in.
 MEMORY_FORMAT = torch.channels_last
+
+
+ROLE_DESCRIPTIONS = {
+    "control": "the same architecture with random weights (seeded), on the same views",
+    "planted": "a copy of the model with planted units that memorize chosen held-out images",
+}
+
+
+@dataclass
+class Subject:
+    """One network audited in the pass: the model, or a control. UnitMem is computed over the
+    data points with ``unitmem_labels``; the membership contrast pits ``members`` against
+    ``holdout``."""
+
+    role: str
+    net: torch.nn.Module
+    unitmem_labels: tuple[int, ...]
+    members: tuple[int, ...]
+    holdout: tuple[int, ...]
+    recorder: LayerRecorder | None = None
+    states: dict[str, LayerState] = field(default_factory=dict)
 
 
 def run_audit(
@@ -57,63 +83,75 @@ def run_audit(
     image_size = settings.image_size or spec.default_image_size
     views = max(settings.augmentations, 1)
     batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
-    images = open_images(settings, spec, image_size)
+    controls = control_roles(settings, spec)
+    images = open_images(settings, spec, image_size, planted=settings.planted_units if "planted" in controls else 0)
+    notes = list(images.notes)
     source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
 
     checkpoint = spec.locate(settings.checkpoint)
-    subject = prepare(spec.build(checkpoint), device)
-    subjects = {"model": subject}
-    control = settings.control or spec.default_control
-    if control == "random":
-        subjects["control"] = prepare(random_weights_copy(subject, settings.seed), device)
+    model_net = prepare(spec.build(checkpoint), device)
+    subjects = [Subject("model", model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
+    if "random" in controls:
+        control_net = prepare(random_weights_copy(model_net, settings.seed), device)
+        subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
+    if "planted" in controls and not images.count(PLANTED):
+        notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
 
     workers = settings.workers if settings.workers is not None else default_workers(images)
-    accumulators: dict[str, dict[str, UnitMemAccumulator]] = {role: {} for role in subjects}
-    recorders = {role: LayerRecorder(net, selected) for role, net in subjects.items()}
-    samples: list[str] = []
-    skipped: list[dict[str, str]] = []
-    notes = [images.warning] if images.warning else []
     forward = AdaptiveForward(batch_size, device, notes)
-    median_budget = settings.median_memory * 2**20 // len(subjects)
+    samples: list[str] = []
+    read: list[int] = []  # the positions in ``images`` of the data points, in order
+    skipped: list[dict[str, str]] = []
     forward_seconds = 0.0
+    plants: list[PlantedUnit] = []
+    checker = OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None
     try:
         with torch.inference_mode(), precision_mode(precision, device), reuse_freed_memory(device):
+            if images.count(PLANTED) and "planted" in controls:
+                plants, planted_net = build_planted(model_net, selected, images, settings, device, forward)
+                subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
+            for subject in subjects:
+                subject.recorder = LayerRecorder(subject.net, selected)
+            median_budget = settings.median_memory * 2**20 // len(subjects)
             batches = images.iter_batches(max(1, batch_size // views), workers, pin_memory=device.type == "cuda")
             for batch in batches:
                 skipped += [{"id": images.ids[pos], "reason": reason} for pos, reason in batch.skipped]
                 n = len(batch.positions)
                 if n:
+                    if checker:
+                        checker.add(batch.positions, batch.images)
                     pixels = batch.images.to(device, non_blocking=True).float().div_(255)
                     seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
                     batch_views = augment_views(pixels, settings.augmentations, seeds).contiguous(
                         memory_format=MEMORY_FORMAT
                     )
-                    indices = torch.arange(len(samples), len(samples) + n, device=device)
-                    for role, net in subjects.items():
+                    index = torch.arange(len(samples), len(samples) + n, device=device)
+                    label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
+                    group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
+                    for subject in subjects:
                         tick = time.perf_counter()
-                        outputs = forward(net, recorders[role], batch_views)
+                        outputs = forward(subject.net, subject.recorder, batch_views)
                         forward_seconds += time.perf_counter() - tick
-                        if not accumulators[role]:
-                            accumulators[role] = new_accumulators(outputs, settings, len(images), device, median_budget)
-                            notes += spill_notes(role, accumulators[role], settings.median_memory)
+                        if not subject.states:
+                            subject.states = new_states(outputs, settings, len(images), device, median_budget)
+                            notes += spill_notes(subject.role, subject.states, settings.median_memory)
                         for name, per_view in outputs.items():
-                            accumulators[role][name].update(per_view.view(n, views, -1).mean(dim=1), indices)
+                            subject.states[name].update(per_view.view(n, views, -1).mean(dim=1), index, label, group)
                     samples += [images.ids[pos] for pos in batch.positions]
+                    read += batch.positions
                 if progress:
                     progress(len(samples) + len(skipped), len(images))
-        if not samples:
-            first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
-            raise DataError(
-                f"none of the {len(images)} images in {source} could be read ({first}). "
-                "Check that the files are images (jpg, png, webp, bmp) and not truncated."
-            )
-        results = {role: finalize(accs, selected) for role, accs in accumulators.items()}
+        check_read(images, read, skipped, source)
+        point_labels = images.labels[read]
+        point_groups = images.groups[read]
+        finished = {subject.role: finalize(subject, selected, settings, point_labels, point_groups)
+                    for subject in subjects}
     finally:
-        for recorder in recorders.values():
-            recorder.close()
-        for accs in accumulators.values():
-            for acc in accs.values():
-                acc.close()
+        for subject in subjects:
+            if subject.recorder:
+                subject.recorder.close()
+            for state in subject.states.values():
+                state.close()
 
     wall = time.perf_counter() - started
     n_views = len(samples) * views * len(subjects)
@@ -123,16 +161,18 @@ def run_audit(
         "batch_size": batch_size,
         "device": str(device),
         "workers": workers,
-        "control": control,
+        "control": ",".join(controls) or "none",
         "views_per_image": views,
     }
-    planted = set(images.canaries)
+    planted_ids = set(images.canaries)
+    layers_out, model_contrast, model_loo = finished["model"]
     result = AuditResult(
         model=spec.name,
         settings=resolved,
         data_source=source,
         samples=samples,
-        layers=results["model"],
+        layers=layers_out,
+        labels=[LABELS[code] for code in point_labels.tolist()],
         skipped=skipped,
         checkpoint=checkpoint_record(checkpoint),
         timing={
@@ -143,19 +183,141 @@ def run_audit(
         },
         environment=environment(device),
         notes=notes,
-        canaries=[sample for sample in samples if sample in planted],
+        canaries=[sample for sample in samples if sample in planted_ids],
+        holdout_source=images.holdout_description,
+        membership=None if model_contrast is None else model_contrast.overall,
+        argmax_counts=None if model_contrast is None else _per_data_point(model_contrast, len(samples)),
     )
-    if "control" in results:
-        for layer, control_layer in zip(result.layers, results["control"]):
+    if "control" in finished:
+        control_layers, control_contrast, control_loo = finished["control"]
+        for layer, control_layer in zip(result.layers, control_layers):
             layer.control_mean = control_layer.stats.mean_unitmem
-        result.control = AuditResult(
-            model=f"{spec.name} (random weights)",
-            settings=resolved,
-            data_source=result.data_source,
-            samples=samples,
-            layers=results["control"],
+            layer.control_excess = jackknife_interval(
+                layer.stats.mean_unitmem - control_layer.stats.mean_unitmem,
+                model_loo[layer.name] - control_loo[layer.name],
+            )
+        result.control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
+                                       None if control_contrast is None else control_contrast.overall)
+    if "planted" in finished:
+        planted_layers, planted_contrast, _ = finished["planted"]
+        result.planted = evaluate_planted(
+            [replace(plant, image=read.index(plant.image)) for plant in plants if plant.image in read],
+            {layer.name: layer.values for layer in planted_layers},
+            settings.planted_strength,
+            None if planted_contrast is None else planted_contrast.overall,
         )
+        if result.planted.recall < 0.9:
+            notes.append(
+                f"the planted control was found in only {result.planted.recall:.0%} of its units at strength "
+                f"{settings.planted_strength:g}: this audit may miss memorization of that strength "
+                "(audit more views or data points)"
+            )
     return result
+
+
+def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings, point_labels: np.ndarray,
+             point_groups: np.ndarray) -> tuple[list[LayerResult], Contrast | None, dict[str, np.ndarray]]:
+    """A subject's per-layer results with jackknife intervals, its membership contrast, and each
+    layer's mean UnitMem with each group left out (for paired comparisons between subjects)."""
+    results, leave_out_means = [], {}
+    for layer in selected:
+        state = subject.states.get(layer.name)
+        if state is None:
+            raise AuditError(
+                f"layer {layer.name} ({layer.module}) never ran in the forward pass; "
+                "is it part of the model's forward()?"
+            )
+        values, leave_out = state.unitmem(subject.unitmem_labels, settings.reduce, layer.name)
+        estimates = spread_figures(values.unitmem)
+        rows = [spread_figures(row) if np.all(np.isfinite(row)) else None for row in leave_out]
+        intervals = {
+            figure: jackknife_interval(estimate, np.array([row[figure] if row else np.nan for row in rows]))
+            for figure, estimate in estimates.items()
+        }
+        leave_out_means[layer.name] = np.array([row["mean_unitmem"] if row else np.nan for row in rows])
+        results.append(LayerResult(layer.name, layer.module, values, layer_stats(values.unitmem, values.dead),
+                                   intervals))
+    contrast = membership_contrast(
+        {layer.name: subject.states[layer.name] for layer in selected}, point_labels, point_groups,
+        subject.members, subject.holdout, permutations=settings.permutations, seed=settings.seed,
+    )
+    if contrast is not None:
+        for layer in results:
+            layer.membership = contrast.layers[layer.name]
+    return results, contrast, leave_out_means
+
+
+def _per_data_point(contrast: Contrast, samples: int) -> list[int]:
+    counts = np.zeros(samples, dtype=np.int64)
+    counts[contrast.pooled] = contrast.argmax_counts
+    return counts.tolist()
+
+
+def check_read(images: LabelledImages, read: list[int], skipped: list[dict[str, str]], source: str) -> None:
+    """The audit needs 2 readable members, and a readable image in a held-out set it was given."""
+    if not read:
+        first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+        raise DataError(
+            f"none of the {len(images)} images in {source} could be read ({first}). "
+            "Check that the files are images (jpg, png, webp, bmp) and not truncated."
+        )
+    labels = images.labels[read]
+    if images.count(HOLDOUT, PLANTED) and not np.isin(labels, (HOLDOUT, PLANTED)).any():
+        raise DataError(
+            f"none of the {images.count(HOLDOUT, PLANTED)} held-out images ({images.holdout_description}) could "
+            "be read. Check the --memaudit-holdout folder."
+        )
+
+
+class OverlapCheck:
+    """Held-out images must not be members: compared by a hash of their decoded pixels, as the
+    batches arrive (members come first)."""
+
+    def __init__(self, images: LabelledImages):
+        self.images = images
+        self.members: dict[str, str] = {}
+
+    def add(self, positions: list[int], pixels: torch.Tensor) -> None:
+        overlaps = []
+        for position, image in zip(positions, pixels):
+            digest = hashlib.sha256(image.numpy().tobytes()).hexdigest()
+            image_id = self.images.ids[position]
+            if self.images.labels[position] == MEMBER:
+                self.members.setdefault(digest, image_id)
+            elif digest in self.members:
+                overlaps.append(f"{image_id} = {self.members[digest]}")
+        if overlaps:
+            raise DataError(
+                f"the held-out set shares images with the members (same decoded pixels): {', '.join(overlaps[:5])}"
+                f"{' (the first found)' if len(overlaps) <= 5 else f' and {len(overlaps) - 5} more'}. Held-out "
+                "images must be ones the model never trained on: remove them from --memaudit-holdout."
+            )
+
+
+def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,
+                  settings: RunSettings, device: torch.device, forward: AdaptiveForward
+                  ) -> tuple[list[PlantedUnit], torch.nn.Module]:
+    """The planted control: the planted images' views (the implants' references), the model's
+    mean |activation| per unit over them (the implants' scale), then the planted copy."""
+    kept, pixels = [], []
+    for position in images.positions(PLANTED).tolist():
+        try:
+            pixels.append(images.load(position))
+            kept.append(position)
+        except UnreadableImage:
+            continue  # skipped in the stream too, where it is reported
+    if not kept:
+        return [], model_net
+    x = torch.stack(pixels).to(device).float().div_(255)
+    seeds = [view_seed(settings.seed, images.ids[position]) for position in kept]
+    planted_views = augment_views(x, settings.augmentations, seeds).contiguous(memory_format=MEMORY_FORMAT)
+    prototypes = thumbnails(planted_views).view(len(kept), max(settings.augmentations, 1), -1)
+    with LayerRecorder(model_net, selected) as recorder:
+        outputs = forward(model_net, recorder, planted_views)
+    scales = {layer.name: outputs[layer.name].double().mean(dim=0).cpu().numpy() for layer in selected}
+    plants = choose_plants(scales, kept, settings.planted_strength, settings.seed)
+    net = planted_copy(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)})
+    return plants, net
 
 
 def select_layers(spec: ModelSpec, names: Sequence[str] | None) -> list[LayerSpec]:
@@ -180,13 +342,41 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def open_images(settings: RunSettings, spec: ModelSpec, image_size: int) -> ImageSet:
+def open_images(settings: RunSettings, spec: ModelSpec, image_size: int, planted: int = 0) -> LabelledImages:
+    """The audit's data points: the members, then the held-out images, if any."""
+    members = member_images(settings, spec, image_size)
+    return labelled_images(members, holdout_images(settings, spec, image_size, members), planted=planted,
+                           seed=settings.seed, groups=settings.groups)
+
+
+def member_images(settings: RunSettings, spec: ModelSpec, image_size: int) -> ImageSet:
     if settings.data is None and spec.default_data is not None:
         images = spec.default_data(image_size, settings.seed)
         return images if settings.samples is None else images.sample(settings.samples, settings.seed)
     if settings.data in (None, "builtin"):
         return ImageSet.builtin(settings.samples or spec.default_samples, image_size, settings.seed)
     return ImageSet.from_folder(settings.data, image_size, settings.samples, settings.seed)
+
+
+def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, members: ImageSet) -> ImageSet | None:
+    """``--memaudit-holdout``: a folder, ``builtin``, ``none``, or (not given) the model's own."""
+    choice = settings.holdout
+    if choice == "none" or (choice is None and spec.default_holdout is None):
+        return None
+    if choice is None or (choice == "builtin" and spec.default_holdout is not None):
+        images = spec.default_holdout(image_size)
+    elif choice == "builtin":
+        taken = {int(i.removeprefix(BUILTIN_PREFIX)) for i in members.ids if i.startswith(BUILTIN_PREFIX)}
+        start = max(taken, default=-1) + 1
+        images = ImageSet.builtin(settings.samples or len(members), image_size, settings.seed, start=start)
+    else:
+        try:
+            images = ImageSet.from_folder(choice, image_size, None, settings.seed)
+        except DataError as exc:
+            raise DataError(f"held-out set (--memaudit-holdout): {exc}") from None
+    if settings.samples is not None and len(images) > settings.samples:
+        images = images.sample(settings.samples, settings.seed)
+    return images
 
 
 def default_workers(images: ImageSet) -> int:
@@ -251,31 +441,32 @@ class AdaptiveForward:
         self.size //= 2
 
 
-def new_accumulators(
+def new_states(
     outputs: dict[str, torch.Tensor], settings: RunSettings, capacity: int, device: torch.device, budget: int
-) -> dict[str, UnitMemAccumulator]:
-    """One accumulator per layer; the median's in-memory budget is shared by units, so either all
-    layers keep their matrix in memory or all keep it on disk."""
+) -> dict[str, LayerState]:
+    """One state per layer; the median's in-memory budget is shared by units, so either all
+    layers keep their values in memory or all keep them on disk."""
     total = sum(values.shape[1] for values in outputs.values())
     return {
-        name: UnitMemAccumulator(
-            units=values.shape[1],
-            capacity=capacity,
-            reduce=settings.reduce,
+        name: LayerState(
+            values.shape[1],
+            groups=settings.groups,
             topk=settings.topk,
             device=device,
+            keep_values=settings.reduce == "median",
+            capacity=capacity,
             memory_limit_bytes=budget * values.shape[1] // total,
         )
         for name, values in outputs.items()
     }
 
 
-def spill_notes(role: str, accumulators: dict[str, UnitMemAccumulator], limit_mb: int) -> list[str]:
-    spilled = [acc for acc in accumulators.values() if acc.spill_path]
+def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list[str]:
+    spilled = [state.values for state in states.values() if state.values is not None and state.values.spill_path]
     if not spilled:
         return []
     rows = spilled[0].capacity
-    size = median_matrix_bytes(rows, sum(acc.units for acc in accumulators.values())) / 2**20
+    size = median_matrix_bytes(rows, sum(state.units for state in states.values())) / 2**20
     return [
         f"median reduction ({role}): the {rows} x units matrix ({size:,.0f} MB) is over "
         f"--memaudit-median-memory ({limit_mb} MB), so it is kept on disk in "
@@ -314,19 +505,6 @@ def view_seed(seed: int, image_id: str) -> int:
     """The seed of an image's views: depends on the audit seed and the image, not on batching."""
     digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def finalize(accumulators: dict[str, UnitMemAccumulator], selected: Sequence[LayerSpec]) -> list[LayerResult]:
-    results = []
-    for layer in selected:
-        if layer.name not in accumulators:
-            raise AuditError(
-                f"layer {layer.name} ({layer.module}) never ran in the forward pass; "
-                "is it part of the model's forward()?"
-            )
-        values = accumulators[layer.name].finalize(layer.name)
-        results.append(LayerResult(layer.name, layer.module, values, layer_stats(values.unitmem, values.dead)))
-    return results
 
 
 def checkpoint_record(path: Path | None) -> dict | None:

@@ -30,12 +30,12 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .gates import LIMITS, SETTINGS, THRESHOLD_KEYS
+from .gates import INTERVAL_FIGURES, LIMITS, MULTIPLE_TESTING, SETTINGS, SEVERITIES, THRESHOLD_KEYS, WHEN, Gate
 from .models import ModelSpec, get_model_spec, user_model_spec
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
-CONTROLS = ("none", "random")
-DEFAULT_THRESHOLDS: dict[str, float | None] = {key: None for key in LIMITS} | {
+CONTROLS = ("random", "planted")  # --memaudit-control: none, or a comma-separated list of these
+DEFAULT_THRESHOLDS: dict[str, Gate | float] = {key: Gate(None) for key in LIMITS} | {
     "fraction_above_level": 0.9
 }
 
@@ -58,15 +58,20 @@ class RunSettings:
     precision: str = "float32"
     workers: int | None = None
     median_memory: int = 2048  # MB the median's N x units matrix may take in memory; over it, on disk
-    control: str | None = None  # None: the model's default
+    control: str | None = None  # "none" or a comma-separated list of CONTROLS; None: the model's default
+    holdout: str | None = None  # a directory, "builtin" or "none"; None: the model's default held-out set
+    planted_units: int = 16  # planted images (one default-strength unit each) in the planted control
+    planted_strength: float = 8.0  # a planted image's activation over its unit's mean
+    groups: int = 10  # data point groups for the jackknife error bars
+    permutations: int = 10_000  # label permutations of the membership test
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 _INT_FIELDS = {"samples": 2, "image_size": 16, "augmentations": 0, "batch_size": 1, "seed": 0, "topk": 1, "workers": 0,
-               "median_memory": 0}
-_CHOICES = {"reduce": ("mean", "median"), "precision": PRECISIONS, "control": CONTROLS}
+               "median_memory": 0, "planted_units": 1, "groups": 2, "permutations": 100}
+_CHOICES = {"reduce": ("mean", "median"), "precision": PRECISIONS}
 
 
 def make_settings(**values: Any) -> RunSettings:
@@ -91,6 +96,24 @@ def make_settings(**values: Any) -> RunSettings:
     for key, choices in _CHOICES.items():
         if key in given and given[key] not in choices:
             raise ConfigError(f"--memaudit-{key} must be one of {', '.join(choices)}, got {given[key]!r}")
+    if "planted_strength" in given:
+        try:
+            given["planted_strength"] = float(given["planted_strength"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"--memaudit-planted-strength must be a number, got {given['planted_strength']!r}") from None
+        if not 1 < given["planted_strength"] < 1e6:
+            raise ConfigError(
+                "--memaudit-planted-strength is a planted image's activation over its unit's mean: a number above 1, "
+                f"got {given['planted_strength']:g}"
+            )
+    if "control" in given:
+        roles = [role.strip() for role in str(given["control"]).split(",")]
+        if roles != ["none"] and (not roles or any(role not in CONTROLS for role in roles)):
+            raise ConfigError(
+                f"--memaudit-control must be none or a comma-separated list of {', '.join(CONTROLS)}, "
+                f"got {given['control']!r}"
+            )
+        given["control"] = ",".join(roles)
     if "device" in given:
         device = str(given["device"])
         if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
@@ -100,7 +123,9 @@ def make_settings(**values: Any) -> RunSettings:
 
 # ---------------------------------------------------------------------------- audit files
 
-_TOP_KEYS = ("version", "thresholds", "layers", "models")
+_TOP_KEYS = ("version", "thresholds", "layers", "models", "multiple_testing")
+_GATE_FIELDS = ("limit", "when", "severity")
+Partial = dict[str, Any]  # what one level of configuration sets of a threshold: some of a Gate's fields, or "value"
 _MODEL_KEYS = ("factory", "audited_layers", "image_size", "description", "thresholds", "layers")
 
 
@@ -109,19 +134,22 @@ class AuditFile:
     """A parsed, validated audit YAML file."""
 
     path: Path
-    thresholds: dict[str, float | None] = field(default_factory=dict)
-    layers: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    model_thresholds: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    model_layers: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    thresholds: dict[str, Partial] = field(default_factory=dict)
+    layers: dict[str, dict[str, Partial]] = field(default_factory=dict)
+    model_thresholds: dict[str, dict[str, Partial]] = field(default_factory=dict)
+    model_layers: dict[str, dict[str, dict[str, Partial]]] = field(default_factory=dict)
     user_models: dict[str, ModelSpec] = field(default_factory=dict)
+    multiple_testing: str = "holm"  # how p-value gates are corrected across the audited layers
 
     def model_spec(self, name: str) -> ModelSpec:
         return get_model_spec(name, self.user_models)
 
     def thresholds_for(
-        self, model: ModelSpec, overrides: dict[str, dict[str, float | None]] | None = None
-    ) -> dict[str, dict[str, float | None]]:
-        """Thresholds of every layer of ``model`` (keyed by display name).
+        self, model: ModelSpec, overrides: dict[str, dict[str, Partial]] | None = None
+    ) -> dict[str, dict[str, Gate | float]]:
+        """Thresholds of every layer of ``model`` (keyed by display name): a Gate per limit key,
+        the level for ``fraction_above_level``. Each level of configuration sets only the fields
+        it names (a bare number sets a gate's limit and keeps its ``when`` and ``severity``).
 
         ``overrides`` (from the command line) maps ``"*"`` or a layer name to threshold values.
         Raises ConfigError for layer names the model does not have.
@@ -134,16 +162,16 @@ class AuditFile:
                     raise ConfigError(_unknown_layer_message(self.path, where, name, model))
         result = {}
         for layer in model.layers:
-            merged = dict(DEFAULT_THRESHOLDS)
-            merged.update(self.thresholds)
-            merged.update(self.model_thresholds.get(model.name, {}))
-            for _, block in layer_blocks:
-                for name in (layer.module, layer.name):
-                    merged.update(block.get(name, {}))
-            merged.update(overrides.get("*", {}))
-            for name in (layer.module, layer.name):
-                merged.update(overrides.get(name, {}))
-            result[layer.name] = merged
+            levels = [self.thresholds, self.model_thresholds.get(model.name, {})]
+            levels += [block.get(name, {}) for _, block in layer_blocks for name in (layer.module, layer.name)]
+            levels += [overrides.get(name, {}) for name in ("*", layer.module, layer.name)]
+            merged = {key: default.as_dict() if isinstance(default, Gate) else {"value": default}
+                      for key, default in DEFAULT_THRESHOLDS.items()}
+            for level in levels:
+                for key, partial in level.items():
+                    merged[key].update(partial)
+            result[layer.name] = {key: Gate(**fields) if key in LIMITS else fields["value"]
+                                  for key, fields in merged.items()}
         return result
 
 
@@ -177,6 +205,11 @@ def load_audit_file(path: str | Path) -> AuditFile:
     _expect_mapping(path, "the top level", document)
     _check_keys(path, "the top level", document, _TOP_KEYS)
     audit = AuditFile(path=path)
+    if "multiple_testing" in document:
+        if document["multiple_testing"] not in MULTIPLE_TESTING:
+            raise ConfigError(f"{path}: multiple_testing must be one of {', '.join(MULTIPLE_TESTING)}, "
+                              f"got {document['multiple_testing']!r}")
+        audit.multiple_testing = document["multiple_testing"]
     audit.thresholds = _threshold_block(path, "thresholds", document.get("thresholds"))
     audit.layers = _layer_block(path, "layers", document.get("layers"))
     models = document.get("models") or {}
@@ -212,22 +245,55 @@ def _user_model(path, where, name, entry) -> ModelSpec:
     return user_model_spec(name, {**entry, "layers": layers}, str(path))
 
 
-def _threshold_block(path, where, block) -> dict[str, float | None]:
+def _threshold_block(path, where, block) -> dict[str, Partial]:
     if block is None:
         return {}
     _expect_mapping(path, where, block)
     _check_keys(path, where, block, THRESHOLD_KEYS)
-    return {key: threshold_value(f"{path}: {where}: {key}", key, value) for key, value in block.items()}
+    return {key: threshold_entry(f"{path}: {where}: {key}", key, value) for key, value in block.items()}
+
+
+def threshold_entry(where: str, key: str, value: Any) -> Partial:
+    """What a YAML threshold entry sets: a number (or null) is a gate's limit; a mapping may set
+    ``limit``, ``when`` and ``severity``; ``fraction_above_level`` takes a number only."""
+    if key in SETTINGS:
+        if value is None:
+            raise ConfigError(f"{where} must be a number ({SETTINGS[key]})")
+        return {"value": threshold_value(where, key, value)}
+    if not isinstance(value, dict):
+        return {"limit": threshold_value(where, key, value)}
+    unknown = [field_ for field_ in value if field_ not in _GATE_FIELDS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; a gate has {', '.join(_GATE_FIELDS)}")
+    partial: Partial = {}
+    if "limit" in value:
+        partial["limit"] = threshold_value(f"{where}: limit", key, value["limit"])
+    if "when" in value:
+        if value["when"] not in WHEN:
+            raise ConfigError(f"{where}: when must be one of {', '.join(WHEN)}, got {value['when']!r}")
+        figure = LIMITS[key][0]
+        if value["when"] == "significant" and figure not in INTERVAL_FIGURES:
+            with_intervals = ", ".join(k for k, (f, _) in LIMITS.items() if f in INTERVAL_FIGURES)
+            raise ConfigError(
+                f"{where}: when: significant needs a figure with an interval; {figure} has none. "
+                f"Gates that accept it: {with_intervals}."
+            )
+        partial["when"] = value["when"]
+    if "severity" in value:
+        if value["severity"] not in SEVERITIES:
+            raise ConfigError(f"{where}: severity must be one of {', '.join(SEVERITIES)}, got {value['severity']!r}")
+        partial["severity"] = value["severity"]
+    return partial
 
 
 def threshold_value(where: str, key: str, value: Any) -> float | None:
-    """A validated threshold value: a number in its figure's range, or None (off)."""
+    """A validated limit: a number in its figure's range, or None (off)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where} must be a number (or null to turn it off), got {value!r}")
     value = float(value)
-    low = -1.0 if key == "excess_over_control_max" else 0.0
+    low = -1.0 if key in ("excess_over_control_max", "membership_excess_max") else 0.0
     if math.isnan(value) or not low <= value <= 1.0:
         meaning = SETTINGS.get(key) or LIMITS[key][1]
         raise ConfigError(f"{where} = {value:g} is outside [{low:g}, 1] ({meaning})")
@@ -254,7 +320,7 @@ def _check_keys(path, where, mapping, allowed) -> None:
             raise ConfigError(f"{path}: {where}: unknown key {key!r}.{hint} Allowed: {', '.join(allowed)}.")
 
 
-def parse_threshold_option(text: str) -> tuple[str, str, float | None]:
+def parse_threshold_option(text: str) -> tuple[str, str, Partial]:
     """``KEY=VALUE`` or ``LAYER:KEY=VALUE`` from --memaudit-threshold -> (layer or '*', key, value)."""
     target, sep, raw = text.partition("=")
     layer, _, key = target.rpartition(":") if ":" in target else ("*", "", target)
@@ -270,5 +336,25 @@ def parse_threshold_option(text: str) -> tuple[str, str, float | None]:
         value = None if raw.lower() in ("none", "null", "off") else float(raw)
     except ValueError:
         raise ConfigError(f"--memaudit-threshold {text!r}: {raw!r} is not a number (or 'off')") from None
-    return layer.strip() or "*", key, threshold_value(f"--memaudit-threshold {key}", key, value)
+    return layer.strip() or "*", key, threshold_entry(f"--memaudit-threshold {key}", key, value)
 
+
+
+def control_roles(settings: RunSettings, spec: ModelSpec) -> tuple[str, ...]:
+    """The controls audited beside the model: of ``random`` and ``planted``."""
+    text = settings.control or spec.default_control
+    return tuple(role for role in CONTROLS if role in text.split(","))
+
+
+def has_holdout(settings: RunSettings, spec: ModelSpec) -> bool:
+    return settings.holdout != "none" and (settings.holdout is not None or spec.default_holdout is not None)
+
+
+def audit_has(settings: RunSettings, spec: ModelSpec) -> set[str]:
+    """The figures that need something extra (gates.NEEDS) which this audit will have."""
+    has = set()
+    if has_holdout(settings, spec):
+        has |= {"membership_excess", "membership_p"}
+    if "random" in control_roles(settings, spec):
+        has.add("excess_over_control")
+    return has

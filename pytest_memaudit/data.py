@@ -106,10 +106,10 @@ def select_samples(
 # --- the built-in generated set -------------------------------------------------------------
 
 
-def builtin_ids(n: int) -> list[str]:
-    """Ids of the first ``n`` generated images, zero-padded so that they sort by index."""
-    width = max(4, len(str(n - 1)))
-    return [f"{BUILTIN_PREFIX}{i:0{width}d}" for i in range(n)]
+def builtin_ids(n: int, start: int = 0) -> list[str]:
+    """Ids of ``n`` generated images from index ``start``, zero-padded so that they sort by index."""
+    width = max(4, len(str(start + n - 1)))
+    return [f"{BUILTIN_PREFIX}{i:0{width}d}" for i in range(start, start + n)]
 
 
 def builtin_image(index: int, size: int, seed: int) -> np.ndarray:
@@ -323,10 +323,11 @@ class ImageSet(Dataset):
         return cls(ids, root, size, seed, warning)
 
     @classmethod
-    def builtin(cls, n: int, size: int, seed: int) -> ImageSet:
+    def builtin(cls, n: int, size: int, seed: int, start: int = 0) -> ImageSet:
+        """Generated images ``start`` to ``start + n - 1`` (a held-out set starts past the members)."""
         if n < 1:
             raise DataError(f"the built-in image set needs at least 1 sample, got {n}; ask for 1 or more.")
-        return cls(builtin_ids(n), None, size, seed)
+        return cls(builtin_ids(n, start), None, size, seed)
 
     def sample(self, samples: int, seed: int) -> ImageSet:
         """``samples`` of these data points, chosen as ``from_folder`` chooses files."""

@@ -20,3 +20,7 @@ class CheckpointError(AuditError):
 
 class DataError(AuditError):
     """The image source is missing, empty or unreadable."""
+
+
+class MemauditWarning(UserWarning):
+    """A gate of severity ``warn`` was crossed, or the audit has something to say that does not fail it."""

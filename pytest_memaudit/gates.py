@@ -1,35 +1,80 @@
 """Thresholds to outcomes: which of a layer's figures crossed which limit.
 
-Every threshold key is ``<figure>_max`` (fails when the figure is above) or ``<figure>_min``
-(fails when below); ``fraction_above_level`` is not a limit but the UnitMem level that the
-``fraction_above`` figure counts units above. A threshold set to ``None`` is off.
+Every threshold key is ``<figure>_max`` (the gate is crossed when the figure is above the
+limit) or ``<figure>_min`` (crossed when below); ``fraction_above_level`` is not a limit but the
+UnitMem level that the ``fraction_above`` figure counts units above. A gate has a ``limit``
+(None: off), ``when`` it is crossed (``estimate``: the figure itself crosses; ``significant``:
+its whole 95% interval lies beyond the limit, for figures with an interval) and a ``severity``
+(``fail`` fails the layer's test; ``warn`` only warns). p-value figures are Holm-adjusted across
+the audited layers unless ``multiple_testing`` is ``none``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+from .stats import fraction_above, holm
 
-from .stats import LayerStats, fraction_above
+if TYPE_CHECKING:
+    from .results import AuditResult, LayerResult
 
 # key -> (figure, what it limits), in the order failures are reported.
 LIMITS: dict[str, tuple[str, str]] = {
+    "membership_excess_max": (
+        "membership_excess",
+        "share of units whose argmax is a member minus the members' share of the data points (needs held-out images)",
+    ),
+    "membership_p_min": (
+        "membership_p",
+        "permutation p-value that members are picked by units more than held-out images (needs held-out images)",
+    ),
+    "excess_over_control_max": (
+        "excess_over_control",
+        "mean UnitMem minus the same layer's mean in the random-weights control (needs the random control)",
+    ),
     "mean_unitmem_max": ("mean_unitmem", "the layer's mean UnitMem"),
     "p90_unitmem_max": ("p90_unitmem", "the layer's 90th-percentile UnitMem"),
     "max_unitmem_max": ("max_unitmem", "the layer's highest unit UnitMem"),
     "fraction_above_max": ("fraction_above", "the share of units above fraction_above_level"),
     "dead_fraction_max": ("dead_fraction", "the share of dead units"),
     "gap_min": ("gap", "top-10% mean minus bottom-10% mean UnitMem"),
-    "ttest_p_max": ("ttest_p", "Welch t-test p of top-10% against bottom-10% units"),
-    "excess_over_control_max": (
-        "excess_over_control",
-        "mean UnitMem minus the same layer's mean in the random-weights control",
-    ),
+    "ttest_p_max": ("ttest_p", "Welch t-test p of top-10% against bottom-10% units (not a memorization test)"),
 }
 SETTINGS = {"fraction_above_level": "the UnitMem level that fraction_above counts units above"}
 THRESHOLD_KEYS = tuple(LIMITS) + tuple(SETTINGS)
+INTERVAL_FIGURES = ("mean_unitmem", "median_unitmem", "p90_unitmem", "gap", "excess_over_control", "membership_excess")
+P_VALUE_FIGURES = ("membership_p", "ttest_p")
+WHEN = ("estimate", "significant")
+SEVERITIES = ("fail", "warn")
+MULTIPLE_TESTING = ("holm", "none")
+NEEDS = {  # figures an audit has only with something extra, and how to get it
+    "membership_excess": "held-out images (--memaudit-holdout DIR)",
+    "membership_p": "held-out images (--memaudit-holdout DIR)",
+    "excess_over_control": "the random-weights control (--memaudit-control random)",
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One threshold as configured."""
+
+    limit: float | None
+    when: str = "estimate"
+    severity: str = "fail"
+
+    def as_dict(self) -> dict:
+        return {"limit": self.limit, "when": self.when, "severity": self.severity}
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure's value and, where it has one, its 95% interval."""
+
+    value: float
+    low: float = math.nan
+    high: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -39,13 +84,21 @@ class Check:
     value: float
     limit: float
     passed: bool
+    when: str = "estimate"
+    severity: str = "fail"
+    low: float = math.nan
+    high: float = math.nan
 
     @property
     def message(self) -> str:
         if math.isnan(self.value):
             return f"{self.figure} is undefined (NaN), limit {self.key} = {self.limit:g}"
         relation = "exceeds" if self.key.endswith("_max") else "is below"
-        return f"{self.figure} = {self.value:.4g} {relation} {self.key} = {self.limit:g}"
+        text = f"{self.figure} = {self.value:.4g} {relation} {self.key} = {self.limit:g}"
+        if self.when == "significant":
+            side = "above" if self.key.endswith("_max") else "below"
+            text += f" (its whole 95% interval [{self.low:.4g}, {self.high:.4g}] lies {side} the limit)"
+        return text
 
 
 @dataclass(frozen=True)
@@ -54,49 +107,122 @@ class GateOutcome:
     checks: tuple[Check, ...]
 
     @property
-    def passed(self) -> bool:
-        return all(check.passed for check in self.checks)
+    def failures(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed and c.severity == "fail")
 
     @property
-    def failures(self) -> tuple[Check, ...]:
-        return tuple(check for check in self.checks if not check.passed)
+    def warnings(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed and c.severity == "warn")
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def status(self) -> str:
+        """failed, warned (crossed only warn-gates), passed, or not gated (no check applied)."""
+        if not self.checks:
+            return "not gated"
+        if self.failures:
+            return "failed"
+        return "warned" if self.warnings else "passed"
 
     def failure_message(self) -> str:
         lines = [f"layer {self.layer}: {len(self.failures)} threshold(s) crossed"]
         lines += [f"  {check.message}" for check in self.failures]
         return "\n".join(lines)
 
+    def warning_message(self) -> str:
+        return f"layer {self.layer}: " + "; ".join(check.message for check in self.warnings)
 
-def layer_figures(
-    stats: LayerStats, unitmem: np.ndarray, level: float, control_mean: float | None
-) -> dict[str, float]:
-    """Every figure a threshold can limit, for one layer."""
+
+def layer_figures(layer: LayerResult, level: float, adjusted_p: dict[str, float] | None = None) -> dict[str, Figure]:
+    """Every figure a threshold can limit, for one layer, with intervals where there are any.
+
+    ``adjusted_p`` replaces the layer's raw p-values (multiple-testing correction)."""
+    stats = layer.stats
     figures = {
         "mean_unitmem": stats.mean_unitmem,
+        "median_unitmem": stats.median_unitmem,
         "p90_unitmem": stats.p90_unitmem,
         "max_unitmem": stats.max_unitmem,
-        "fraction_above": fraction_above(unitmem, level),
-        "dead_fraction": stats.dead_units / len(unitmem),
+        "fraction_above": fraction_above(layer.values.unitmem, level),
+        "dead_fraction": stats.dead_units / layer.channels,
         "gap": stats.gap,
         "ttest_p": stats.ttest_p,
     }
-    if control_mean is not None:
-        figures["excess_over_control"] = stats.mean_unitmem - control_mean
-    return figures
+    if layer.control_excess is not None:
+        figures["excess_over_control"] = layer.control_excess.estimate
+    if layer.membership is not None:
+        figures["membership_excess"] = layer.membership.excess
+        figures["membership_p"] = layer.membership.p_value
+    figures.update(adjusted_p or {})
+    intervals = dict(layer.intervals)
+    if layer.control_excess is not None:
+        intervals["excess_over_control"] = layer.control_excess
+    if layer.membership is not None and layer.membership.excess_interval is not None:
+        intervals["membership_excess"] = layer.membership.excess_interval
+    return {
+        name: Figure(float(value), intervals[name].low, intervals[name].high) if name in intervals
+        else Figure(float(value))
+        for name, value in figures.items()
+    }
 
 
-def evaluate(layer: str, figures: dict[str, float], thresholds: dict[str, float | None]) -> GateOutcome:
+def adjusted_p_values(result: AuditResult, method: str) -> dict[str, dict[str, float]]:
+    """Per layer, its p-value figures corrected across the result's layers (``holm``) or as they
+    are (``none``). A layer without a figure (no held-out images) is not in its family."""
+    adjusted: dict[str, dict[str, float]] = {layer.name: {} for layer in result.layers}
+    for figure in P_VALUE_FIGURES:
+        layers = [layer for layer in result.layers if _p_value(layer, figure) is not None]
+        raw = [_p_value(layer, figure) for layer in layers]
+        for layer, value in zip(layers, holm(raw) if method == "holm" else raw):
+            adjusted[layer.name][figure] = value
+    return adjusted
+
+
+def _p_value(layer: LayerResult, figure: str) -> float | None:
+    if figure == "ttest_p":
+        return layer.stats.ttest_p
+    return None if layer.membership is None else layer.membership.p_value
+
+
+def evaluate(layer: str, figures: dict[str, Figure], thresholds: dict[str, Gate | float]) -> GateOutcome:
+    """Check every gate with a limit whose figure the layer has."""
     checks = []
     for key, (figure, _) in LIMITS.items():
-        limit = thresholds.get(key)
-        if limit is None or figure not in figures:
+        gate = thresholds.get(key)
+        if not isinstance(gate, Gate) or gate.limit is None or figure not in figures:
             continue
-        value = float(figures[figure])
+        found = figures[figure]
+        value = found.value
+        is_max = key.endswith("_max")
         if math.isnan(value):
             passed = False
-        elif key.endswith("_max"):
-            passed = value <= limit
+        elif gate.when == "significant":
+            passed = not (found.low > gate.limit if is_max else found.high < gate.limit)
         else:
-            passed = value >= limit
-        checks.append(Check(key, figure, value, float(limit), passed))
+            passed = value <= gate.limit if is_max else value >= gate.limit
+        checks.append(Check(key, figure, value, float(gate.limit), passed, gate.when, gate.severity,
+                            found.low, found.high))
     return GateOutcome(layer, tuple(checks))
+
+
+def missing_figures(thresholds: dict[str, Gate | float], has: set[str]) -> list[tuple[str, str]]:
+    """(key, what it needs) for every gate with a limit whose figure this audit will not have."""
+    return [
+        (key, NEEDS[figure])
+        for key, (figure, _) in LIMITS.items()
+        if isinstance(thresholds.get(key), Gate) and thresholds[key].limit is not None
+        and figure in NEEDS and figure not in has
+    ]
+
+
+def fraction_above_level(thresholds: dict[str, Gate | float]) -> float:
+    level = thresholds.get("fraction_above_level")
+    return 0.9 if not isinstance(level, (int, float)) else float(level)
+
+
+def as_json(thresholds: dict[str, Gate | float]) -> dict:
+    return {key: value.as_dict() if isinstance(value, Gate) else value for key, value in thresholds.items()}
+

@@ -31,6 +31,11 @@ def unit_means(output: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     raise AuditError(f"cannot audit an output of shape {tuple(output.shape)}: expected 2, 3 or 4 dimensions")
 
 
+def unit_axis(output: torch.Tensor) -> int:
+    """The axis of ``output`` that holds the units, by the convention of ``unit_means``."""
+    return 2 if output.dim() == 3 else 1
+
+
 class LayerRecorder:
     """Attach to ``layers`` of ``model``; after each forward, ``take()`` gives {name: (batch, units)}.
 

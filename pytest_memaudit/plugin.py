@@ -41,9 +41,18 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("workers", int, "image decoding worker processes (default: by source and CPU count)"),
     ("median-memory", int, "MB of memory the median reduction's N x units float32 matrix may take; a larger "
      "one is kept in a temporary file on disk (default 2048)"),
-    ("control", str, "none, or random: also audit the same architecture with random weights"),
+    ("control", str, "controls audited in the same pass: none, or a comma-separated list of random (the same "
+     "architecture with random weights) and planted (a copy with units planted to memorize held-out images); "
+     "default: random,planted"),
+    ("holdout", str, "directory of held-out images (the training distribution, never trained on), audited beside "
+     "the members for the membership test; 'builtin' (generated images), or 'none' (default: the model's own, "
+     "none for var_d16)"),
+    ("planted-units", int, "images (one unit each) planted in the planted control (default 16)"),
+    ("planted-strength", float, "a planted image's activation over its unit's mean in the planted control (default 8)"),
+    ("groups", int, "data point groups for the jackknife error bars (default 10)"),
+    ("permutations", int, "label permutations of the membership test (default 10000)"),
 ]
-CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32"), "control": ("none", "random")}
+CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32")}
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
 DEFAULT_REPORT_DIR = "memaudit-report"  # under the rootdir: report.html and results.json
 GALLERY_MODES = ("images", "names", "none")  # as pytest_memaudit.report.thumbnails, without importing it
@@ -88,6 +97,8 @@ class AuditSession:
     json_path: Path | None = None
     html_path: Path | None = None
     report_error: str | None = None  # why the HTML report could not be written
+    multiple_testing: str = "holm"
+    _adjusted_p: dict | None = None
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None:
@@ -111,6 +122,14 @@ class AuditSession:
             layer, key, value = parse_threshold_option(text)
             overrides.setdefault(layer, {})[key] = value
         return overrides
+
+    def adjusted_p(self) -> dict[str, dict[str, float]]:
+        """The result's p-value figures per layer, corrected across its layers (once)."""
+        if self._adjusted_p is None:
+            from .gates import adjusted_p_values
+
+            self._adjusted_p = adjusted_p_values(self.run(), self.multiple_testing)
+        return self._adjusted_p
 
     def run(self) -> "AuditResult":
         """Compute the audit for every wanted layer (once); AuditError -> pytest.UsageError."""
@@ -170,12 +189,28 @@ class AuditYamlFile(pytest.File):
             thresholds = audit.thresholds_for(spec, state.threshold_overrides())
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
+        self._check_gates_can_be_evaluated(settings, spec, thresholds)
+        state.multiple_testing = audit.multiple_testing
         if state.spec is None:
             state.spec = spec
         elif state.spec != spec:
             raise self.CollectError(f"memaudit: {self.path} declares model {spec.name} differently from another audit file")
         for layer in spec.layers:
             yield LayerItem.from_parent(self, name=layer.name, layer=layer, thresholds=thresholds[layer.name])
+
+    def _check_gates_can_be_evaluated(self, settings, spec, thresholds) -> None:
+        """A gate whose figure this audit will not have is an error now, not a silent pass later."""
+        from .config import audit_has
+        from .gates import missing_figures
+
+        has = audit_has(settings, spec)
+        missing = {key: need for layer in spec.layers for key, need in missing_figures(thresholds[layer.name], has)}
+        if missing:
+            lines = [f"{key} needs {need}" for key, need in missing.items()]
+            raise self.CollectError(
+                f"memaudit: {self.path}: gates this audit cannot evaluate: {'; '.join(lines)}. Provide what they "
+                f"need, or turn them off (e.g. --memaudit-threshold {next(iter(missing))}=off)."
+            )
 
 
 class LayerGateFailure(Exception):
@@ -185,21 +220,28 @@ class LayerGateFailure(Exception):
 class LayerItem(pytest.Item):
     """One audited layer: passes when every figure is within its thresholds."""
 
-    def __init__(self, *, layer: "LayerSpec", thresholds: dict[str, float | None], **kwargs):
+    def __init__(self, *, layer: "LayerSpec", thresholds: dict, **kwargs):
         super().__init__(**kwargs)
         self.layer = layer
         self.thresholds = thresholds
 
     def runtest(self) -> None:
-        from .gates import evaluate, layer_figures
+        import math
+        import warnings
 
-        result = self.config.stash[audit_session_key].run()
+        from .errors import MemauditWarning
+        from .gates import evaluate, fraction_above_level, layer_figures
+
+        state = self.config.stash[audit_session_key]
+        result = state.run()
         layer = result.layer(self.layer.name)
-        figures = layer_figures(layer.stats, layer.values.unitmem, self.thresholds["fraction_above_level"],
-                                layer.control_mean)
+        figures = layer_figures(layer, fraction_above_level(self.thresholds), state.adjusted_p()[layer.name])
         outcome = evaluate(layer.name, figures, self.thresholds)
         layer.thresholds, layer.outcome = self.thresholds, outcome
-        self.user_properties += [(f"memaudit_{name}", round(value, 6)) for name, value in figures.items()]
+        self.user_properties += [(f"memaudit_{name}", round(figure.value, 6))
+                                 for name, figure in figures.items() if math.isfinite(figure.value)]
+        if outcome.warnings:
+            warnings.warn(MemauditWarning(outcome.warning_message()))
         if not outcome.passed:
             raise LayerGateFailure(outcome)
 

@@ -38,19 +38,33 @@ def layer_stats(unitmem: np.ndarray, dead: np.ndarray) -> LayerStats:
     k = group_size(values.size)
     bottom, top = values[:k], values[-k:]
     t, p = welch_ttest(top, bottom)
+    spread = spread_figures(values)
     return LayerStats(
-        mean_unitmem=float(values.mean()),
-        median_unitmem=float(np.median(values)),
+        mean_unitmem=spread["mean_unitmem"],
+        median_unitmem=spread["median_unitmem"],
         max_unitmem=float(values[-1]),
-        p90_unitmem=float(np.percentile(values, 90)),
+        p90_unitmem=spread["p90_unitmem"],
         group_size=k,
         top_mean=float(top.mean()),
         bottom_mean=float(bottom.mean()),
-        gap=float(top.mean() - bottom.mean()),
+        gap=spread["gap"],
         ttest_t=t,
         ttest_p=p,
         dead_units=int(np.count_nonzero(dead)),
     )
+
+
+def spread_figures(unitmem: np.ndarray) -> dict[str, float]:
+    """A layer's figures that get error bars: mean, median and 90th percentile UnitMem, and the
+    gap between the mean of its top and bottom 10% of units."""
+    values = np.sort(np.asarray(unitmem, dtype=np.float64))
+    k = group_size(values.size)
+    return {
+        "mean_unitmem": float(values.mean()),
+        "median_unitmem": float(np.median(values)),
+        "p90_unitmem": float(np.percentile(values, 90)),
+        "gap": float(values[-k:].mean() - values[:k].mean()),
+    }
 
 
 def welch_ttest(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -66,6 +80,50 @@ def welch_ttest(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def fraction_above(unitmem: np.ndarray, level: float) -> float:
     """Share of units whose UnitMem is strictly above ``level``."""
     return float(np.mean(np.asarray(unitmem) > level))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A figure with its delete-one-group jackknife standard error and confidence interval."""
+
+    estimate: float
+    se: float
+    low: float
+    high: float
+    groups: int  # groups that contributed a leave-one-out estimate
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def jackknife_interval(estimate: float, leave_one_out: np.ndarray, confidence: float = 0.95) -> Interval:
+    """Delete-one-group jackknife: ``leave_one_out[g]`` is the figure computed without group g
+    (NaN: group g was empty and is not counted). With G' usable groups,
+    se = sqrt((G' - 1) / G' * sum_g (theta_g - mean theta)^2), and the interval is
+    estimate +- t(G' - 1) * se. Fewer than 2 usable groups give NaN."""
+    theta = np.asarray(leave_one_out, dtype=np.float64)
+    theta = theta[np.isfinite(theta)]
+    g = theta.size
+    if g < 2 or not math.isfinite(estimate):
+        return Interval(float(estimate), math.nan, math.nan, math.nan, g)
+    se = math.sqrt((g - 1) / g * float(np.sum((theta - theta.mean()) ** 2)))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, g - 1)) * se
+    return Interval(float(estimate), se, float(estimate) - half, float(estimate) + half, g)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error across the given tests); NaN
+    p-values stay NaN and are not counted in the family."""
+    p = np.asarray(p_values, dtype=np.float64)
+    finite = np.flatnonzero(np.isfinite(p))
+    adjusted = np.full(p.shape, np.nan)
+    m = finite.size
+    order = finite[np.argsort(p[finite], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
 
 
 def depth_correlation(layer_means: list[float]) -> tuple[float, float]:

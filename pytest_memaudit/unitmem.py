@@ -1,23 +1,27 @@
-"""The UnitMem metric: accumulators over data points and the final per-unit values.
+"""The UnitMem metric over a stream of labelled data points, from state that can be merged.
 
-Input to an accumulator, one batch at a time: ``a[i, u]`` for a few data points i (the mean
-over views of the mean |activation| over space of unit u), with i increasing across batches.
-The spec (``shared/spec/unitmem.md``) defines, per unit u:
+Input, one batch at a time: ``a[i, u]`` for a few data points i (the mean over views of the
+mean |activation| over space of unit u), each data point with a label (member, held-out,
+planted) and a group (a hash of its id, for error bars). Per unit u and a set of data points
+(by label):
 
     mu_max[u]  = max_i a[i, u]          (argmax: the lowest index on a tie)
-    mu_rest[u] = mean or median of the other N - 1 values (one maximal element set aside)
+    mu_rest[u] = mean or median of the other n - 1 values (one maximal element set aside)
     UnitMem[u] = (mu_max - mu_rest) / (mu_max + mu_rest), 0 for a dead unit (denominator 0)
 
-The mean reduction streams (top-k and a float64 sum per unit: memory independent of N); the
-median reduction needs every value and keeps the N x units matrix, on disk past a size limit.
-Accumulators live on the device the activations are on; nothing is copied to the host until
-``finalize``, except the median's rows, a few MB at a time.
+``LayerState`` keeps, per label and group, the count, a float64 sum, the maximum and its index,
+and per label the top-k values with their indices: memory independent of N. The median needs
+every value, so with ``keep_values`` a ``ValueStore`` keeps the N x units matrix (on disk past a
+size limit). A state's ``state_dict()``/``load_state_dict()`` save and restore it, and
+``merge()`` adds another state's data points: error bars (leave one group out), resume and
+several processes all rest on these three.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,11 +30,17 @@ import torch
 from .errors import AuditError
 
 REDUCTIONS = ("mean", "median")
+LABELS = ("member", "holdout", "planted")  # a data point's role; its code is the position here
+MEMBER, HOLDOUT, PLANTED = range(len(LABELS))
+DEFAULT_GROUPS = 10
+NO_INDEX = torch.iinfo(torch.int64).max  # the index of a top-k slot no data point filled yet
+# Median rows computed on a GPU wait there until this many bytes are pending, then move to the host.
+PENDING_BYTES = 4 << 20
 
 
 @dataclass
 class UnitMemValues:
-    """Per-unit results of one layer (numpy, float64 where a value)."""
+    """Per-unit results of one layer over one set of data points (numpy, float64 where a value)."""
 
     unitmem: np.ndarray  # (units,)
     mu_max: np.ndarray  # (units,)
@@ -39,6 +49,16 @@ class UnitMemValues:
     dead: np.ndarray  # (units,) bool
     top_values: np.ndarray  # (k, units), descending
     top_samples: np.ndarray  # (k, units) int64, data point indices matching top_values
+
+
+@dataclass
+class Extremes:
+    """Count, sum, maximum and argmax per unit of a set of data points."""
+
+    count: int
+    total: np.ndarray  # (units,) float64
+    maximum: np.ndarray  # (units,) float64
+    argmax: np.ndarray  # (units,) int64
 
 
 def unitmem_from(mu_max: np.ndarray, mu_rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,146 +71,333 @@ def unitmem_from(mu_max: np.ndarray, mu_rest: np.ndarray) -> tuple[np.ndarray, n
     return np.where(dead, 0.0, (mu_max - mu_rest) / safe), dead
 
 
-class _TopK:
-    """The k largest values per unit and their data point indices (ties: lower index first)."""
-
-    def __init__(self, units: int, k: int, device: torch.device):
-        self.k = k
-        self.values = torch.empty(0, units, dtype=torch.float32, device=device)
-        self.samples = torch.empty(0, units, dtype=torch.int64, device=device)
-
-    def update(self, values: torch.Tensor, samples: torch.Tensor) -> None:
-        # Earlier rows have lower data point indices, so a stable descending sort keeps ties in
-        # index order and row 0 is the lowest-index maximum.
-        batch_samples = samples[:, None].expand_as(values)
-        all_values = torch.cat([self.values, values])
-        all_samples = torch.cat([self.samples, batch_samples])
-        order = torch.sort(all_values, dim=0, descending=True, stable=True).indices[: self.k]
-        if len(self.values) == self.k:  # in place: new tensors kept across passes fragment the heap
-            torch.gather(all_values, 0, order, out=self.values)
-            torch.gather(all_samples, 0, order, out=self.samples)
-        else:
-            self.values = torch.gather(all_values, 0, order)
-            self.samples = torch.gather(all_samples, 0, order)
-
-
-class UnitMemAccumulator:
-    """Collects a[i, u] for one layer and computes UnitMem with the chosen reduction."""
-
-    def __init__(
-        self,
-        units: int,
-        capacity: int,
-        reduce: str = "mean",
-        topk: int = 10,
-        device: torch.device | str = "cpu",
-        memory_limit_bytes: int = 2 << 30,
-        spill_dir: str | None = None,
-    ):
-        if reduce not in REDUCTIONS:
-            raise AuditError(f"unknown reduction {reduce!r}: use one of {', '.join(REDUCTIONS)}")
-        self.units = units
-        self.capacity = capacity
-        self.reduce = reduce
-        self.count = 0
-        device = torch.device(device)
-        self._top = _TopK(units, max(1, topk), device)
-        self._sum = torch.zeros(units, dtype=torch.float64, device=device)
-        self._matrix: np.ndarray | None = None
-        self._pending: list[torch.Tensor] = []  # median rows not yet copied to the matrix
-        self._stored = 0  # rows copied to the matrix
-        # On a GPU, rows wait there and move in blocks; on the CPU a copy buys nothing.
-        self._flush_bytes = 0 if device.type == "cpu" else PENDING_BYTES
-        self.spill_path: str | None = None
-        if reduce == "median":
-            self._matrix, self.spill_path = _allocate_matrix(
-                capacity, units, memory_limit_bytes, spill_dir
-            )
-
-    def update(self, values: torch.Tensor, samples: torch.Tensor) -> None:
-        """Add rows ``values`` (n, units) for data points ``samples`` (n,), increasing."""
-        values = values.float()
-        self._top.update(values, samples)
-        self._sum += values.sum(dim=0, dtype=torch.float64)
-        self.count += values.shape[0]
-        if self._matrix is not None:
-            self._pending.append(values)
-            if (self.count - self._stored) * self.units * 4 >= self._flush_bytes:
-                self._flush()
-
-    def _flush(self) -> None:
-        """Copy the pending rows to the matrix: one device-to-host copy for many batches."""
-        if self._pending:
-            self._matrix[self._stored : self.count] = torch.cat(self._pending).cpu().numpy()
-            self._stored = self.count
-            self._pending.clear()
-
-    def finalize(self, layer: str = "layer") -> UnitMemValues:
-        n = self.count
-        if n < 2:
-            raise AuditError(
-                f"UnitMem needs at least 2 data points; {layer} saw {n}. "
-                "Audit more images (--memaudit-samples, --memaudit-data)."
-            )
-        total = self._sum.cpu().numpy()
-        top_values = self._top.values.cpu().numpy().astype(np.float64)
-        top_samples = self._top.samples.cpu().numpy()
-        if not np.all(np.isfinite(total)):
-            bad = np.flatnonzero(~np.isfinite(total))
-            raise AuditError(
-                f"{layer} produced NaN or infinite activations in {bad.size} of {self.units} "
-                f"units (first: unit {bad[0]}). The checkpoint's weights or the input data are "
-                "broken; check the checkpoint file, or try --memaudit-precision float32."
-            )
-        mu_max = top_values[0]
-        if self.reduce == "mean":
-            mu_rest = (total - mu_max) / (n - 1)
-        else:
-            self._flush()
-            mu_rest = _median_without_max(self._matrix[:n])
-        unitmem, dead = unitmem_from(mu_max, mu_rest)
-        return UnitMemValues(
-            unitmem=unitmem,
-            mu_max=mu_max,
-            mu_rest=mu_rest,
-            max_sample=top_samples[0].copy(),
-            dead=dead,
-            top_values=top_values,
-            top_samples=top_samples,
-        )
-
-    def close(self) -> None:
-        """Release the on-disk matrix, if any."""
-        self._matrix = None
-        self._pending.clear()
-        if self.spill_path and os.path.exists(self.spill_path):
-            os.unlink(self.spill_path)
-
-
-# Median rows computed on a GPU wait there until this many bytes are pending, then move to the host.
-PENDING_BYTES = 4 << 20
-
-
 def median_matrix_bytes(samples: int, units: int) -> int:
     """Memory law of the median reduction: every a[i, u] as float32, in host memory or on disk
     (on a GPU, up to ``PENDING_BYTES`` per layer wait in device memory)."""
     return samples * units * 4
 
 
-def _allocate_matrix(rows, units, limit, spill_dir) -> tuple[np.ndarray, str | None]:
-    """The N x units matrix in memory, or in a temporary .npy file when over ``limit`` bytes."""
-    if median_matrix_bytes(rows, units) <= limit:
-        return np.empty((rows, units), dtype=np.float32), None
-    fd, path = tempfile.mkstemp(prefix="memaudit-median-", suffix=".npy", dir=spill_dir)
-    os.close(fd)
-    matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, units))
-    return matrix, path
+class LayerState:
+    """Streaming, mergeable state of one layer (``units`` units) for one audited model.
+
+    ``update`` adds a batch; ``extremes``, ``top`` and ``unitmem`` read any set of labels, with
+    one group left out or none. ``state_dict``/``load_state_dict``/``merge`` as torchmetrics'
+    ``Metric`` has them. Tensors live on ``device``; only reads copy to the host.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        *,
+        groups: int = DEFAULT_GROUPS,
+        topk: int = 10,
+        device: torch.device | str = "cpu",
+        keep_values: bool = False,
+        capacity: int = 0,
+        memory_limit_bytes: int = 2 << 30,
+        spill_dir: str | None = None,
+    ):
+        device = torch.device(device)
+        self.units, self.groups, self.topk = units, groups, max(1, topk)
+        labels = len(LABELS)
+        self.counts = torch.zeros(labels, groups, dtype=torch.int64, device=device)
+        self.sums = torch.zeros(labels, groups, units, dtype=torch.float64, device=device)
+        self.maxima = torch.full((labels, groups, units), -torch.inf, dtype=torch.float32, device=device)
+        self.argmax = torch.full((labels, groups, units), NO_INDEX, dtype=torch.int64, device=device)
+        self.top_values = torch.full((labels, self.topk, units), -torch.inf, dtype=torch.float32, device=device)
+        self.top_index = torch.full((labels, self.topk, units), NO_INDEX, dtype=torch.int64, device=device)
+        self.values = ValueStore(units, capacity, device, memory_limit_bytes, spill_dir) if keep_values else None
+
+    # --- adding data points ------------------------------------------------------------------
+
+    def update(self, values: torch.Tensor, index: torch.Tensor, label: torch.Tensor, group: torch.Tensor) -> None:
+        """Add rows ``values`` (n, units) of data points ``index`` (n,) with their ``label`` and
+        ``group`` codes (n,). Within a label, indices must increase from call to call (the stream's
+        order); ``merge`` has no such rule."""
+        values = values.float()
+        n = values.shape[0]
+        if n == 0:
+            return
+        slots = label * self.groups + group  # (n,) position in the flattened (label, group) grid
+        flat_counts = self.counts.view(-1)
+        flat_counts.index_add_(0, slots, torch.ones_like(slots))
+        self.sums.view(-1, self.units).index_add_(0, slots, values.double())
+        expanded = slots[:, None].expand(n, self.units)
+        batch_max = torch.full_like(self.maxima.view(-1, self.units), -torch.inf)
+        batch_max.scatter_reduce_(0, expanded, values, "amax")
+        candidates = torch.where(values == batch_max[slots], index[:, None], NO_INDEX)
+        batch_arg = torch.full_like(self.argmax.view(-1, self.units), NO_INDEX)
+        batch_arg.scatter_reduce_(0, expanded, candidates, "amin")
+        _merge_max(self.maxima.view(-1, self.units), self.argmax.view(-1, self.units), batch_max, batch_arg)
+        for code in torch.unique(label).tolist():
+            rows = label == code
+            _append_top(self.top_values[code], self.top_index[code], values[rows], index[rows])
+        if self.values is not None:
+            self.values.append(values, index, label, group)
+
+    def merge(self, other: LayerState) -> None:
+        """Add the data points of ``other`` (disjoint from this state's) to this state."""
+        self._check_compatible(other.units, other.groups, other.topk, other.values is not None)
+        self.counts += other.counts.to(self.counts.device)
+        self.sums += other.sums.to(self.sums.device)
+        _merge_max(self.maxima, self.argmax, other.maxima.to(self.maxima.device), other.argmax.to(self.argmax.device))
+        for code in range(len(LABELS)):
+            _merge_top(self.top_values[code], self.top_index[code],
+                       other.top_values[code].to(self.top_values.device), other.top_index[code].to(self.top_index.device))
+        if self.values is not None:
+            self.values.extend(other.values)
+
+    # --- saving and loading --------------------------------------------------------------------
+
+    STATE_KEYS = ("counts", "sums", "maxima", "argmax", "top_values", "top_index")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of every tensor of the state (and the stored values, if any)."""
+        state = {key: getattr(self, key).detach().cpu().clone() for key in self.STATE_KEYS}
+        if self.values is not None:
+            state.update({f"values.{key}": tensor for key, tensor in self.values.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace this state by ``state`` (from ``state_dict``); shapes must match."""
+        for key in self.STATE_KEYS:
+            current = getattr(self, key)
+            given = state.get(key)
+            if given is None or tuple(given.shape) != tuple(current.shape) or given.dtype != current.dtype:
+                found = "missing" if given is None else f"{tuple(given.shape)} {given.dtype}"
+                raise AuditError(
+                    f"saved layer state does not fit: {key} is {found}, expected {tuple(current.shape)} "
+                    f"{current.dtype}. It was saved by another version or with other settings."
+                )
+            current.copy_(given)
+        stored = {key.removeprefix("values."): v for key, v in state.items() if key.startswith("values.")}
+        if (self.values is None) != (not stored):
+            raise AuditError("saved layer state and settings disagree on keeping every value (the median reduction)")
+        if self.values is not None:
+            self.values.load_state_dict(stored)
+
+    def _check_compatible(self, units: int, groups: int, topk: int, keeps_values: bool) -> None:
+        mine = (self.units, self.groups, self.topk, self.values is not None)
+        if mine != (units, groups, topk, keeps_values):
+            raise AuditError(f"cannot merge layer states of different shape: {mine} and {(units, groups, topk, keeps_values)}")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return int(self.counts.sum())
+
+    def extremes(self, labels: Sequence[int], exclude_group: int | None = None) -> Extremes:
+        """Count, sum, maximum and argmax of the data points with these labels (minus a group)."""
+        groups = [g for g in range(self.groups) if g != exclude_group]
+        labels = list(labels)
+        counts = self.counts[labels][:, groups]
+        maxima = self.maxima[labels][:, groups].reshape(-1, self.units)
+        argmax = self.argmax[labels][:, groups].reshape(-1, self.units)
+        maximum = maxima.max(dim=0).values
+        best = torch.where(maxima == maximum, argmax, NO_INDEX).min(dim=0).values
+        return Extremes(
+            count=int(counts.sum()),
+            total=self.sums[labels][:, groups].sum(dim=(0, 1)).cpu().numpy(),
+            maximum=maximum.double().cpu().numpy(),
+            argmax=best.cpu().numpy(),
+        )
+
+    def top(self, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k values (float64) and data point indices of these labels, (k', units) each,
+        descending, ties to the lower index; k' = min(k, data points)."""
+        labels = list(labels)
+        values = self.top_values[labels[0]].clone()
+        index = self.top_index[labels[0]].clone()
+        for code in labels[1:]:
+            _merge_top(values, index, self.top_values[code], self.top_index[code])
+        filled = min(self.topk, int(self.counts[labels].sum()))
+        return values[:filled].double().cpu().numpy(), index[:filled].cpu().numpy()
+
+    def unitmem(self, labels: Sequence[int], reduce: str, layer: str = "layer") -> tuple[UnitMemValues, np.ndarray]:
+        """UnitMem of every unit over the data points with ``labels``, and the same with each
+        group left out in turn: (values, leave_one_out (groups, units), NaN rows for groups that
+        hold none of these data points or leave fewer than 2)."""
+        if reduce not in REDUCTIONS:
+            raise AuditError(f"unknown reduction {reduce!r}: use one of {', '.join(REDUCTIONS)}")
+        full = self.extremes(labels)
+        if full.count < 2:
+            raise AuditError(
+                f"UnitMem needs at least 2 data points; {layer} saw {full.count}. "
+                "Audit more images (--memaudit-samples, --memaudit-data)."
+            )
+        _check_finite(full.total, layer, self.units)
+        group_counts = self.counts[list(labels)].sum(dim=0).cpu().numpy()
+        if reduce == "median":
+            if self.values is None:
+                raise AuditError("the median reduction needs a layer state that keeps every value")
+            rests = self.values.rest_medians(labels, self.groups)
+        leave_out = np.full((self.groups, self.units), np.nan)
+        for g in range(self.groups):
+            if group_counts[g] == 0 or full.count - group_counts[g] < 2:
+                continue
+            part = self.extremes(labels, exclude_group=g)
+            rest = rests[g + 1] if reduce == "median" else (part.total - part.maximum) / (part.count - 1)
+            leave_out[g] = unitmem_from(part.maximum, rest)[0]
+        mu_rest = rests[0] if reduce == "median" else (full.total - full.maximum) / (full.count - 1)
+        unitmem, dead = unitmem_from(full.maximum, mu_rest)
+        top_values, top_samples = self.top(labels)
+        values = UnitMemValues(unitmem, full.maximum, mu_rest, full.argmax.copy(), dead, top_values, top_samples)
+        return values, leave_out
+
+    def close(self) -> None:
+        """Release the stored values' temporary file, if any."""
+        if self.values is not None:
+            self.values.close()
 
 
-def _median_without_max(matrix: np.ndarray, chunk_units: int = 1024) -> np.ndarray:
-    """Median over each column after setting aside one maximal element, column chunk by chunk."""
-    rest = np.empty(matrix.shape[1], dtype=np.float64)
-    for start in range(0, matrix.shape[1], chunk_units):
-        block = np.sort(np.asarray(matrix[:, start : start + chunk_units], dtype=np.float64), axis=0)
-        rest[start : start + block.shape[1]] = np.median(block[:-1], axis=0)
-    return rest
+class ValueStore:
+    """Every a[i, u] of one layer with its data point's index, label and group: what the exact
+    median needs. In host memory, or in a temporary .npy file past ``memory_limit_bytes``."""
+
+    def __init__(self, units: int, capacity: int, device: torch.device, memory_limit_bytes: int,
+                 spill_dir: str | None):
+        self.units, self.capacity = units, capacity
+        self.count = 0  # rows appended
+        self.stored = 0  # rows copied to the matrix
+        self.spill_path: str | None = None
+        self.matrix = self._allocate(capacity, memory_limit_bytes, spill_dir)
+        self.index = np.empty(capacity, dtype=np.int64)
+        self.label = np.empty(capacity, dtype=np.int8)
+        self.group = np.empty(capacity, dtype=np.int16)
+        self._pending: list[torch.Tensor] = []
+        # On a GPU, rows wait there and move in blocks; on the CPU a copy buys nothing.
+        self._flush_bytes = 0 if torch.device(device).type == "cpu" else PENDING_BYTES
+
+    def _allocate(self, rows: int, limit: int, spill_dir: str | None) -> np.ndarray:
+        if median_matrix_bytes(rows, self.units) <= limit:
+            return np.empty((rows, self.units), dtype=np.float32)
+        fd, path = tempfile.mkstemp(prefix="memaudit-median-", suffix=".npy", dir=spill_dir)
+        os.close(fd)
+        self.spill_path = path
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, self.units))
+
+    def append(self, values: torch.Tensor, index: torch.Tensor, label: torch.Tensor, group: torch.Tensor) -> None:
+        n = values.shape[0]
+        if self.count + n > self.capacity:
+            raise AuditError(f"more data points than the {self.capacity} the median's matrix was sized for")
+        rows = slice(self.count, self.count + n)
+        self.index[rows] = index.cpu().numpy()
+        self.label[rows] = label.cpu().numpy()
+        self.group[rows] = group.cpu().numpy()
+        self._pending.append(values)
+        self.count += n
+        if (self.count - self.stored) * self.units * 4 >= self._flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Copy the pending rows to the matrix: one device-to-host copy for many batches."""
+        if self._pending:
+            self.matrix[self.stored : self.count] = torch.cat(self._pending).cpu().numpy()
+            self.stored = self.count
+            self._pending.clear()
+
+    def extend(self, other: ValueStore) -> None:
+        other.flush()
+        n = other.count
+        self.append(torch.from_numpy(np.asarray(other.matrix[:n])), torch.from_numpy(other.index[:n]),
+                    torch.from_numpy(other.label[:n]), torch.from_numpy(other.group[:n]))
+        self.flush()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self.flush()
+        n = self.count
+        return {
+            "matrix": torch.from_numpy(np.array(self.matrix[:n])),
+            "index": torch.from_numpy(self.index[:n].copy()),
+            "label": torch.from_numpy(self.label[:n].copy()),
+            "group": torch.from_numpy(self.group[:n].copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.count = self.stored = 0
+        self._pending.clear()
+        self.append(state["matrix"], state["index"], state["label"], state["group"])
+        self.flush()
+
+    def rest_medians(self, labels: Sequence[int], groups: int, chunk_units: int = 1024) -> np.ndarray:
+        """(groups + 1, units): row 0 the median of each unit's values over ``labels`` after
+        setting one maximal value aside; row g + 1 the same with group g left out (NaN where
+        fewer than 2 values remain).
+
+        Setting the maximum aside leaves the order statistics below it as they were, so the
+        median of the other n - 1 values is the mean of the order statistics
+        floor(n/2) and ceil(n/2) (1-based) of all n: each column is sorted once, and the
+        leave-one-group-out statistics are read off the same sorted order.
+        """
+        self.flush()
+        rows = np.flatnonzero(np.isin(self.label[: self.count], list(labels)))
+        row_groups = self.group[rows]
+        result = np.full((groups + 1, self.units), np.nan)
+        for start in range(0, self.units, chunk_units):
+            block = np.asarray(self.matrix[rows, start : start + chunk_units], dtype=np.float64)
+            order = np.argsort(block, axis=0, kind="stable")
+            ordered = np.take_along_axis(block, order, axis=0)
+            ordered_groups = row_groups[order]
+            columns = slice(start, start + block.shape[1])
+            result[0, columns] = _rest_median(ordered, np.ones_like(ordered, dtype=bool))
+            for g in range(groups):
+                result[g + 1, columns] = _rest_median(ordered, ordered_groups != g)
+        return result
+
+    def close(self) -> None:
+        self.matrix = None
+        self._pending.clear()
+        if self.spill_path and os.path.exists(self.spill_path):
+            os.unlink(self.spill_path)
+
+
+def _rest_median(ordered: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Median without one maximum of each column's kept values; ``ordered`` is sorted per column."""
+    n = keep.sum(axis=0)  # kept values per column (the same in every column)
+    if n.size == 0 or n[0] < 2:
+        return np.full(ordered.shape[1], np.nan)
+    rank = np.cumsum(keep, axis=0)  # 1-based rank among the kept values, at each position
+    low, high = n[0] // 2, (n[0] + 1) // 2  # the rest has n - 1 values; its median's order stats
+    at_low = np.argmax((rank == low) & keep, axis=0)
+    at_high = np.argmax((rank == high) & keep, axis=0)
+    columns = np.arange(ordered.shape[1])
+    return (ordered[at_low, columns] + ordered[at_high, columns]) / 2
+
+
+def _check_finite(total: np.ndarray, layer: str, units: int) -> None:
+    if not np.all(np.isfinite(total)):
+        bad = np.flatnonzero(~np.isfinite(total))
+        raise AuditError(
+            f"{layer} produced NaN or infinite activations in {bad.size} of {units} "
+            f"units (first: unit {bad[0]}). The checkpoint's weights or the input data are "
+            "broken; check the checkpoint file, or try --memaudit-precision float32."
+        )
+
+
+def _merge_max(maxima: torch.Tensor, argmax: torch.Tensor, other_max: torch.Tensor, other_arg: torch.Tensor) -> None:
+    """In place: the larger of two maxima, the lower index on a tie."""
+    better = (other_max > maxima) | ((other_max == maxima) & (other_arg < argmax))
+    maxima.copy_(torch.where(better, other_max, maxima))
+    argmax.copy_(torch.where(better, other_arg, argmax))
+
+
+def _append_top(values: torch.Tensor, index: torch.Tensor, new_values: torch.Tensor, new_index: torch.Tensor) -> None:
+    """In place: the k largest of the kept and new rows per unit. The new rows' indices are all
+    higher than the kept ones', so a stable sort with the kept rows first breaks ties by index."""
+    all_values = torch.cat([values, new_values])
+    all_index = torch.cat([index, new_index[:, None].expand_as(new_values)])
+    order = torch.sort(all_values, dim=0, descending=True, stable=True).indices[: values.shape[0]]
+    torch.gather(all_values, 0, order, out=values)  # in place: new tensors kept across passes fragment the heap
+    torch.gather(all_index, 0, order, out=index)
+
+
+def _merge_top(values: torch.Tensor, index: torch.Tensor, other_values: torch.Tensor, other_index: torch.Tensor) -> None:
+    """In place: the k largest of two top-k lists per unit, ties to the lower index."""
+    all_values = torch.cat([values, other_values])
+    all_index = torch.cat([index, other_index])
+    by_index = torch.argsort(all_index, dim=0, stable=True)
+    all_values, all_index = all_values.gather(0, by_index), all_index.gather(0, by_index)
+    order = torch.argsort(all_values, dim=0, descending=True, stable=True)[: values.shape[0]]
+    values.copy_(all_values.gather(0, order))
+    index.copy_(all_index.gather(0, order))

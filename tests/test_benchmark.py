@@ -16,7 +16,7 @@ from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
 from pytest_memaudit.errors import AuditError
 from pytest_memaudit.models import LayerSpec, ModelSpec
-from pytest_memaudit.unitmem import UnitMemAccumulator
+from pytest_memaudit.unitmem import MEMBER, LayerState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,8 @@ TINY = ModelSpec(name="tiny", layers=(LayerSpec("conv1", "conv1"), LayerSpec("co
 
 
 def audit(**settings):
-    values = dict(model="tiny", data="builtin", samples=6, augmentations=3, batch_size=12, device="cpu") | settings
+    values = dict(model="tiny", data="builtin", samples=6, augmentations=3, batch_size=12, device="cpu",
+                  control="none") | settings
     return run_audit(make_settings(**values), TINY)
 
 
@@ -130,12 +131,13 @@ def test_median_rows_moved_in_blocks_as_on_a_gpu_are_the_same():
     matrix = rng.random((50, 7)).astype(np.float32)
     results = []
     for flush_bytes in (0, 3 * 7 * 4):  # every batch (the CPU); every third row or more (as on a GPU)
-        acc = UnitMemAccumulator(7, capacity=50, reduce="median")
-        acc._flush_bytes = flush_bytes
+        state = LayerState(7, keep_values=True, capacity=50)
+        state.values._flush_bytes = flush_bytes
         for start in range(0, 50, 2):
-            acc.update(torch.from_numpy(matrix[start : start + 2]), torch.arange(start, start + 2))
-        results.append(acc.finalize().mu_rest)
-        acc.close()
+            rows = torch.arange(start, start + 2)
+            state.update(torch.from_numpy(matrix[start : start + 2]), rows, torch.full((2,), MEMBER), rows % 10)
+        results.append(state.unitmem((MEMBER,), "median")[0].mu_rest)
+        state.close()
     expected = [np.median(np.delete(column, np.argmax(column))) for column in matrix.T.astype(np.float64)]
     np.testing.assert_allclose(results[0], expected, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(results[1], results[0])

@@ -4,6 +4,7 @@ import pytest
 
 from pytest_memaudit.config import load_audit_file, make_settings, parse_threshold_option
 from pytest_memaudit.errors import ConfigError
+from pytest_memaudit.gates import Gate
 from pytest_memaudit.models import BUILTIN_MODELS
 
 VAR = BUILTIN_MODELS["var_d16"]
@@ -27,20 +28,21 @@ models:
     layers:
       conv_out: {gap_min: 0.1}
 """)
-    resolved = load_audit_file(path).thresholds_for(VAR, {"*": {"ttest_p_max": 0.01}, "norm.out": {"gap_min": 0.5}})
-    assert resolved["conv.in"]["mean_unitmem_max"] == 0.7  # model beats file-wide
-    assert resolved["down.3.block.1"]["mean_unitmem_max"] == 0.9  # layer beats model-wide
-    assert resolved["conv.out"]["gap_min"] == 0.1  # addressed by module path
-    assert resolved["conv.out"]["ttest_p_max"] == 0.01  # command line beats all
-    assert resolved["norm.out"]["gap_min"] == 0.5
+    resolved = load_audit_file(path).thresholds_for(VAR, {"*": {"ttest_p_max": {"limit": 0.01}},
+                                                           "norm.out": {"gap_min": {"limit": 0.5}}})
+    assert resolved["conv.in"]["mean_unitmem_max"].limit == 0.7  # model beats file-wide
+    assert resolved["down.3.block.1"]["mean_unitmem_max"].limit == 0.9  # layer beats model-wide
+    assert resolved["conv.out"]["gap_min"].limit == 0.1  # addressed by module path
+    assert resolved["conv.out"]["ttest_p_max"].limit == 0.01  # command line beats all
+    assert resolved["norm.out"]["gap_min"].limit == 0.5
     assert resolved["conv.in"]["fraction_above_level"] == 0.9  # built-in default
-    assert resolved["conv.in"]["dead_fraction_max"] is None
+    assert resolved["conv.in"]["dead_fraction_max"] == Gate(None)
     assert len(resolved) == 22
 
 
 def test_empty_file_means_no_thresholds(tmp_path):
     resolved = load_audit_file(write(tmp_path, "")).thresholds_for(VAR)
-    assert resolved["conv.in"]["ttest_p_max"] is None
+    assert resolved["conv.in"]["ttest_p_max"].limit is None
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,14 @@ def test_empty_file_means_no_thresholds(tmp_path):
         ("models: {mine: {factory: nocolon}}", r"factory must be 'package.module:function'"),
         ("models: {mine: {factory: 'a:b'}}", r"audited_layers must be a non-empty list"),
         ("models: {var_d16: {layer: {}}}", r"models: var_d16: unknown key 'layer'. Did you mean 'layers'"),
+        ("thresholds: {ttest_p_max: {limit: 0.05, when: significant}}",
+         r"when: significant needs a figure with an interval; ttest_p has none.*excess_over_control_max"),
+        ("thresholds: {gap_min: {limit: 0.1, when: always}}", r"when must be one of estimate, significant"),
+        ("thresholds: {gap_min: {limit: 0.1, severity: fatal}}", r"severity must be one of fail, warn"),
+        ("thresholds: {gap_min: {limt: 0.1}}", r"unknown field 'limt'"),
+        ("thresholds: {fraction_above_level: null}", r"fraction_above_level must be a number"),
+        ("multiple_testing: bonferroni", r"multiple_testing must be one of holm, none"),
+        ("thresholds: {membership_excess_max: -1.5}", r"membership_excess_max = -1.5 is outside \[-1, 1\]"),
     ],
 )
 def test_bad_files_name_the_file_and_problem(tmp_path, text, expected):
@@ -84,7 +94,7 @@ models:
     spec = audit.model_spec("mine")
     assert [(l.name, l.module) for l in spec.layers] == [("stem", "stem"), ("block.one", "blocks.1")]
     assert spec.default_image_size == 64
-    assert audit.thresholds_for(spec)["block.one"]["gap_min"] == 0.3
+    assert audit.thresholds_for(spec)["block.one"]["gap_min"].limit == 0.3
     with pytest.raises(ConfigError, match=r"unknown model 'mien'. Did you mean 'mine'"):
         audit.model_spec("mien")
 
@@ -105,9 +115,44 @@ def test_settings_validation():
 
 
 def test_threshold_option():
-    assert parse_threshold_option("ttest_p_max=0.01") == ("*", "ttest_p_max", 0.01)
-    assert parse_threshold_option("down.3.block.1:gap_min=0.2") == ("down.3.block.1", "gap_min", 0.2)
-    assert parse_threshold_option("gap_min=off") == ("*", "gap_min", None)
+    assert parse_threshold_option("ttest_p_max=0.01") == ("*", "ttest_p_max", {"limit": 0.01})
+    assert parse_threshold_option("down.3.block.1:gap_min=0.2") == ("down.3.block.1", "gap_min", {"limit": 0.2})
+    assert parse_threshold_option("gap_min=off") == ("*", "gap_min", {"limit": None})
+    assert parse_threshold_option("fraction_above_level=0.8") == ("*", "fraction_above_level", {"value": 0.8})
     for bad, message in [("gap_min", "KEY=VALUE"), ("gapmin=0.1", "Did you mean 'gap_min'"), ("gap_min=x", "not a number")]:
         with pytest.raises(ConfigError, match=message):
             parse_threshold_option(bad)
+
+
+def test_gate_fields_merge_level_by_level(tmp_path):
+    audit = load_audit_file(write(tmp_path, """
+multiple_testing: none
+thresholds:
+  excess_over_control_max: {limit: 0.3, when: significant}
+  membership_p_min: {limit: 0.01, severity: warn}
+layers:
+  conv.out: {excess_over_control_max: 0.2, membership_p_min: {severity: fail}}
+"""))
+    assert audit.multiple_testing == "none"
+    resolved = audit.thresholds_for(VAR, {"down.0.block.0": {"excess_over_control_max": {"limit": None}}})
+    assert resolved["conv.in"]["excess_over_control_max"] == Gate(0.3, "significant", "fail")
+    assert resolved["conv.out"]["excess_over_control_max"] == Gate(0.2, "significant", "fail")  # number: limit only
+    assert resolved["conv.in"]["membership_p_min"] == Gate(0.01, "estimate", "warn")
+    assert resolved["conv.out"]["membership_p_min"] == Gate(0.01, "estimate", "fail")
+    assert resolved["down.0.block.0"]["excess_over_control_max"].limit is None  # turned off on the command line
+    assert load_audit_file(write(tmp_path, "")).multiple_testing == "holm"
+
+
+def test_settings_for_controls_and_holdout():
+    assert make_settings(control="random, planted").control == "random,planted"
+    assert make_settings(control="none").control == "none"
+    assert make_settings(planted_strength="4").planted_strength == 4.0
+    for bad, message in [
+        ({"control": "randm"}, "none or a comma-separated list of random, planted"),
+        ({"control": "none,random"}, "none or a comma-separated list"),
+        ({"planted_strength": 0.5}, "a number above 1"),
+        ({"groups": 1}, "at least 2"),
+        ({"permutations": 10}, "at least 100"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            make_settings(**bad)

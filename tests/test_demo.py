@@ -33,7 +33,10 @@ from pytest_memaudit.models.var import VAREncoder
 def test_demo_spec_has_the_var_layers_and_loads_its_shipped_weights():
     spec = get_model_spec("demo")
     assert spec.layers == var_layer_specs() and len(spec.layers) == 22
-    assert (spec.default_image_size, spec.default_control) == (64, "random")
+    assert (spec.default_image_size, spec.default_control) == (64, "random,planted")
+    held_out = spec.default_holdout(64)
+    assert held_out.ids == [f"builtin/{i:04d}" for i in range(DEMO_IMAGES, 2 * DEMO_IMAGES)]
+    assert not set(held_out.ids) & set(demo_image_set().ids)  # never trained on
     assert spec.locate(None) == WEIGHTS and WEIGHTS.stat().st_size < 8 * 2**20
 
     state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
@@ -112,11 +115,14 @@ def test_training_script_runs_end_to_end(tmp_path):
 
 
 def test_demo_audit_has_a_control_and_ranks_every_canary():
-    settings = make_settings(model="demo", image_size=32, augmentations=1, device="cpu")
+    settings = make_settings(model="demo", image_size=32, augmentations=1, device="cpu", control="random", samples=40)
     result = run_audit(settings)
-    images = demo_image_set()
-    assert result.samples == images.ids and result.canaries == images.canaries
-    assert result.settings["control"] == "random" and result.control is not None
+    images = demo_image_set().sample(40, 0)
+    held_out = get_model_spec("demo").default_holdout(32).sample(40, 0)
+    assert result.samples == images.ids + held_out.ids and result.canaries == images.canaries
+    assert result.labels == ["member"] * 40 + ["holdout"] * 40
+    assert result.membership is not None and result.membership.members == 40 == result.membership.holdout
+    assert result.settings["control"] == "random" and result.control is not None and result.planted is None
     assert [layer.name for layer in result.layers] == [layer.name for layer in var_layer_specs()]
     for layer, control_layer in zip(result.layers, result.control.layers):
         assert layer.control_mean == control_layer.stats.mean_unitmem
@@ -137,6 +143,7 @@ def test_demo_audit_samples_its_own_set_when_asked():
     settings = make_settings(model="demo", image_size=16, augmentations=0, samples=12, seed=5, device="cpu", control="none")
     result = run_audit(settings)
     expected = demo_image_set().sample(12, seed=5)
-    assert result.samples == expected.ids and len(result.samples) == 12
+    assert result.samples[:12] == expected.ids and len(result.samples) == 24  # 12 members, 12 held out
+    assert result.to_json()["sizes"] == {"member": 12, "holdout": 12, "planted": 0}
     assert result.canaries == [c for c in demo_image_set().canaries if c in expected.ids]
     assert result.data_source.startswith("12 chosen from the demo training set")

@@ -54,7 +54,7 @@ def test_var_d16_one_test_per_layer_in_forward_order(pytester, audit_dir, var_ch
         assert all(0 <= v <= 1 for v in layer["unitmem"])
         assert all(0 <= i < 6 for i in layer["max_sample"])
         assert layer["outcome"] == "passed"
-        assert layer["thresholds"]["mean_unitmem_max"] == 1.0
+        assert layer["thresholds"]["mean_unitmem_max"] == {"limit": 1.0, "when": "estimate", "severity": "fail"}
         for key in ("top_mean", "bottom_mean", "ttest_t", "ttest_p", "module"):
             assert key in layer
     assert data["layers"][20]["module"] == "norm_out"
@@ -69,7 +69,7 @@ def test_failing_gate_names_figure_value_limit_and_layer(pytester, audit_dir, va
                                  "*mean_unitmem = 0.* exceeds mean_unitmem_max = 0.0001*"])
     data = json.loads((pytester.path / "out.json").read_text())
     outcome = {layer["name"]: layer["outcome"] for layer in data["layers"]}
-    assert outcome["conv.out"] == "failed" and outcome["conv.in"] == "passed"
+    assert outcome["conv.out"] == "failed" and outcome["conv.in"] == "not gated"  # no threshold applies there
     failed = data["layers"][-1]["checks"][0]
     assert failed["key"] == "mean_unitmem_max" and failed["passed"] is False and failed["value"] > 0.0001
 

@@ -170,7 +170,9 @@ def test_table2_per_layer_numbers_match_the_json(plugin_run):
     for (cells, _), layer in zip(rows, plugin_run.data["layers"]):
         assert cells[1:3] == [str(layer["channels"]), str(int(layer["group_size"]))]
         assert all(close(text, layer[key]) for text, key in zip(cells[3:10], keys)), (cells, layer["name"])
-        assert cells[10] == str(int(layer["dead_units"])) and len(cells) == 11  # no control columns
+        assert cells[10] == str(int(layer["dead_units"])) and len(cells) == 13
+        assert close(cells[11], layer["control_mean_unitmem"])  # the random control, on by default
+        assert close(cells[12], layer["excess_over_control"]["estimate"])
 
 
 def test_figure_summaries_match_the_json(plugin_run):

@@ -1,22 +1,37 @@
-"""UnitMem against hand-computed values and an independent float64 numpy computation."""
+"""UnitMem state against hand-computed values and an independent float64 numpy computation."""
 
 import numpy as np
 import pytest
 import torch
 
 from pytest_memaudit.errors import AuditError
-from pytest_memaudit.unitmem import UnitMemAccumulator, median_matrix_bytes
+from pytest_memaudit.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
 
-def run(matrix, reduce="mean", batches=(None,), topk=3, **kwargs):
-    matrix = np.asarray(matrix, dtype=np.float32)
-    acc = UnitMemAccumulator(matrix.shape[1], capacity=matrix.shape[0], reduce=reduce, topk=topk, **kwargs)
-    bounds = [0, *[b for b in batches if b is not None], matrix.shape[0]]
+def feed(state, matrix, rows, labels, groups, batches):
+    """Stream ``rows`` (global indices, increasing) of ``matrix`` into ``state`` in batches."""
+    bounds = [0, *[b for b in batches if b is not None and b < len(rows)], len(rows)]
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        acc.update(torch.from_numpy(matrix[start:stop]), torch.arange(start, stop))
-    values = acc.finalize("test")
-    acc.close()
-    return values
+        part = np.asarray(rows[start:stop])
+        state.update(torch.from_numpy(matrix[part]), torch.from_numpy(part), torch.from_numpy(labels[part]),
+                     torch.from_numpy(groups[part]))
+
+
+def new_state(matrix, reduce="mean", topk=3, groups=10, **kwargs):
+    return LayerState(matrix.shape[1], groups=groups, topk=topk, keep_values=reduce == "median",
+                      capacity=matrix.shape[0], **kwargs)
+
+
+def run(matrix, reduce="mean", batches=(None,), topk=3, labels=None, groups=None, read=(MEMBER,)):
+    matrix = np.asarray(matrix, dtype=np.float32)
+    n = matrix.shape[0]
+    labels = np.full(n, MEMBER, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    state = new_state(matrix, reduce, topk)
+    feed(state, matrix, np.arange(n), labels, groups, batches)
+    values, leave_out = state.unitmem(read, reduce, "test")
+    state.close()
+    return values, leave_out
 
 
 def reference(matrix, reduce):
@@ -36,7 +51,7 @@ HAND = [[4, 0, 2, 5], [1, 0, 3, 5], [1, 0, 3, 5], [7, 0, 1, 5]]
 
 
 def test_mean_reduction_hand_computed():
-    v = run(HAND, "mean")
+    v, _ = run(HAND, "mean")
     # unit 0: max 7, rest mean (4+1+1)/3 = 2 -> 5/9; unit 2: max 3 (first at index 1), rest mean 2 -> 1/5
     np.testing.assert_allclose(v.unitmem, [5 / 9, 0.0, 1 / 5, 0.0], atol=1e-12)
     assert v.max_sample.tolist() == [3, 0, 1, 0]
@@ -45,7 +60,7 @@ def test_mean_reduction_hand_computed():
 
 
 def test_median_reduction_hand_computed():
-    v = run(HAND, "median")
+    v, _ = run(HAND, "median")
     # unit 0: rest {4,1,1} median 1 -> 6/8; unit 2: rest {2,3,1} median 2 -> 1/5
     np.testing.assert_allclose(v.unitmem, [0.75, 0.0, 1 / 5, 0.0], atol=1e-12)
     assert v.max_sample.tolist() == [3, 0, 1, 0]
@@ -55,7 +70,7 @@ def test_median_reduction_hand_computed():
 def test_tie_across_batches_keeps_lowest_index():
     matrix = [[1.0], [9.0], [3.0], [9.0], [9.0]]
     for batches in [(None,), (1,), (2,), (3,), (4,)]:
-        v = run(matrix, batches=batches)
+        v, _ = run(matrix, batches=batches)
         assert v.max_sample.tolist() == [1]
         assert v.top_samples[:, 0].tolist() == [1, 3, 4]
 
@@ -68,7 +83,7 @@ def test_streaming_equals_exact(reduce):
     matrix[[3, 50], 7] = 100  # tie for the max
     expected, argmax = reference(matrix, reduce)
     for batches in [(None,), (1, 2, 64, 200), tuple(range(7, 203, 7))]:
-        v = run(matrix, reduce, batches=batches, topk=5)
+        v, _ = run(matrix, reduce, batches=batches, topk=5)
         np.testing.assert_allclose(v.unitmem, expected, rtol=0, atol=1e-6)
         assert v.max_sample.tolist() == argmax.tolist()
         order = np.argsort(-matrix.astype(np.float64), axis=0, kind="stable")[:5]
@@ -76,28 +91,129 @@ def test_streaming_equals_exact(reduce):
         np.testing.assert_allclose(v.top_values, np.take_along_axis(matrix, order, 0), rtol=0, atol=0)
 
 
+def test_fewer_data_points_than_topk():
+    v, _ = run([[1.0, 2.0], [3.0, 1.0]], topk=10)
+    assert v.top_samples.shape == (2, 2) and v.top_samples[:, 0].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("reduce", ["mean", "median"])
+def test_labels_select_the_data_points(reduce):
+    rng = np.random.default_rng(4)
+    matrix = rng.random((60, 9)).astype(np.float32)
+    labels = rng.choice([MEMBER, HOLDOUT, PLANTED], size=60)
+    members = labels == MEMBER
+    v, _ = run(matrix, reduce, batches=(7, 30), labels=labels)
+    expected, argmax = reference(matrix[members], reduce)
+    np.testing.assert_allclose(v.unitmem, expected, atol=1e-6)
+    assert v.max_sample.tolist() == np.flatnonzero(members)[argmax].tolist()  # global indices
+    both = np.isin(labels, [MEMBER, PLANTED])
+    v2, _ = run(matrix, reduce, batches=(7, 30), labels=labels, read=(MEMBER, PLANTED))
+    np.testing.assert_allclose(v2.unitmem, reference(matrix[both], reduce)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "median"])
+def test_leaving_one_group_out_equals_recomputing_without_it(reduce):
+    rng = np.random.default_rng(5)
+    n = 97
+    matrix = rng.gamma(1.5, 1.0, size=(n, 11)).astype(np.float32)
+    groups = rng.integers(0, 4, size=n)  # group 3 holds some points; groups 4-9 none
+    labels = np.where(rng.random(n) < 0.8, MEMBER, HOLDOUT)
+    _, leave_out = run(matrix, reduce, batches=(10, 50), labels=labels, groups=groups)
+    for g in range(10):
+        keep = (labels == MEMBER) & (groups != g)
+        if g >= 4:
+            assert np.all(np.isnan(leave_out[g]))  # an empty group gives no leave-one-out estimate
+            continue
+        np.testing.assert_allclose(leave_out[g], reference(matrix[keep], reduce)[0], atol=1e-6, err_msg=str(g))
+
+
+def split_states(matrix, reduce, parts, labels, groups, topk=4):
+    """The rows dealt to ``parts`` states in an uneven, interleaved pattern."""
+    n = matrix.shape[0]
+    owner = np.random.default_rng(7).choice(parts, size=n, p=np.linspace(1, 2, parts) / np.linspace(1, 2, parts).sum())
+    states = []
+    for part in range(parts):
+        state = new_state(matrix, reduce, topk)
+        feed(state, matrix, np.flatnonzero(owner == part), labels, groups, (3, 17))
+        states.append(state)
+    return states
+
+
+@pytest.mark.parametrize("reduce", ["mean", "median"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_merged_states_equal_one_state(reduce, parts):
+    rng = np.random.default_rng(parts)
+    n = 151
+    matrix = rng.gamma(2.0, 1.0, size=(n, 23)).astype(np.float32)
+    matrix[[10, 90, 140], 4] = 50.0  # a three-way tie for the max, across parts
+    labels = rng.choice([MEMBER, HOLDOUT, PLANTED], size=n, p=[0.6, 0.3, 0.1])
+    groups = rng.integers(0, 10, size=n)
+    whole = new_state(matrix, reduce, 4)
+    feed(whole, matrix, np.arange(n), labels, groups, (5, 60))
+    states = split_states(matrix, reduce, parts, labels, groups)
+    merged = states[0]
+    for other in states[1:]:
+        merged.merge(other)
+    for read in [(MEMBER,), (MEMBER, PLANTED)]:
+        a, a_out = whole.unitmem(read, reduce)
+        b, b_out = merged.unitmem(read, reduce)
+        np.testing.assert_allclose(b.unitmem, a.unitmem, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(b_out, a_out, rtol=1e-12, atol=1e-12)
+        assert b.max_sample.tolist() == a.max_sample.tolist()
+        assert b.top_samples.tolist() == a.top_samples.tolist()
+        np.testing.assert_array_equal(b.top_values, a.top_values)
+    assert merged.counts.tolist() == whole.counts.tolist()
+    assert merged.extremes((MEMBER, HOLDOUT, PLANTED)).argmax.tolist() == np.argmax(matrix, axis=0).tolist()
+
+
+@pytest.mark.parametrize("reduce", ["mean", "median"])
+def test_state_dict_round_trip(reduce):
+    rng = np.random.default_rng(8)
+    matrix = rng.random((40, 6)).astype(np.float32)
+    labels = rng.choice([MEMBER, HOLDOUT], size=40)
+    groups = rng.integers(0, 10, size=40)
+    state = new_state(matrix, reduce)
+    feed(state, matrix, np.arange(25), labels, groups, (9,))
+    saved = state.state_dict()
+    restored = new_state(matrix, reduce)
+    restored.load_state_dict(saved)
+    feed(state, matrix, np.arange(25, 40), labels, groups, ())  # resume both with the rest
+    feed(restored, matrix, np.arange(25, 40), labels, groups, ())
+    a, b = state.unitmem((MEMBER,), reduce)[0], restored.unitmem((MEMBER,), reduce)[0]
+    np.testing.assert_array_equal(a.unitmem, b.unitmem)
+    assert a.top_samples.tolist() == b.top_samples.tolist()
+
+
+def test_load_state_dict_refuses_another_shape():
+    state = LayerState(5, topk=3)
+    other = LayerState(6, topk=3).state_dict()
+    with pytest.raises(AuditError, match="sums is .* expected"):
+        state.load_state_dict(other)
+
+
 def test_median_spills_to_disk_past_limit(tmp_path):
     rng = np.random.default_rng(1)
     matrix = rng.random((50, 9)).astype(np.float32)
-    acc = UnitMemAccumulator(9, capacity=50, reduce="median", memory_limit_bytes=100, spill_dir=str(tmp_path))
-    assert acc.spill_path is not None and acc.spill_path.startswith(str(tmp_path))
-    acc.update(torch.from_numpy(matrix), torch.arange(50))
-    np.testing.assert_allclose(acc.finalize().unitmem, reference(matrix, "median")[0], atol=1e-6)
-    acc.close()
+    state = new_state(matrix, "median", memory_limit_bytes=100, spill_dir=str(tmp_path))
+    assert state.values.spill_path is not None and state.values.spill_path.startswith(str(tmp_path))
+    feed(state, matrix, np.arange(50), np.zeros(50, dtype=np.int64), np.zeros(50, dtype=np.int64), ())
+    np.testing.assert_allclose(state.unitmem((MEMBER,), "median")[0].unitmem, reference(matrix, "median")[0], atol=1e-6)
+    state.close()
     assert list(tmp_path.iterdir()) == []
     assert median_matrix_bytes(10_000, 8_192) == 327_680_000
 
 
 def test_mean_memory_does_not_grow_with_samples():
-    acc = UnitMemAccumulator(16, capacity=10**9, reduce="mean", topk=4)  # capacity unused by mean
+    state = LayerState(16, topk=4)
     for start in range(0, 1000, 100):
-        acc.update(torch.rand(100, 16), torch.arange(start, start + 100))
-    assert acc._top.values.shape == (4, 16)
+        rows = torch.arange(start, start + 100)
+        state.update(torch.rand(100, 16), rows, torch.zeros(100, dtype=torch.int64), rows % 10)
+    assert state.top_values.shape == (3, 4, 16) and state.sums.shape == (3, 10, 16)
 
 
 def test_values_in_unit_interval():
     rng = np.random.default_rng(2)
-    v = run(rng.random((40, 30)) ** 4)
+    v, _ = run(rng.random((40, 30)) ** 4)
     assert np.all((v.unitmem >= 0) & (v.unitmem <= 1))
 
 
@@ -113,4 +229,4 @@ def test_nan_activations_are_an_error():
 
 def test_unknown_reduction():
     with pytest.raises(AuditError, match="unknown reduction"):
-        UnitMemAccumulator(3, 3, reduce="max")
+        run([[1.0], [2.0]], reduce="max")

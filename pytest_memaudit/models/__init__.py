@@ -38,7 +38,12 @@ class ModelSpec:
     # default_data(image_size, seed) -> data.ImageSet: the images audited when --memaudit-data
     # is not given (a demo model's own training set); None: the built-in generated set.
     default_data: Callable[[int, int], Any] | None = field(compare=False, default=None)
-    default_control: str = "none"  # "random": also audit random weights unless told otherwise
+    # default_holdout(image_size) -> data.ImageSet: images of the training distribution the model
+    # never saw, audited beside the members when --memaudit-holdout is not given; None: none.
+    default_holdout: Callable[[int], Any] | None = field(compare=False, default=None)
+    # Controls audited beside the model unless --memaudit-control says otherwise (the planted one
+    # runs only where there are held-out images).
+    default_control: str = "random,planted"
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
         for layer in self.layers:
@@ -99,6 +104,12 @@ def _demo_data(image_size: int, seed: int):
     return demo_image_set(image_size)
 
 
+def _demo_holdout(image_size: int):
+    from .demo import demo_holdout_set
+
+    return demo_holdout_set(image_size)
+
+
 BUILTIN_MODELS: dict[str, ModelSpec] = {
     "demo": ModelSpec(
         name="demo",
@@ -109,7 +120,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         "autoencoder on its 64x64 demo set with planted, repeated canaries",
         default_image_size=64,
         default_data=_demo_data,
-        default_control="random",
+        default_holdout=_demo_holdout,
     ),
     "var_d16": ModelSpec(
         name="var_d16",

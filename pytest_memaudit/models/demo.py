@@ -39,6 +39,18 @@ def demo_image_set(image_size: int = IMAGE_SIZE, seed: int = DATA_SEED, images: 
     )
 
 
+def demo_holdout_set(image_size: int = IMAGE_SIZE, images: int = DEMO_IMAGES) -> ImageSet:
+    """Images the demo never trained on, from the same generator: built-in images
+    ``DEMO_IMAGES`` to ``2 * DEMO_IMAGES - 1``."""
+    return ImageSet(
+        builtin_ids(images, start=DEMO_IMAGES),
+        root=None,
+        size=image_size,
+        seed=DATA_SEED,
+        description=f"demo held-out set ({images} generated images it never trained on)",
+    )
+
+
 def training_copies(image_set: ImageSet) -> list[int]:
     """Positions of one training epoch: each built-in image once, canary k CANARY_REPEATS[k] times."""
     positions = []
