@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as scipy_stats
 
+from .errors import AuditError
+
 
 @dataclass(frozen=True)
 class LayerStats:
@@ -131,4 +133,80 @@ def depth_correlation(layer_means: list[float]) -> tuple[float, float]:
     if len(layer_means) < 3 or np.ptp(layer_means) == 0:
         return math.nan, math.nan
     result = scipy_stats.spearmanr(np.arange(len(layer_means)), layer_means)
+    return float(result.statistic), float(result.pvalue)
+
+
+# --- per-image statistics: what gets memorized ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorrelationResult:
+    rho: float  # Spearman's rank correlation; NaN when undefined
+    ci_low: float  # percentile bootstrap interval over pairs
+    ci_high: float
+    p_value: float  # two-sided, as scipy.stats.spearmanr
+    n: int  # pairs used
+    dropped: int  # pairs left out for a NaN in either value
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_BOOTSTRAP_CELLS = 4_000_000  # resampled values per column ranked at once: bounds memory for large n
+
+
+def spearman_interval(x: np.ndarray, y: np.ndarray, *, resamples: int = 2000, seed: int = 0,
+                      confidence: float = 0.95) -> CorrelationResult:
+    """Spearman's rho of paired values with a percentile bootstrap interval and scipy's p-value.
+
+    Pairs with a NaN in either value are dropped. The bootstrap draws ``resamples`` sets of n
+    pairs with replacement from a private ``numpy`` generator seeded with ``seed``, ranks them
+    (average ranks for ties) all at once, and takes the (1 - confidence)/2 and (1 + confidence)/2
+    quantiles (linear interpolation) of their rho; a resample with a constant column has no rho
+    and is left out. Fewer than 3 pairs or a constant column: everything NaN but n and dropped.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise AuditError(f"spearman_interval needs two 1-D arrays of the same length, got shapes {x.shape} and {y.shape}")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise AuditError(f"spearman_interval needs resamples >= 1 and 0 < confidence < 1, got {resamples} and {confidence}")
+    kept = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[kept], y[kept]
+    n, dropped = int(x.size), int(np.count_nonzero(~kept))
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return CorrelationResult(math.nan, math.nan, math.nan, math.nan, n, dropped)
+    result = scipy_stats.spearmanr(x, y)
+    rng = np.random.default_rng(seed)
+    per_step = max(1, _BOOTSTRAP_CELLS // n)
+    rhos = np.concatenate([
+        _rank_correlations(x, y, rng.integers(0, n, size=(min(per_step, resamples - start), n)))
+        for start in range(0, resamples, per_step)
+    ])
+    rhos = rhos[np.isfinite(rhos)]
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(rhos, [tail, 1 - tail]) if rhos.size else (math.nan, math.nan)
+    return CorrelationResult(float(result.statistic), float(low), float(high), float(result.pvalue), n, dropped)
+
+
+def _rank_correlations(x: np.ndarray, y: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row of resampled pair indices; NaN for a row with a constant column."""
+    rx = scipy_stats.rankdata(x[draws], axis=1)
+    ry = scipy_stats.rankdata(y[draws], axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.einsum("ij,ij->i", rx, ry) / np.sqrt(np.einsum("ij,ij->i", rx, rx) * np.einsum("ij,ij->i", ry, ry))
+
+
+def kruskal_wallis(groups: list[np.ndarray]) -> tuple[float, float]:
+    """Kruskal-Wallis H and its p-value (scipy.stats.kruskal) for values in groups, NaNs dropped.
+
+    (nan, nan) with fewer than 2 non-empty groups or when all values are equal.
+    """
+    groups = [np.asarray(g, dtype=np.float64).ravel() for g in groups]
+    groups = [g[~np.isnan(g)] for g in groups]
+    groups = [g for g in groups if g.size]
+    if len(groups) < 2 or np.ptp(np.concatenate(groups)) == 0:
+        return math.nan, math.nan
+    result = scipy_stats.kruskal(*groups)
     return float(result.statistic), float(result.pvalue)

@@ -371,3 +371,48 @@ def test_report_renders_in_chromium_without_console_errors(plugin_run, tmp_path)
     dom = Page(proc.stdout)
     assert len(dom.tables["table1"]) == 20 and len(dom.tables["table2"]) == 22
     assert dom.urls == plugin_run.page.urls  # every figure and thumbnail survived parsing
+
+
+# --- small-multiples scatter panels ---------------------------------------------------------
+
+
+def scatter_example():
+    return figures.scatter_grid([
+        ("<share>", np.array([0.1, 0.5, np.nan, 0.9, 0.3]), np.array([1.0, 2.0, 3.0, np.nan, np.inf]), "rho 0.21 [0.10, 0.32]"),
+        ("slope", np.array([-3.1, -1.2, -2.0]), np.array([0.0, 1.0, 0.5]), ""),
+    ], columns=1, y_label="score")
+
+
+def test_scatter_grid_geometry():
+    g = scatter_example()
+    first, second = g.panels
+    assert first.skipped == 3 and second.skipped == 0
+    # finite x 0.1 to 0.5: step 0.1 (nice_ticks of the span 0.4); y 1 to 2: step 0.2
+    assert [label for _, label in first.x_ticks] == ["0.1", "0.2", "0.3", "0.4", "0.5"]
+    assert [label for _, label in first.y_ticks] == ["1", "1.2", "1.4", "1.6", "1.8", "2"]
+    assert [label for _, label in second.x_ticks] == ["-3.5", "-3", "-2.5", "-2", "-1.5", "-1"]
+    left, right, bottom = first.left, first.left + first.plot_width, first.top + first.plot_height
+    # the data span the ticks exactly here: the points sit in the plot area's corners
+    assert [(x, y) for x, y, _ in first.points] == [pytest.approx((left, bottom)), pytest.approx((right, first.top))]
+    assert first.x_ticks[0][0] == left and first.x_ticks[-1][0] == pytest.approx(right)
+    # -2.0 of [-3.5, -1] is 60% across, 0.5 of [0, 1] half way up
+    assert second.points[2][:2] == pytest.approx((left + 0.6 * second.plot_width, bottom - 0.5 * second.plot_height))
+    for panel in g.panels:
+        assert all(left <= x <= right and panel.top <= y <= bottom for x, y, _ in panel.points)
+    # one column: stacked cells, the shared y label's margin on the left
+    assert (first.x, first.y, second.x, second.y) == (18, 0, 18, first.height)
+    assert (g.width, g.height) == (18 + first.width, 2 * first.height)
+    three = figures.scatter_grid([("a", [1, 2], [3, 4], "")] * 4, columns=3)
+    assert (three.width, three.height) == (3 * three.panels[0].width, 2 * three.panels[0].height)
+    assert [(p.x // p.width, p.y // p.height) for p in three.panels] == [(0, 0), (1, 0), (2, 0), (0, 1)]
+
+
+def test_scatter_grid_renders_one_circle_per_finite_point():
+    template = report_html._environment().from_string('{% import "_figures.html.j2" as f %}{{ f.scatter_grid(g) }}')
+    svg = ET.fromstring(template.render(g=scatter_example()).strip())
+    assert svg.tag == "svg" and svg.get("viewBox") == f"0 0 {scatter_example().width} {scatter_example().height}"
+    circles = svg.findall(".//circle")
+    assert len(circles) == 2 + 3
+    assert [c.find("title").text for c in circles[:2]] == ["0.1, 1", "0.5, 2"]
+    texts = [t.text for t in svg.iter("text")]
+    assert "<share>" in texts and "rho 0.21 [0.10, 0.32] (3 without a value)" in texts and "score" in texts

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from pytest_memaudit.stats import depth_correlation, fraction_above, group_size, layer_stats, welch_ttest
+from pytest_memaudit.errors import AuditError
+from pytest_memaudit.stats import (
+    depth_correlation, fraction_above, group_size, kruskal_wallis, layer_stats, spearman_interval, welch_ttest)
 
 
 def test_group_size_is_ten_percent_at_least_two():
@@ -61,3 +63,97 @@ def test_depth_correlation():
     rho, _ = depth_correlation([0.5, 0.3, 0.2, 0.1])
     assert rho == pytest.approx(-1.0)
     assert all(math.isnan(x) for x in depth_correlation([0.2, 0.2, 0.2]))
+
+
+# --- per-image statistics -------------------------------------------------------------------
+
+# fixed pairs with ties in both columns
+TIED_X = np.array([1, 2, 2, 3, 4, 4, 4, 5, 6, 7, 8, 8, 9, 10, 11, 12, 12, 13, 14, 15], dtype=float)
+TIED_Y = np.array([2, 1, 3, 3, 5, 4, 6, 6, 5, 9, 7, 8, 8, 12, 10, 10, 14, 11, 13, 13], dtype=float)
+
+
+def test_spearman_matches_scipy_with_ties():
+    result = spearman_interval(TIED_X, TIED_Y)
+    expected = scipy_stats.spearmanr(TIED_X, TIED_Y)
+    assert result.rho == pytest.approx(expected.statistic, rel=1e-12)
+    assert result.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+    assert (result.n, result.dropped) == (20, 0)
+    assert result.ci_low < result.rho < result.ci_high <= 1
+
+
+def test_bootstrap_interval_agrees_with_scipy_bootstrap():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(60)
+    y = 0.5 * x + rng.standard_normal(60)
+    resamples = 10_000
+    ours = spearman_interval(x, y, resamples=resamples, seed=1, confidence=0.9)
+    reference = scipy_stats.bootstrap(
+        (x, y), lambda a, b, axis: _spearman_rows(a, b), paired=True, vectorized=True, n_resamples=resamples,
+        confidence_level=0.9, method="percentile", rng=np.random.default_rng(99))
+    # Different random streams: each end is a 5% or 95% quantile estimated from B draws, with Monte Carlo
+    # standard deviation sqrt(q (1 - q) / B) / density = about 2.1 sd / sqrt(B) for a near-normal bootstrap
+    # distribution (density at the 5% point: 0.103 / sd). Two independent estimates differ by sqrt(2) times
+    # that; allow 5 of those.
+    sd = np.std(reference.bootstrap_distribution)
+    tolerance = 5 * math.sqrt(2) * 2.1 * sd / math.sqrt(resamples)
+    assert tolerance < 0.02
+    assert ours.ci_low == pytest.approx(reference.confidence_interval.low, abs=tolerance)
+    assert ours.ci_high == pytest.approx(reference.confidence_interval.high, abs=tolerance)
+
+
+def _spearman_rows(a, b):
+    """Spearman's rho along the last axis, one scipy call per row (the reference statistic)."""
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    return np.array([scipy_stats.spearmanr(r, s).statistic for r, s in zip(a, b)])
+
+
+def test_bootstrap_is_seeded_and_a_monotone_relation_has_a_point_interval():
+    first = spearman_interval(TIED_X, TIED_Y, seed=3)
+    assert first == spearman_interval(TIED_X, TIED_Y, seed=3)
+    assert first.ci_low != spearman_interval(TIED_X, TIED_Y, seed=4).ci_low
+    x = np.arange(30.0)
+    exact = spearman_interval(x, x**3)
+    assert exact.rho == pytest.approx(1) and exact.ci_low == pytest.approx(1) and exact.ci_high == pytest.approx(1)
+
+
+def test_spearman_drops_nan_pairs():
+    x = np.concatenate([TIED_X, [np.nan, 1.0, np.nan]])
+    y = np.concatenate([TIED_Y, [3.0, np.nan, np.nan]])
+    result = spearman_interval(x, y, seed=5)
+    assert (result.n, result.dropped) == (20, 3)
+    assert {**result.as_dict(), "dropped": 0} == spearman_interval(TIED_X, TIED_Y, seed=5).as_dict()
+
+
+@pytest.mark.parametrize("x, y, n, dropped", [
+    ([1.0, 2.0], [2.0, 1.0], 2, 0),
+    ([1.0, 2.0, np.nan, 4.0], [1.0, 2.0, 3.0, np.nan], 2, 2),
+    ([1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0], 4, 0),
+    ([7.0, 7.0, 7.0], [1.0, 2.0, 3.0], 3, 0),
+])
+def test_spearman_undefined_cases(x, y, n, dropped):
+    result = spearman_interval(np.array(x), np.array(y))
+    assert (result.n, result.dropped) == (n, dropped)
+    assert all(math.isnan(v) for v in (result.rho, result.ci_low, result.ci_high, result.p_value))
+
+
+def test_spearman_bad_input():
+    with pytest.raises(AuditError, match="same length"):
+        spearman_interval(np.zeros(4), np.zeros(5))
+    with pytest.raises(AuditError, match="confidence"):
+        spearman_interval(np.arange(5.0), np.arange(5.0), confidence=95)
+
+
+def test_kruskal_wallis_matches_scipy():
+    groups = [np.array([2.9, 3.0, 2.5, 2.6, 3.2]), np.array([3.8, 2.7, 4.0, 2.4]), np.array([2.8, 3.4, 3.7, 2.2, 2.0, 3.2])]
+    expected = scipy_stats.kruskal(*groups)
+    h, p = kruskal_wallis(groups)
+    assert h == pytest.approx(expected.statistic, rel=1e-12) and p == pytest.approx(expected.pvalue, rel=1e-12)
+    # NaNs and empty groups are left out
+    h2, p2 = kruskal_wallis([np.append(groups[0], np.nan), groups[1], np.array([]), groups[2]])
+    assert (h2, p2) == (h, p)
+
+
+@pytest.mark.parametrize("groups", [[np.array([1.0, 2.0])], [np.array([1.0, 2.0]), np.array([])],
+                                    [np.array([3.0, 3.0]), np.array([3.0])], [np.array([np.nan]), np.array([1.0])]])
+def test_kruskal_wallis_undefined(groups):
+    assert all(math.isnan(v) for v in kruskal_wallis(groups))

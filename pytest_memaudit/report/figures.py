@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..errors import AuditError
+
 # viridis at 0, 0.1, ..., 1: perceptually uniform, readable in greyscale print
 VIRIDIS = np.array(
     [[0x44, 0x01, 0x54], [0x48, 0x24, 0x75], [0x41, 0x44, 0x87], [0x35, 0x5F, 0x8D], [0x2A, 0x78, 0x8E],
@@ -219,3 +221,88 @@ def depth_plot(names: list[str], lines: list[tuple[str, str, list[float]]], step
         x_labels=list(zip(xs, names)),
         y_ticks=[(top + plot_height - t * scale, f"{t:g}") for t in ticks],
     )
+
+
+# --- small multiples: scatter panels --------------------------------------------------------
+
+
+@dataclass
+class ScatterPanel(PlotArea):
+    """One panel: ``width``/``height`` its cell, ``left``/``top`` its plot area, both relative to (x, y)."""
+
+    x: int  # the cell's origin in the grid
+    y: int
+    title: str
+    subtitle: str
+    points: list[tuple[float, float, str]]  # cx, cy, hover text
+    x_ticks: list[tuple[float, str]]  # position, label
+    y_ticks: list[tuple[float, str]]
+    skipped: int  # pairs left out for a non-finite value
+
+
+@dataclass
+class ScatterGrid:
+    width: int
+    height: int
+    y_label: str
+    panels: list[ScatterPanel]
+
+
+def scatter_grid(panels: list[tuple[str, np.ndarray, np.ndarray, str]], columns: int = 3,
+                 y_label: str = "") -> ScatterGrid:
+    """Small multiples, ``columns`` to a row: each panel (title, x values, y values, subtitle) gets its own
+    axes, spanning nice ticks around its finite points; pairs with a NaN or infinity are skipped.
+
+    Every point becomes one SVG element: thin out very large sets before calling.
+    """
+    margin = 18 if y_label else 0  # room for the shared y label
+    left, top, plot_width, plot_height, right, bottom = 44, 40, 200, 140, 12, 30
+    cell_width, cell_height = left + plot_width + right, top + plot_height + bottom
+    result = []
+    for i, (title, xs, ys, subtitle) in enumerate(panels):
+        xs, ys = np.asarray(xs, dtype=np.float64).ravel(), np.asarray(ys, dtype=np.float64).ravel()
+        if xs.shape != ys.shape:
+            raise AuditError(f"scatter panel {title!r}: {xs.size} x values but {ys.size} y values; pass one y per x")
+        finite = np.isfinite(xs) & np.isfinite(ys)
+        x_ticks, y_ticks = _span_ticks(xs[finite]), _span_ticks(ys[finite])
+
+        def place(values, ticks, length):
+            return (values - ticks[0]) / (ticks[-1] - ticks[0]) * length
+
+        cx = left + place(xs[finite], x_ticks, plot_width)
+        cy = top + plot_height - place(ys[finite], y_ticks, plot_height)
+        result.append(ScatterPanel(
+            width=cell_width,
+            height=cell_height,
+            left=left,
+            top=top,
+            plot_width=plot_width,
+            plot_height=plot_height,
+            x=margin + (i % columns) * cell_width,
+            y=(i // columns) * cell_height,
+            title=title,
+            subtitle=subtitle,
+            points=[(float(a), float(b), f"{x:.4g}, {y:.4g}")
+                    for a, b, x, y in zip(cx, cy, xs[finite], ys[finite])],
+            x_ticks=[(left + float(place(t, x_ticks, plot_width)), f"{t:g}") for t in x_ticks],
+            y_ticks=[(top + plot_height - float(place(t, y_ticks, plot_height)), f"{t:g}") for t in y_ticks],
+            skipped=int(np.count_nonzero(~finite)),
+        ))
+    shown_columns = min(columns, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    return ScatterGrid(margin + shown_columns * cell_width, rows * cell_height, y_label, result)
+
+
+def _span_ticks(values: np.ndarray, most: int = 5) -> list[float]:
+    """Ticks at multiples of a nice step (chosen by ``nice_ticks``) from at or below the lowest value to at
+    or above the highest; [0, 1] with no values, a small span around a single value."""
+    if values.size == 0:
+        return [0.0, 1.0]
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        pad = max(abs(low), 1.0) * 0.05
+        low, high = low - pad, high + pad
+    step = nice_ticks(high - low, most)[1]
+    first = math.floor(low / step + 1e-9)
+    last = math.ceil(high / step - 1e-9)
+    return [round(i * step, 12) for i in range(first, last + 1)]
