@@ -9,8 +9,6 @@ Usable without pytest::
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
 import importlib.metadata
 import os
@@ -26,7 +24,9 @@ import torch
 from . import __version__
 from .augment import augment_views
 from .config import RunSettings
+from .controls import random_weights_copy
 from .data import ImageSet
+from .device import is_out_of_memory, precision_mode, resolve_device
 from .errors import AuditError, DataError
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
@@ -168,18 +168,6 @@ def select_layers(spec: ModelSpec, names: Sequence[str] | None) -> list[LayerSpe
     return [layer for layer in spec.layers if {layer.name, layer.module} & wanted]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AuditError(
-            f"--memaudit-device {name}: CUDA is not available here (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda}). Use --memaudit-device cpu or auto."
-        )
-    return device
-
-
 def open_images(settings: RunSettings, spec: ModelSpec, image_size: int) -> ImageSet:
     if settings.data is None and spec.default_data is not None:
         images = spec.default_data(image_size, settings.seed)
@@ -232,7 +220,9 @@ class AdaptiveForward:
     def _runs(net: torch.nn.Module, views: torch.Tensor) -> bool:
         try:
             net(views)
-        except torch.cuda.OutOfMemoryError:
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
             return False  # handled outside the except block, once the failed pass's tensors are freed
         return True
 
@@ -281,33 +271,6 @@ def spill_notes(role: str, accumulators: dict[str, UnitMemAccumulator], limit_mb
         f"--memaudit-median-memory ({limit_mb} MB), so it is kept on disk in "
         f"{os.path.dirname(spilled[0].spill_path)}"
     ]
-
-
-def random_weights_copy(net: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """The same architecture with freshly initialized (seeded) weights: the audit's control."""
-    control = copy.deepcopy(net)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in control.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    return control
-
-
-@contextlib.contextmanager
-def precision_mode(precision: str, device: torch.device):
-    if precision == "bfloat16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
-    elif precision == "tf32":
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    else:
-        yield
 
 
 def view_seed(seed: int, image_id: str) -> int:
