@@ -99,13 +99,14 @@ def _fp32_math_flags(device: torch.device) -> tuple:
 def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
     """Compute the block's forward passes in ``precision`` on ``device``.
 
-    ``float32`` is IEEE float32 on every device: PyTorch lets cuDNN convolutions use TF32 by
-    default, and a user may have let matrix products use TF32 or bfloat16; either would move
-    the figures by about 1e-3. ``tf32`` (CUDA only) allows TF32 for both; ``bfloat16``
-    autocasts to bfloat16. On CUDA, ``cudnn.benchmark`` is on (the shapes repeat, so the search
-    for the fastest convolution pays off). Only the per-operation ``fp32_precision`` settings
-    are read and written: reading the legacy ``allow_tf32`` flags raises once anything in the
-    process has used the new ones. Everything is restored on exit.
+    ``float32`` is IEEE float32 on every device: PyTorch lets cuDNN convolutions use TF32 (10
+    of float32's 23 mantissa bits) by default, and a user may have let matrix products use
+    TF32 or bfloat16. ``tf32`` (CUDA only) allows TF32 for both; ``bfloat16`` autocasts to
+    bfloat16, and the other two turn off an autocast the caller may have on. On CUDA,
+    ``cudnn.benchmark`` is on (the shapes repeat, so the search for the fastest convolution
+    pays off). Only the per-operation ``fp32_precision`` settings are read and written:
+    reading the legacy ``allow_tf32`` flags raises once anything in the process has used the
+    new ones. Everything is restored on exit.
     """
     if precision not in PRECISIONS:
         raise AuditError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
