@@ -9,8 +9,6 @@ Usable without pytest::
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
 import importlib.metadata
 import os
@@ -27,7 +25,9 @@ import torch
 from . import __version__
 from .augment import augment_views
 from .config import RunSettings, control_roles
+from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
+from .device import ForwardTimer, check_precision, is_out_of_memory, precision_mode, resolve_device, selected_device
 from .errors import AuditError, DataError
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
@@ -78,8 +78,7 @@ def run_audit(
     selected = select_layers(spec, layers)
     device = resolve_device(settings.device)
     precision = settings.precision
-    if precision == "tf32" and device.type != "cuda":
-        raise AuditError("--memaudit-precision tf32 needs a CUDA device; on the CPU use float32 or bfloat16")
+    check_precision(precision, device)  # before the models are built
     image_size = settings.image_size or spec.default_image_size
     views = max(settings.augmentations, 1)
     batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
@@ -102,11 +101,12 @@ def run_audit(
     samples: list[str] = []
     read: list[int] = []  # the positions in ``images`` of the data points, in order
     skipped: list[dict[str, str]] = []
-    forward_seconds = 0.0
+    timer = ForwardTimer(device)
     plants: list[PlantedUnit] = []
     checker = OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None
     try:
-        with torch.inference_mode(), precision_mode(precision, device), reuse_freed_memory(device):
+        with torch.inference_mode(), selected_device(device), precision_mode(precision, device), \
+                reuse_freed_memory(device):
             if images.count(PLANTED) and "planted" in controls:
                 plants, planted_net = build_planted(model_net, selected, images, settings, device, forward)
                 subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
@@ -129,9 +129,8 @@ def run_audit(
                     label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
                     group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
                     for subject in subjects:
-                        tick = time.perf_counter()
-                        outputs = forward(subject.net, subject.recorder, batch_views)
-                        forward_seconds += time.perf_counter() - tick
+                        with timer:
+                            outputs = forward(subject.net, subject.recorder, batch_views)
                         if not subject.states:
                             subject.states = new_states(outputs, settings, len(images), device, median_budget)
                             notes += spill_notes(subject.role, subject.states, settings.median_memory)
@@ -177,7 +176,7 @@ def run_audit(
         checkpoint=checkpoint_record(checkpoint),
         timing={
             "wall_s": wall,
-            "forward_s": forward_seconds,
+            "forward_s": timer.seconds,
             "views": n_views,
             "views_per_s": n_views / wall if wall > 0 else 0.0,
         },
@@ -330,18 +329,6 @@ def select_layers(spec: ModelSpec, names: Sequence[str] | None) -> list[LayerSpe
     return [layer for layer in spec.layers if {layer.name, layer.module} & wanted]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AuditError(
-            f"--memaudit-device {name}: CUDA is not available here (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda}). Use --memaudit-device cpu or auto."
-        )
-    return device
-
-
 def open_images(settings: RunSettings, spec: ModelSpec, image_size: int, planted: int = 0) -> LabelledImages:
     """The audit's data points: the members, then the held-out images, if any."""
     members = member_images(settings, spec, image_size)
@@ -422,7 +409,9 @@ class AdaptiveForward:
     def _runs(net: torch.nn.Module, views: torch.Tensor) -> bool:
         try:
             net(views)
-        except torch.cuda.OutOfMemoryError:
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
             return False  # handled outside the except block, once the failed pass's tensors are freed
         return True
 
@@ -472,33 +461,6 @@ def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list
         f"--memaudit-median-memory ({limit_mb} MB), so it is kept on disk in "
         f"{os.path.dirname(spilled[0].spill_path)}"
     ]
-
-
-def random_weights_copy(net: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """The same architecture with freshly initialized (seeded) weights: the audit's control."""
-    control = copy.deepcopy(net)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in control.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    return control
-
-
-@contextlib.contextmanager
-def precision_mode(precision: str, device: torch.device):
-    if precision == "bfloat16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
-    elif precision == "tf32":
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    else:
-        yield
 
 
 def view_seed(seed: int, image_id: str) -> int:

@@ -8,6 +8,7 @@ was measured.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,13 +23,26 @@ def unit_means(output: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     4-D outputs are (batch, channels, H, W); 3-D outputs are (batch, tokens, channels), as
     transformer blocks give; 2-D outputs are already one number per unit. ``out``, if given,
     receives the result.
+
+    On a GPU the sum of |a| is one pass over the activation (an L1 norm, added up in float32
+    as a tree), where ``abs()`` then ``mean()`` would write and read back a full copy. On the
+    CPU, PyTorch's L1 norm adds its float32 terms one after another (relative error 4e-6 over
+    64x64 positions, 1e-5 over 256x256, against 2e-7 for ``mean``'s pairwise sum), and there
+    the forward passes take about 98% of the time anyway, so the CPU keeps ``abs().mean()``.
     """
     if output.dim() in (3, 4):
         dims = (2, 3) if output.dim() == 4 else (1,)
-        return torch.mean(output.abs(), dim=dims, dtype=torch.float32, out=out)
+        if output.device.type == "cpu":
+            return torch.mean(output.abs(), dim=dims, dtype=torch.float32, out=out)
+        return _mean_abs_one_pass(output, dims, out)
     if output.dim() == 2:
         return output.abs().float() if out is None else out.copy_(output).abs_()
     raise AuditError(f"cannot audit an output of shape {tuple(output.shape)}: expected 2, 3 or 4 dimensions")
+
+
+def _mean_abs_one_pass(output: torch.Tensor, dims: tuple[int, ...], out: torch.Tensor | None) -> torch.Tensor:
+    sums = torch.linalg.vector_norm(output, ord=1, dim=dims, dtype=torch.float32, out=out)
+    return sums.div_(math.prod(output.shape[d] for d in dims))
 
 
 def unit_axis(output: torch.Tensor) -> int:

@@ -70,7 +70,14 @@ def test_quick_benchmark_runs_and_its_numbers_are_sane(tmp_path, var_checkpoint)
     assert all(ms > 0 for ms in report["bare_forward_ms_per_view"].values())
 
 
-def test_out_of_memory_halves_the_batch_and_keeps_the_numbers(monkeypatch):
+OUT_OF_MEMORY = [
+    torch.cuda.OutOfMemoryError("CUDA out of memory (injected)"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED (injected)"),  # cuDNN's workspace, not the allocator
+]
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["allocator", "cudnn"])
+def test_out_of_memory_halves_the_batch_and_keeps_the_numbers(monkeypatch, error):
     reference = audit()
     passes = []
 
@@ -78,7 +85,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_numbers(monkeypatch):
         passes.append(len(x))
         h = self.conv1(x)
         if len(x) > 4:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            raise error
         return self.conv2(F.silu(h))
 
     monkeypatch.setattr(Tiny, "forward", forward)
@@ -91,13 +98,27 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_numbers(monkeypatch):
     assert "at 6 views per forward pass: halved to 3" in halvings[1]
 
 
-def test_out_of_memory_with_one_view_is_an_error(monkeypatch):
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["allocator", "cudnn"])
+def test_out_of_memory_with_one_view_is_an_error(monkeypatch, error):
     def forward(self, x):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        raise error
 
     monkeypatch.setattr(Tiny, "forward", forward)
     with pytest.raises(AuditError, match="single view per forward pass"):
         audit()
+
+
+def test_other_runtime_errors_are_not_retried(monkeypatch):
+    passes = []
+
+    def forward(self, x):
+        passes.append(len(x))
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED (injected)")
+
+    monkeypatch.setattr(Tiny, "forward", forward)
+    with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
+        audit()
+    assert passes == [12]
 
 
 def test_bfloat16_on_the_cpu_is_close_to_float32_and_recorded():
