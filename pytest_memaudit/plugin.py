@@ -141,6 +141,7 @@ class AuditSession:
             try:
                 with _progress(self.config) as progress:
                     self.result = run_audit(self.settings, self.spec, layers, progress)
+                self.result.multiple_testing = self.multiple_testing
             except AuditError as exc:
                 raise pytest.UsageError(f"memaudit: the audit cannot run: {exc}") from None
         return self.result

@@ -71,6 +71,7 @@ class AuditResult:
     argmax_counts: list[int] | None = None  # per data point: units (all layers) whose pooled argmax it is
     control: SubjectResult | None = None
     planted: PlantedResult | None = None
+    multiple_testing: str = "holm"  # how the gates corrected p-values across layers (set when gating)
 
     def layer(self, name: str) -> LayerResult:
         return _find_layer(self.layers, name)
@@ -134,6 +135,7 @@ class AuditResult:
                 "layers_failed": sum(o.status == "failed" for o in outcomes),
                 "layers_not_gated": len(self.layers) - sum(o.status != "not gated" for o in outcomes),
                 "membership": _membership_json(self.membership),
+                "multiple_testing": self.multiple_testing,
             },
             "timing": self.timing,
             "environment": self.environment,
@@ -168,6 +170,7 @@ class AuditResult:
             argmax_counts=data.get("argmax_counts"),
             control=None if data.get("control") is None else _subject_from_json(data["control"]),
             planted=_planted_from_json(data.get("planted"), samples),
+            multiple_testing=data["summary"].get("multiple_testing", "holm"),
         )
 
 

@@ -7,7 +7,10 @@ import math
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from .gates import adjusted_p_values
+from .report.evidence import evidence
 from .results import AuditResult
 
 
@@ -20,32 +23,37 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 def render_summary(result: AuditResult, markup: bool = False) -> str:
     """The per-layer table and a few lines; never truncated (a log is better wide than cut)."""
     table = Table(title=None, show_edge=False, pad_edge=False, header_style="bold")
-    columns = ["layer", "units", "mean", "max", "top10%", "bottom10%", "t", "p", "dead"]
+    columns = ["layer", "units", "mean", "±95%", "max", "t", "p", "dead"]
     control = result.control is not None
+    membership = result.membership is not None
     if control:
-        columns.append("control")
+        columns += ["control", "excess"]
+    if membership:
+        columns += ["members", "mem p"]
     for name in columns:
         table.add_column(name, justify="left" if name == "layer" else "right", no_wrap=True)
     table.add_column("gate", justify="left", no_wrap=True)
+    adjusted = adjusted_p_values(result, result.multiple_testing)
     for layer in result.layers:
         s = layer.stats
-        row = [layer.name, str(layer.channels), _fmt(s.mean_unitmem), _fmt(s.max_unitmem), _fmt(s.top_mean),
-               _fmt(s.bottom_mean), _fmt(s.ttest_t, ".2f"), _fmt(s.ttest_p, ".2e"), str(s.dead_units)]
+        mean = layer.intervals.get("mean_unitmem")
+        row = [layer.name, str(layer.channels), _fmt(s.mean_unitmem),
+               _fmt(None if mean is None else (mean.high - mean.low) / 2), _fmt(s.max_unitmem),
+               _fmt(s.ttest_t, ".2f"), _fmt(s.ttest_p, ".2e"), str(s.dead_units)]
         if control:
-            row.append(_fmt(layer.control_mean))
-        if layer.outcome is None:
-            gate = "-"
-        elif layer.outcome.passed:
-            gate = "[green]passed[/]"
-        else:
-            gate = "[red]failed[/]: " + ", ".join(f"{c.figure} {_fmt(c.value, '.3g')}" for c in layer.outcome.failures)
-        table.add_row(*row, gate)
+            row += [_fmt(layer.control_mean), _fmt(None if layer.control_excess is None else layer.control_excess.estimate,
+                                                   "+.3f")]
+        if membership:
+            m = layer.membership
+            row += [f"{m.member_share:.0%}/{m.expected_share:.0%}",
+                    _fmt(adjusted[layer.name].get("membership_p"), ".2g")]
+        table.add_row(*row, _gate_cell(layer))
     views = result.settings.get("views_per_image")
-    n = len(result.samples)
+    held = len(result.samples) - result.members
     lines = (
-        f"{result.model}: {n} data points x {views} views at {result.settings.get('image_size')}px, "
-        f"reduce={result.settings.get('reduce')}, precision={result.settings.get('precision')}, "
-        f"device={result.settings.get('device')}; {result.units} units; "
+        f"{result.model}: {result.members} members{f' + {held} held-out images' if held else ''} x {views} views "
+        f"at {result.settings.get('image_size')}px, reduce={result.settings.get('reduce')}, "
+        f"precision={result.settings.get('precision')}, device={result.settings.get('device')}; {result.units} units; "
         f"{_fmt(result.timing.get('wall_s'), '.1f')} s ({_fmt(result.timing.get('views_per_s'), '.1f')} views/s)"
     )
     buffer = io.StringIO()
@@ -53,9 +61,28 @@ def render_summary(result: AuditResult, markup: bool = False) -> str:
                       highlight=False, soft_wrap=True)
     console.print(table)
     console.print(lines, markup=False)
+    if membership:
+        console.print("members: share of units whose argmax is a member / the members' share of the images; "
+                      f"mem p: permutation p over images ({result.multiple_testing}-adjusted across layers)",
+                      markup=False)
+    for item in evidence(result):
+        colour = {"yes": "green", "no": "red", "signal": "yellow"}[item["css"]]
+        console.print(Text.assemble((item["question"], "bold"), " ", (item["answer"], colour)))
+        console.print(f"  {item['detail']}", markup=False)
     if result.skipped:
         console.print(f"{len(result.skipped)} unreadable image(s) skipped, e.g. {result.skipped[0]['id']}: "
                       f"{result.skipped[0]['reason']}", markup=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     return buffer.getvalue()
+
+
+def _gate_cell(layer) -> str:
+    outcome = layer.outcome
+    if outcome is None or outcome.status == "not gated":
+        return "not gated"
+    if outcome.status == "passed":
+        return "[green]passed[/]"
+    crossed = outcome.failures or outcome.warnings
+    colour = "red" if outcome.status == "failed" else "yellow"
+    return f"[{colour}]{outcome.status}[/]: " + ", ".join(f"{c.figure} {_fmt(c.value, '.3g')}" for c in crossed)

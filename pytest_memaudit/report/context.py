@@ -11,21 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from ..gates import LIMITS, Check
+from ..gates import LIMITS, Check, adjusted_p_values
 from ..results import AuditResult, LayerResult
 from ..stats import group_size
 from . import figures
+from .evidence import evidence, membership_section, planted_section
+from .format import fmt, fmt_interval, fmt_p
 from .thumbnails import Gallery
 
 TABLE1_UNITS = 20
 FIGURE3_UNITS = 10
 PICKED_SHOWN = 12  # data points shown per group in Figure 4
-
-
-def fmt(value: float | None, spec: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return format(value, spec)
 
 
 def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
@@ -35,6 +31,7 @@ def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
     top, bottom, k = extreme_units(values)
     rho, p = result.depth_correlation()
     ranked = ranked_units(result.layers)
+    adjusted = adjusted_p_values(result, result.multiple_testing)
     context = {
         "result": result,
         "gallery": gallery.mode,
@@ -42,6 +39,8 @@ def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
             "layers": len(result.layers),
             "units": int(all_values.size),
             "samples": len(result.samples),
+            "members": result.members,
+            "holdout": len(result.samples) - result.members,
             "views": result.settings.get("views_per_image"),
             "mean": fmt(float(all_values.mean())),
             "rho": fmt(rho, ".3f"),
@@ -53,6 +52,9 @@ def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
         "table1": [unit_row(rank, result.layers[i], u, gallery) for rank, (i, u) in enumerate(ranked[:TABLE1_UNITS], 1)],
         "table2": [layer_row(layer) for layer in result.layers],
         "control": result.control is not None,
+        "evidence": evidence(result),
+        "membership": membership_section(result, gallery, adjusted),
+        "planted": planted_section(result, gallery),
         "top_units": [top_images(result.layers[i], u, gallery) for i, u in ranked[:FIGURE3_UNITS]],
         "most_picked": picked(result, top, gallery),
         "least_picked": picked(result, bottom, gallery),
@@ -99,31 +101,33 @@ def ranked_units(layers: list[LayerResult]) -> list[tuple[int, int]]:
 
 
 def verdict(layers: list[LayerResult]) -> dict[str, str]:
-    gated = [layer for layer in layers if layer.outcome is not None]
-    failed = [layer.name for layer in gated if not layer.outcome.passed]
+    gated = [layer for layer in layers if layer.outcome is not None and layer.outcome.status != "not gated"]
+    failed = [layer.name for layer in gated if layer.outcome.status == "failed"]
+    warned = [layer.name for layer in gated if layer.outcome.status == "warned"]
     ungated = len(layers) - len(gated)
     if not gated:
-        return {"status": "not gated", "text": "No thresholds were applied: no layer test gated this result."}
+        return {"status": "not gated", "text": "No threshold applied to any layer: nothing was gated."}
     if failed:
         text = f"{len(failed)} of {len(gated)} gated layers crossed a threshold: {', '.join(failed)}."
     else:
-        text = f"All {len(gated)} gated layers are within their thresholds."
+        text = f"All {len(gated)} gated layers are within their failing thresholds."
+    if warned:
+        text += f" {len(warned)} crossed a warning threshold: {', '.join(warned)}."
     if ungated:
-        text += f" {ungated} layer(s) were not gated."
-    return {"status": "failed" if failed else "passed", "text": text}
+        text += f" {ungated} layer(s) had no threshold and were not gated."
+    status = "failed" if failed else "warned" if warned else "passed"
+    return {"status": status, "text": text}
 
 
 def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
-    """One column per threshold in use, one row per layer: failed layers first, then passed, then
-    not gated; forward order within each."""
+    """One column per threshold in use, one row per layer: failed layers first, then warned,
+    passed and not gated; forward order within each."""
     def status(layer: LayerResult) -> str:
-        if layer.outcome is None:
-            return "not gated"
-        return "passed" if layer.outcome.passed else "failed"
+        return "not gated" if layer.outcome is None else layer.outcome.status
 
     used = {check.key for layer in layers if layer.outcome for check in layer.outcome.checks}
     keys = [key for key in LIMITS if key in used]
-    rank = {"failed": 0, "passed": 1, "not gated": 2}
+    rank = {"failed": 0, "warned": 1, "passed": 2, "not gated": 3}
     rows = []
     for layer in sorted(layers, key=lambda layer: rank[status(layer)]):
         level = (layer.thresholds or {}).get("fraction_above_level")
@@ -135,14 +139,21 @@ def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
 
 
 def check_cell(check: Check, level: float | None) -> dict[str, Any]:
-    """A figure next to its limit; a failed check shows the relation it broke."""
+    """A figure next to its limit; a crossed check shows the relation it broke."""
     if check.key.endswith("_max"):
         relation = "≤" if check.passed else ">"
     else:
         relation = "≥" if check.passed else "<"
-    note = f"UnitMem > {fmt(level, 'g')}" if check.key == "fraction_above_max" and level is not None else None
+    notes = []
+    if check.key == "fraction_above_max" and level is not None:
+        notes.append(f"UnitMem > {fmt(level, 'g')}")
+    if check.when == "significant":
+        notes.append(f"95% [{fmt(check.low, '.3g')}, {fmt(check.high, '.3g')}], fails only beyond the limit")
+    if check.severity == "warn":
+        notes.append("warning only")
+    state = "passed" if check.passed else "failed" if check.severity == "fail" else "warned"
     return {"value": fmt(check.value, ".4g"), "relation": relation, "limit": fmt(check.limit, "g"),
-            "passed": check.passed, "note": note}
+            "state": state, "mark": {"failed": "FAIL", "warned": "WARN"}.get(state), "note": "; ".join(notes) or None}
 
 
 def unit_row(rank: int, layer: LayerResult, unit: int, gallery: Gallery) -> dict[str, Any]:
@@ -157,7 +168,8 @@ def unit_row(rank: int, layer: LayerResult, unit: int, gallery: Gallery) -> dict
 
 def layer_row(layer: LayerResult) -> dict[str, Any]:
     s = layer.stats
-    excess = None if layer.control_mean is None else s.mean_unitmem - layer.control_mean
+    mean = layer.intervals.get("mean_unitmem")
+    excess = layer.control_excess
     return {
         "name": layer.name,
         "module": layer.module,
@@ -168,11 +180,13 @@ def layer_row(layer: LayerResult) -> dict[str, Any]:
         "t": fmt(s.ttest_t, ".2f"),
         "p": fmt(s.ttest_p, ".4g"),
         "mean": fmt(s.mean_unitmem),
+        "mean_ci": fmt(None if mean is None else (mean.high - mean.low) / 2),
         "median": fmt(s.median_unitmem),
         "max": fmt(s.max_unitmem),
         "dead": s.dead_units,
         "control": fmt(layer.control_mean),
-        "excess": fmt(excess, "+.3f"),
+        "excess": fmt(None if excess is None else excess.estimate, "+.3f"),
+        "excess_ci": "n/a" if excess is None else f"[{fmt(excess.low, '+.3f')}, {fmt(excess.high, '+.3f')}]",
     }
 
 
@@ -207,10 +221,13 @@ def canary_rows(result: AuditResult, gallery: Gallery) -> list[dict[str, Any]]:
 
 
 def depth_figure(result: AuditResult) -> figures.DepthPlot:
-    lines = [("mean UnitMem", "trained", [layer.stats.mean_unitmem for layer in result.layers])]
+    intervals = [layer.intervals.get("mean_unitmem") for layer in result.layers]
+    lines = [figures.Line("mean UnitMem", "trained", [layer.stats.mean_unitmem for layer in result.layers],
+                          [i.low if i else math.nan for i in intervals], [i.high if i else math.nan for i in intervals])]
     if result.control is not None:
-        lines.append(("control (random weights)", "control",
-                      [math.nan if layer.control_mean is None else layer.control_mean for layer in result.layers]))
+        lines.append(figures.Line("random-weights control", "control",
+                                  [math.nan if layer.control_mean is None else layer.control_mean
+                                   for layer in result.layers]))
     return figures.depth_plot([layer.name for layer in result.layers], lines)
 
 

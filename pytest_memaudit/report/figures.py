@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -180,9 +180,22 @@ def histogram(values: np.ndarray, mean: float, bins: int = 50) -> Histogram:
 
 
 @dataclass
+class Line:
+    """One line of a per-layer plot: a value per layer and, optionally, a 95% interval per layer."""
+
+    label: str
+    css: str
+    values: list[float]
+    low: list[float] | None = None
+    high: list[float] | None = None
+
+
+@dataclass
 class Series:
+    label: str
     css: str
     points: list[tuple[float, float, str]]  # x, y, hover text
+    bars: list[tuple[float, float, float]] = field(default_factory=list)  # x, y of the low end, y of the high end
 
     @property
     def path(self) -> str:
@@ -194,21 +207,34 @@ class DepthPlot(PlotArea):
     series: list[Series]
     x_labels: list[tuple[float, str]]
     y_ticks: list[tuple[float, str]]
+    y_label: str = "mean UnitMem"
 
 
-def depth_plot(names: list[str], lines: list[tuple[str, str, list[float]]], step: int = 30) -> DepthPlot:
-    """Each line's per-layer values (label, CSS class, values) against layer depth."""
+def depth_plot(names: list[str], lines: list[Line], step: int = 30, y_label: str = "mean UnitMem") -> DepthPlot:
+    """Each line's per-layer values against layer depth, with error bars where a line has intervals."""
     left, top, plot_height = 56, 16, 220
     plot_width = max(1, len(names)) * step
-    highest = max((v for _, _, values in lines for v in values if math.isfinite(v)), default=1.0)
-    ticks = nice_ticks(highest, most=5)
+    extents = [v for line in lines for v in [*line.values, *(line.high or [])] if math.isfinite(v)]
+    ticks = nice_ticks(max(extents, default=1.0), most=5)
     scale = plot_height / ticks[-1]
     xs = [left + (i + 0.5) * step for i in range(len(names))]
-    series = [
-        Series(css, [(x, top + plot_height - v * scale, f"{name}: {label} {v:.3f}")
-                     for x, name, v in zip(xs, names, values) if math.isfinite(v)])
-        for label, css, values in lines
-    ]
+
+    def y(value: float) -> float:
+        return top + plot_height - max(0.0, value) * scale
+
+    series = []
+    for line in lines:
+        lows = line.low or [math.nan] * len(names)
+        highs = line.high or [math.nan] * len(names)
+        points, bars = [], []
+        for x, name, v, low, high in zip(xs, names, line.values, lows, highs):
+            if not math.isfinite(v):
+                continue
+            interval = f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else ""
+            points.append((x, y(v), f"{name}: {line.label} {v:.3f}{interval}"))
+            if interval:
+                bars.append((x, y(low), y(high)))
+        series.append(Series(line.label, line.css, points, bars))
     longest = max((len(name) for name in names), default=0)
     return DepthPlot(
         width=left + plot_width + 16,
@@ -220,6 +246,7 @@ def depth_plot(names: list[str], lines: list[tuple[str, str, list[float]]], step
         series=series,
         x_labels=list(zip(xs, names)),
         y_ticks=[(top + plot_height - t * scale, f"{t:g}") for t in ticks],
+        y_label=y_label,
     )
 
 

@@ -1,0 +1,152 @@
+"""The report's memorization evidence: the membership contrast, the planted and the random
+control, side by side ("would this audit have seen memorization if it were there, and does it
+stay quiet where there is none").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..membership import Membership
+from ..results import AuditResult
+from . import figures
+from .format import fmt, fmt_interval, fmt_p
+from .thumbnails import Gallery
+
+HELD_OUT_SHOWN = 12  # held-out images shown that units pick most
+SIGNIFICANCE = 0.05  # the level the report's plain-language answers use for the controls and the model
+PLANTED_P = 0.001  # the planted control counts as found below this p with recall at least PLANTED_RECALL
+PLANTED_RECALL = 0.9
+
+
+def evidence(result: AuditResult) -> list[dict[str, str]]:
+    """Three answers, each with its figures: the planted control, the random control, the model."""
+    if result.membership is None:
+        return []
+    answers = []
+    planted = result.planted
+    if planted is not None and planted.membership is not None:
+        found = planted.recall >= PLANTED_RECALL and planted.membership.p_value < PLANTED_P
+        answers.append({
+            "question": "Would this audit see memorization if it were there?",
+            "answer": "yes: the planted units were found" if found else "not reliably: planted units were missed",
+            "css": "yes" if found else "no",
+            "detail": (
+                f"{sum(u.found for u in planted.default_units)} of {len(planted.default_units)} planted units at "
+                f"strength {planted.strength:g} are in the top {planted.top_share:.0%} of UnitMem; "
+                f"{planted.argmax_hits} pick their planted image as argmax; membership test of the planted "
+                f"images p = {fmt_p(planted.membership.p_value)}."
+                + (f" Lowest strength found in 90% of its units: {planted.detection_strength:g}."
+                   if planted.detection_strength else "")
+            ),
+        })
+    if result.control is not None and result.control.membership is not None:
+        control = result.control.membership
+        quiet = control.p_value >= SIGNIFICANCE
+        answers.append({
+            "question": "Does it stay quiet where there is no memorization?",
+            "answer": "yes: the random-weights control shows none" if quiet
+            else "no: the random-weights control shows a signal (a false alarm, or a flaw in the test)",
+            "css": "yes" if quiet else "no",
+            "detail": _membership_sentence(control),
+        })
+    model = result.membership
+    signal = model.p_value < SIGNIFICANCE
+    answers.append({
+        "question": f"Does {result.model} single out its training images?",
+        "answer": "yes: members are picked by units more than held-out images" if signal
+        else "no evidence: members are not picked more than held-out images",
+        "css": "signal" if signal else "yes",
+        "detail": _membership_sentence(model),
+    })
+    return answers
+
+
+def _membership_sentence(m: Membership) -> str:
+    return (
+        f"{m.member_share:.1%} of units have a member as argmax against {m.expected_share:.1%} expected "
+        f"(excess {fmt_interval(m.excess, m.excess_interval, '+.3f')}); p = {fmt_p(m.p_value)} "
+        f"({m.permutations:,} permutations over {m.members + m.holdout} data points; "
+        f"{m.distinct_argmax} distinct argmax images)."
+    )
+
+
+def membership_section(result: AuditResult, gallery: Gallery, adjusted: dict[str, dict[str, float]]) -> dict | None:
+    """Per-layer membership table and plot, and the held-out images that units pick most."""
+    if result.membership is None:
+        return None
+    control = {layer.name: layer for layer in result.control.layers} if result.control else {}
+    rows = []
+    for layer in result.layers:
+        m = layer.membership
+        other = control.get(layer.name)
+        rows.append({
+            "name": layer.name,
+            "share": fmt(m.member_share),
+            "expected": fmt(m.expected_share),
+            "excess": fmt_interval(m.excess, m.excess_interval, "+.3f"),
+            "topk": fmt(m.topk_member_share),
+            "distinct": m.distinct_argmax,
+            "p": fmt_p(m.p_value),
+            "p_adjusted": fmt_p(adjusted[layer.name].get("membership_p", math.nan)),
+            "control_share": fmt(other.membership.member_share) if other and other.membership else None,
+            "control_p": fmt_p(other.membership.p_value) if other and other.membership else None,
+        })
+    names = [layer.name for layer in result.layers]
+    shares = [layer.membership.member_share for layer in result.layers]
+    expected = [layer.membership.expected_share for layer in result.layers]
+    lows = [layer.membership.excess_interval.low + e if layer.membership.excess_interval else math.nan
+            for layer, e in zip(result.layers, expected)]
+    highs = [layer.membership.excess_interval.high + e if layer.membership.excess_interval else math.nan
+             for layer, e in zip(result.layers, expected)]
+    lines = [figures.Line("model", "trained", shares, lows, highs)]
+    if control:
+        lines.append(figures.Line("random control", "control",
+                                  [control[n].membership.member_share if control[n].membership else math.nan
+                                   for n in names]))
+    lines.append(figures.Line("expected (members' share of the data)", "expected", expected))
+    return {
+        "overall": _membership_sentence(result.membership),
+        "rows": rows,
+        "has_control": bool(control),
+        "plot": figures.depth_plot(names, lines, y_label="share of units: argmax is a member"),
+        "held_out_picks": held_out_picks(result, gallery),
+        "permutations": result.membership.permutations,
+        "multiple_testing": result.multiple_testing,
+    }
+
+
+def held_out_picks(result: AuditResult, gallery: Gallery) -> list[tuple[Any, int]]:
+    """The held-out images that the most units pick as their argmax (pooled with the members)."""
+    if not result.argmax_counts:
+        return []
+    counts = np.asarray(result.argmax_counts)
+    held = np.array([label != "member" for label in result.labels])
+    order = [i for i in np.argsort(-counts, kind="stable") if held[i] and counts[i] > 0][:HELD_OUT_SHOWN]
+    return [(gallery.point(i), int(counts[i])) for i in order]
+
+
+def planted_section(result: AuditResult, gallery: Gallery) -> dict | None:
+    planted = result.planted
+    if planted is None:
+        return None
+    units = sorted(planted.units, key=lambda u: (-u.plant.strength, u.rank))
+    return {
+        "strength": f"{planted.strength:g}",
+        "top_share": f"{planted.top_share:.0%}",
+        "recall": fmt(planted.recall, ".0%"),
+        "hits": f"{planted.argmax_hits} of {len(planted.default_units)}",
+        "membership": None if planted.membership is None else _membership_sentence(planted.membership),
+        "detection": "none of the strengths tried" if planted.detection_strength is None
+        else f"{planted.detection_strength:g}",
+        "curve": [{"strength": f"{point['strength']:g}", "units": point["units"], "recall": f"{point['recall']:.0%}",
+                   "hits": point["argmax_hits"], "measured": fmt(point["measured_strength"], ".2f")}
+                  for point in planted.curve],
+        "units": [{"layer": u.plant.layer, "unit": u.plant.unit, "point": gallery.point(u.plant.image),
+                   "strength": f"{u.plant.strength:g}", "measured": fmt(u.measured_strength, ".2f"),
+                   "unitmem": fmt(u.unitmem), "rank": u.rank, "found": u.found, "hit": u.argmax_hit}
+                  for u in units],
+    }
