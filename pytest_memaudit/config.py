@@ -29,9 +29,11 @@ from typing import Any
 
 import yaml
 
+from . import yamlsafe
 from .errors import ConfigError
 from .gates import LIMITS, SETTINGS, THRESHOLD_KEYS
 from .models import ModelSpec, get_model_spec, user_model_spec
+from .yamlsafe import quote, shorten
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
 CONTROLS = ("none", "random")
@@ -152,7 +154,7 @@ def _unknown_layer_message(path, where, name, model: ModelSpec) -> str:
     close = difflib.get_close_matches(name, candidates, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
-        f"{path}: {where}: model {model.name} has no layer {name!r}.{hint} "
+        f"{path}: {where}: model {model.name} has no layer {quote(name)}.{hint} "
         f"Its layers are: {', '.join(layer.name for layer in model.layers)}."
     )
 
@@ -161,13 +163,14 @@ def load_audit_file(path: str | Path) -> AuditFile:
     """Parse and validate an audit YAML file; every problem is a ConfigError naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            text = handle.read(yamlsafe.MAX_BYTES + 1).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the audit file: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the audit file is not UTF-8 text") from None
     try:
-        document = yaml.safe_load(text)
+        document = yamlsafe.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -182,7 +185,7 @@ def load_audit_file(path: str | Path) -> AuditFile:
     models = document.get("models") or {}
     _expect_mapping(path, "models", models)
     for name, entry in models.items():
-        where = f"models: {name}"
+        where = f"models: {shorten(str(name))}"
         _expect_mapping(path, where, entry)
         _check_keys(path, where, entry, _MODEL_KEYS)
         audit.model_thresholds[str(name)] = _threshold_block(path, f"{where}: thresholds", entry.get("thresholds"))
@@ -195,7 +198,7 @@ def load_audit_file(path: str | Path) -> AuditFile:
 def _user_model(path, where, name, entry) -> ModelSpec:
     factory = entry.get("factory")
     if not isinstance(factory, str) or ":" not in factory:
-        raise ConfigError(f"{path}: {where}: factory must be 'package.module:function', got {factory!r}")
+        raise ConfigError(f"{path}: {where}: factory must be 'package.module:function', got {quote(factory)}")
     layers = entry.get("audited_layers")
     if not isinstance(layers, list) or not layers:
         raise ConfigError(
@@ -205,10 +208,10 @@ def _user_model(path, where, name, entry) -> ModelSpec:
     for item in layers:
         ok = isinstance(item, str) or (isinstance(item, dict) and set(item) == {"name", "module"})
         if not ok:
-            raise ConfigError(f"{path}: {where}: audited_layers entry {item!r} is not a module path or a {{name, module}} mapping")
+            raise ConfigError(f"{path}: {where}: audited_layers entry {quote(item)} is not a module path or a {{name, module}} mapping")
     image_size = entry.get("image_size", 256)
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 16:
-        raise ConfigError(f"{path}: {where}: image_size must be a whole number of at least 16, got {image_size!r}")
+        raise ConfigError(f"{path}: {where}: image_size must be a whole number of at least 16, got {quote(image_size)}")
     return user_model_spec(name, {**entry, "layers": layers}, str(path))
 
 
@@ -225,7 +228,7 @@ def threshold_value(where: str, key: str, value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a number (or null to turn it off), got {value!r}")
+        raise ConfigError(f"{where} must be a number (or null to turn it off), got {quote(value)}")
     value = float(value)
     low = -1.0 if key == "excess_over_control_max" else 0.0
     if math.isnan(value) or not low <= value <= 1.0:
@@ -238,7 +241,7 @@ def _layer_block(path, where, block) -> dict[str, dict[str, float | None]]:
     if block is None:
         return {}
     _expect_mapping(path, where, block)
-    return {str(name): _threshold_block(path, f"{where}: {name}", entry) for name, entry in block.items()}
+    return {str(name): _threshold_block(path, f"{where}: {shorten(str(name))}", entry) for name, entry in block.items()}
 
 
 def _expect_mapping(path, where, value) -> None:
@@ -251,7 +254,7 @@ def _check_keys(path, where, mapping, allowed) -> None:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{path}: {where}: unknown key {key!r}.{hint} Allowed: {', '.join(allowed)}.")
+            raise ConfigError(f"{path}: {where}: unknown key {quote(key)}.{hint} Allowed: {', '.join(allowed)}.")
 
 
 def parse_threshold_option(text: str) -> tuple[str, str, float | None]:
