@@ -102,7 +102,7 @@ def make_settings(**values: Any) -> RunSettings:
 
 # ---------------------------------------------------------------------------- audit files
 
-_TOP_KEYS = ("version", "thresholds", "layers", "models")
+_TOP_KEYS = ("version", "thresholds", "layers", "models", "allow_no_gates")
 _MODEL_KEYS = ("factory", "audited_layers", "image_size", "description", "thresholds", "layers")
 
 
@@ -116,6 +116,7 @@ class AuditFile:
     model_thresholds: dict[str, dict[str, float | None]] = field(default_factory=dict)
     model_layers: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     user_models: dict[str, ModelSpec] = field(default_factory=dict)
+    allow_no_gates: bool = False  # an audit that gates nothing is a measurement, not a mistake
 
     def model_spec(self, name: str) -> ModelSpec:
         return get_model_spec(name, self.user_models)
@@ -149,6 +150,24 @@ class AuditFile:
         return result
 
 
+    def check_gates(self, thresholds: dict[str, dict[str, float | None]], control: bool, overridden: bool = False) -> None:
+        """ConfigError when ``thresholds`` (from ``thresholds_for``) check nothing on any layer, so
+        every layer would pass whatever it measures; unless the file says ``allow_no_gates: true``."""
+        if self.allow_no_gates:
+            return
+        usable = [key for key in LIMITS if control or key != "excess_over_control_max"]
+        if any(limits.get(key) is not None for limits in thresholds.values() for key in usable):
+            return
+        needs_control = any(limits.get("excess_over_control_max") is not None for limits in thresholds.values())
+        raise ConfigError(
+            f"{self.path}: no layer has a threshold{' (after --memaudit-threshold)' if overridden else ''}, so every "
+            "layer would pass whatever it measures"
+            + (" (excess_over_control_max needs a control: --memaudit-control random)" if needs_control else "")
+            + ". Set thresholds (see the README, Thresholds), or write 'allow_no_gates: true' at the top level "
+            "to run the audit as a measurement only."
+        )
+
+
 def _unknown_layer_message(path, where, name, model: ModelSpec) -> str:
     candidates = [layer.name for layer in model.layers] + [layer.module for layer in model.layers]
     close = difflib.get_close_matches(name, candidates, n=1)
@@ -180,6 +199,9 @@ def load_audit_file(path: str | Path) -> AuditFile:
     _expect_mapping(path, "the top level", document)
     _check_keys(path, "the top level", document, _TOP_KEYS)
     audit = AuditFile(path=path)
+    audit.allow_no_gates = document.get("allow_no_gates", False)
+    if not isinstance(audit.allow_no_gates, bool):
+        raise ConfigError(f"{path}: allow_no_gates must be true or false, got {quote(audit.allow_no_gates)}")
     audit.thresholds = _threshold_block(path, "thresholds", document.get("thresholds"))
     audit.layers = _layer_block(path, "layers", document.get("layers"))
     models = document.get("models") or {}
@@ -206,13 +228,37 @@ def _user_model(path, where, name, entry) -> ModelSpec:
             "(as model.named_modules() writes them), or of {name: ..., module: ...} mappings"
         )
     for item in layers:
-        ok = isinstance(item, str) or (isinstance(item, dict) and set(item) == {"name", "module"})
+        ok = isinstance(item, str) or (
+            isinstance(item, dict) and set(item) == {"name", "module"} and all(isinstance(v, str) for v in item.values())
+        )
         if not ok:
             raise ConfigError(f"{path}: {where}: audited_layers entry {quote(item)} is not a module path or a {{name, module}} mapping")
+    _check_layers_unambiguous(path, where, [(item, item) if isinstance(item, str) else (item["name"], item["module"])
+                                            for item in layers])
     image_size = entry.get("image_size", 256)
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 16:
         raise ConfigError(f"{path}: {where}: image_size must be a whole number of at least 16, got {quote(image_size)}")
     return user_model_spec(name, {**entry, "layers": layers}, str(path))
+
+
+def _check_layers_unambiguous(path, where, layers: list[tuple[str, str]]) -> None:
+    """Each audited layer is found by its name or its module path, so no two may share either, and no
+    layer's name may be another's module path: thresholds and results would go to the wrong layer."""
+    names: dict[str, int] = {}
+    modules: dict[str, int] = {}
+    for number, (name, module) in enumerate(layers, 1):
+        if name in names:
+            raise ConfigError(f"{path}: {where}: audited_layers: {quote(name)} is listed twice "
+                              f"(entries {names[name]} and {number}); give each layer its own name")
+        if module in modules:
+            raise ConfigError(f"{path}: {where}: audited_layers: module {quote(module)} is audited twice "
+                              f"(entries {modules[module]} and {number}); list each module once")
+        names[name], modules[module] = number, number
+    for name, number in names.items():
+        other = modules.get(name)
+        if other is not None and other != number:
+            raise ConfigError(f"{path}: {where}: audited_layers: {quote(name)} names entry {number} and is the module "
+                              f"of entry {other}; rename the layer, so that each name finds one layer")
 
 
 def _threshold_block(path, where, block) -> dict[str, float | None]:

@@ -167,7 +167,10 @@ class AuditYamlFile(pytest.File):
 
             audit = load_audit_file(self.path)
             spec = audit.model_spec(settings.model)
-            thresholds = audit.thresholds_for(spec, state.threshold_overrides())
+            overrides = state.threshold_overrides()
+            thresholds = audit.thresholds_for(spec, overrides)
+            audit.check_gates(thresholds, control=(settings.control or spec.default_control) == "random",
+                              overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
         if state.spec is None:

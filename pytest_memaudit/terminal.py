@@ -33,8 +33,8 @@ def render_summary(result: AuditResult, markup: bool = False) -> str:
                _fmt(s.bottom_mean), _fmt(s.ttest_t, ".2f"), _fmt(s.ttest_p, ".2e"), str(s.dead_units)]
         if control:
             row.append(_fmt(layer.control_mean))
-        if layer.outcome is None:
-            gate = "-"
+        if layer.outcome is None or not layer.outcome.checks:
+            gate = "not gated"
         elif layer.outcome.passed:
             gate = "[green]passed[/]"
         else:

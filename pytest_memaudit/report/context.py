@@ -98,8 +98,15 @@ def ranked_units(layers: list[LayerResult]) -> list[tuple[int, int]]:
     return list(zip(layer_of[order].tolist(), unit_of[order].tolist()))
 
 
+def gate_status(layer: LayerResult) -> str:
+    """passed, failed, or not gated: no outcome, or an outcome without a single check."""
+    if layer.outcome is None or not layer.outcome.checks:
+        return "not gated"
+    return "passed" if layer.outcome.passed else "failed"
+
+
 def verdict(layers: list[LayerResult]) -> dict[str, str]:
-    gated = [layer for layer in layers if layer.outcome is not None]
+    gated = [layer for layer in layers if gate_status(layer) != "not gated"]
     failed = [layer.name for layer in gated if not layer.outcome.passed]
     ungated = len(layers) - len(gated)
     if not gated:
@@ -116,19 +123,14 @@ def verdict(layers: list[LayerResult]) -> dict[str, str]:
 def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
     """One column per threshold in use, one row per layer: failed layers first, then passed, then
     not gated; forward order within each."""
-    def status(layer: LayerResult) -> str:
-        if layer.outcome is None:
-            return "not gated"
-        return "passed" if layer.outcome.passed else "failed"
-
     used = {check.key for layer in layers if layer.outcome for check in layer.outcome.checks}
     keys = [key for key in LIMITS if key in used]
     rank = {"failed": 0, "passed": 1, "not gated": 2}
     rows = []
-    for layer in sorted(layers, key=lambda layer: rank[status(layer)]):
+    for layer in sorted(layers, key=lambda layer: rank[gate_status(layer)]):
         level = (layer.thresholds or {}).get("fraction_above_level")
         checks = {c.key: check_cell(c, level) for c in (layer.outcome.checks if layer.outcome else ())}
-        rows.append({"name": layer.name, "module": layer.module, "status": status(layer),
+        rows.append({"name": layer.name, "module": layer.module, "status": gate_status(layer),
                      "cells": [checks.get(key) for key in keys]})
     columns = [{"key": key, "figure": LIMITS[key][0], "meaning": LIMITS[key][1]} for key in keys]
     return {"columns": columns, "rows": rows}
