@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .config import AuditFile, RunSettings
     from .gates import GateOutcome
     from .models import LayerSpec, ModelSpec
+    from .outputs import OutputLog
     from .results import AuditResult
 
 # (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>.
@@ -45,7 +46,8 @@ OPTIONS: list[tuple[str, Any, str]] = [
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32"), "control": ("none", "random")}
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
-DEFAULT_REPORT_DIR = "memaudit-report"  # under the rootdir: report.html and results.json
+DEFAULT_REPORT_DIR = "memaudit-report"  # under the invocation directory: report.html and results.json
+OUTPUTS_NOT_WRITTEN = 3  # exit status when every gate passed but an output file could not be written
 GALLERY_MODES = ("images", "names", "none")  # as pytest_memaudit.report.thumbnails, without importing it
 
 
@@ -64,8 +66,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write the audit's results as JSON to PATH (atomically)")
     parser.addini("memaudit_json", "default for --memaudit-json", default=None)
     group.addoption("--memaudit-html", dest="memaudit_html", metavar="PATH", default=None,
-                    help=f"write the HTML audit report to PATH (default: {DEFAULT_REPORT_DIR}/report.html under the "
-                         "rootdir; the JSON goes beside it as results.json unless --memaudit-json is given); "
+                    help=f"write the HTML audit report to PATH (default: {DEFAULT_REPORT_DIR}/report.html in the "
+                         "directory pytest is run from; the JSON goes beside it as results.json unless --memaudit-json is given); "
                          "'none': no report")
     parser.addini("memaudit_html", "default for --memaudit-html ('none': no report)", default=None)
     group.addoption("--memaudit-gallery", dest="memaudit_gallery", choices=GALLERY_MODES, default=None,
@@ -85,9 +87,7 @@ class AuditSession:
     spec: "ModelSpec | None" = None
     result: "AuditResult | None" = None
     wanted_layers: set[str] = field(default_factory=set)
-    json_path: Path | None = None
-    html_path: Path | None = None
-    report_error: str | None = None  # why the HTML report could not be written
+    outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None:
@@ -120,6 +120,7 @@ class AuditSession:
 
             layers = [layer.name for layer in self.spec.layers if layer.name in self.wanted_layers]
             try:
+                check_output_locations(self.config)
                 with _progress(self.config) as progress:
                     self.result = run_audit(self.settings, self.spec, layers, progress)
             except AuditError as exc:
@@ -137,14 +138,27 @@ def pytest_configure(config: pytest.Config) -> None:
                                 f"got {gallery_mode(config)!r}")
     if config.pluginmanager.hasplugin("html"):
         config.pluginmanager.register(HtmlReportExtras(), "memaudit-html-extras")
-    given = [suffix for suffix, _, _ in OPTIONS if config.getoption("memaudit_" + suffix.replace("-", "_")) is not None]
-    if given:  # bad option values are usage errors, found before any collection
-        from .errors import ConfigError
+    validate_options(config, state)
 
-        try:
+
+def validate_options(config: pytest.Config, state: AuditSession) -> None:
+    """Bad option values and unwritable output locations that were asked for are usage errors (exit 4),
+    found before any collection or compute. Modules that import numpy load only when an option is given."""
+    from .errors import ConfigError
+
+    try:
+        if any(config.getoption("memaudit_" + suffix.replace("-", "_")) is not None for suffix, _, _ in OPTIONS):
             state.load_settings()
-        except ConfigError as exc:
-            raise pytest.UsageError(f"memaudit: {exc}") from None
+        if config.getoption("memaudit_threshold"):
+            state.threshold_overrides()
+        if any(_given(config, name) for name in ("memaudit_html", "memaudit_json")):
+            check_output_locations(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"memaudit: {exc}") from None
+
+
+def _given(config: pytest.Config, name: str) -> bool:
+    return bool(config.getoption(name) or config.getini(name))
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
@@ -242,42 +256,66 @@ def memaudit_result(pytestconfig: pytest.Config) -> "AuditResult":
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(audit_session_key, None)
-    if state is None or state.result is None:
+    if state is None:
         return
-    html_path, json_path = report_paths(session.config)
-    if json_path:
-        from .results import write_json_atomic
-
-        state.json_path = write_json_atomic(json_path, state.result.to_json())
-    if html_path:
-        try:
-            state.html_path = write_report(state, html_path)
-        except Exception as exc:  # the JSON and the gates' outcomes stand; the run must not pass silently
-            state.report_error = f"{type(exc).__name__}: {exc}"
-            if session.exitstatus == pytest.ExitCode.OK:
-                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+    if state.result is not None:
+        state.outputs = write_outputs(state)
+    if state.outputs and state.outputs.errors and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = OUTPUTS_NOT_WRITTEN
 
 
 def report_paths(config: pytest.Config) -> tuple[Path | None, Path | None]:
-    """Where the HTML report and the JSON go: (None, ...) when the report is off ('none')."""
+    """Absolute paths of the HTML report and the JSON: (None, ...) when the report is off ('none').
+
+    Relative paths, and the default folder, are under the directory pytest was run from, never the
+    rootdir (which, without an ini file, is the common ancestor of every path on the command line)."""
+    base = config.invocation_params.dir
     html = config.getoption("memaudit_html")
     html = html if html is not None else config.getini("memaudit_html")
     if not html:
-        html_path = config.rootpath / DEFAULT_REPORT_DIR / "report.html"
+        html_path = base / DEFAULT_REPORT_DIR / "report.html"
     else:
-        html_path = None if html.strip().lower() == "none" else Path(html)
+        html_path = None if html.strip().lower() == "none" else base / html
     json_path = config.getoption("memaudit_json") or config.getini("memaudit_json")
     if json_path:
-        return html_path, Path(json_path)
+        return html_path, base / json_path
     return html_path, None if html_path is None else html_path.parent / "results.json"
+
+
+def check_output_locations(config: pytest.Config) -> None:
+    """ConfigError when the report or the JSON cannot be written where they go."""
+    from .errors import ConfigError
+    from .outputs import location_problem
+
+    html_path, json_path = report_paths(config)
+    for what, option, path in (("report", "--memaudit-html", html_path), ("results", "--memaudit-json", json_path)):
+        problem = None if path is None else location_problem(path)
+        if problem:
+            raise ConfigError(f"the {what} cannot be written to {path}: {problem}. Pass {option} PATH with a writable "
+                              "location" + (", or --memaudit-html none for no report" if what == "report" else ""))
 
 
 def gallery_mode(config: pytest.Config) -> str:
     return config.getoption("memaudit_gallery") or config.getini("memaudit_gallery") or "images"
 
 
-def write_report(state: AuditSession, path: Path) -> Path:
-    """Render the session's result; thumbnails are decoded again from the audited images."""
+def write_outputs(state: AuditSession) -> "OutputLog":
+    """Write the JSON, then the report; each failure is logged and the other output still written."""
+    from .outputs import OutputLog
+    from .results import write_json_atomic
+
+    log = OutputLog()
+    html_path, json_path = report_paths(state.config)
+    if json_path:
+        log.write("results", json_path, lambda: write_json_atomic(json_path, state.result.to_json()))
+    if html_path:
+        log.write("report", html_path, lambda: write_report(state, html_path, log))
+    return log
+
+
+def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
+    """Render the session's result; thumbnails are decoded again from the audited images (without
+    them, when the images cannot be opened again: ``log`` says why)."""
     from .report import ImageSetThumbnails, write_html
 
     gallery = gallery_mode(state.config)
@@ -285,7 +323,8 @@ def write_report(state: AuditSession, path: Path) -> Path:
     if gallery == "images":
         from .audit import open_images
 
-        images = ImageSetThumbnails(open_images(state.settings, state.spec, state.result.settings["image_size"]))
+        images = log.make("thumbnails", state.result.data_source, lambda: ImageSetThumbnails(
+            open_images(state.settings, state.spec, state.result.settings["image_size"])))
     return write_html(path, state.result, images, gallery)
 
 
@@ -297,13 +336,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
     terminalreporter.section("memaudit summary")
     terminalreporter.write(render_summary(state.result, markup=terminalreporter.hasmarkup))
-    if state.json_path:
-        terminalreporter.write_line(f"memaudit: results written to {state.json_path}")
-    if state.html_path:
-        terminalreporter.write_line(f"memaudit: report written to {state.html_path}")
-    if state.report_error:
-        terminalreporter.write_line(f"memaudit: ERROR: the HTML report could not be written: {state.report_error}",
-                                    red=True, bold=True)
+    outputs = state.outputs
+    for line in outputs.written if outputs else ():
+        terminalreporter.write_line(f"memaudit: {line}")
+    for line in outputs.errors if outputs else ():
+        terminalreporter.write_line(f"memaudit: ERROR: {line}", red=True, bold=True)
 
 
 class HtmlReportExtras:

@@ -323,8 +323,9 @@ def run_conv_out(pytester, var_checkpoint, *extra, limit="1.0"):
                               "-k", "conv.out", "-p", "no:cacheprovider", *extra)
 
 
-@pytest.mark.parametrize("limit, status", [("1.0", pytest.ExitCode.INTERNAL_ERROR), ("0.0001", pytest.ExitCode.TESTS_FAILED)])
-def test_failed_render_keeps_json_old_report_and_gate_status(pytester, var_checkpoint, monkeypatch, limit, status):
+@pytest.mark.parametrize("limit, status", [("1.0", 3), ("0.0001", pytest.ExitCode.TESTS_FAILED)])
+def test_failed_render_keeps_json_sets_old_report_aside_and_gate_status(pytester, var_checkpoint, monkeypatch, limit,
+                                                                        status):
     def broken(*args, **kwargs):
         raise RuntimeError("template exploded")
 
@@ -333,10 +334,12 @@ def test_failed_render_keeps_json_old_report_and_gate_status(pytester, var_check
     (folder / "report.html").write_text("previous report")
     result = run_conv_out(pytester, var_checkpoint, limit=limit)
     assert result.ret == status
-    result.stdout.fnmatch_lines(["*memaudit: ERROR: the HTML report could not be written: RuntimeError: template exploded"])
+    result.stdout.fnmatch_lines([f"*memaudit: ERROR: the report could not be written to {folder / 'report.html'}: "
+                                 "RuntimeError: template exploded; the file left there by an earlier run (modified *) "
+                                 f"was renamed to {folder / 'report.html.stale'}"])
     assert [layer["name"] for layer in json.loads((folder / "results.json").read_text())["layers"]] == ["conv.out"]
-    assert (folder / "report.html").read_text() == "previous report"
-    assert sorted(p.name for p in folder.iterdir()) == ["report.html", "results.json"]  # no temporary left over
+    assert (folder / "report.html.stale").read_text() == "previous report"
+    assert sorted(p.name for p in folder.iterdir()) == ["report.html.stale", "results.json"]  # no temporary left over
 
 
 def test_report_off_and_explicit_paths(pytester, var_checkpoint):
@@ -345,8 +348,8 @@ def test_report_off_and_explicit_paths(pytester, var_checkpoint):
     assert "memaudit: report written" not in result.stdout.str()
     result = run_conv_out(pytester, var_checkpoint, "--memaudit-html", "out/audit.html", "--memaudit-gallery", "none")
     assert result.ret == 0
-    result.stdout.fnmatch_lines(["memaudit: results written to out/results.json",
-                                 "memaudit: report written to out/audit.html"])
+    result.stdout.fnmatch_lines([f"memaudit: results written to {pytester.path / 'out' / 'results.json'}",
+                                 f"memaudit: report written to {pytester.path / 'out' / 'audit.html'}"])
     html = (pytester.path / "out" / "audit.html").read_text()
     assert "builtin/0000" not in html and "data point #0" in html
 
