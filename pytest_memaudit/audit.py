@@ -27,7 +27,7 @@ from . import __version__
 from .augment import augment_views
 from .config import RunSettings
 from .data import ImageSet
-from .errors import AuditError, DataError
+from .errors import AuditError, DataError, user_code
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
 from .models import LayerSpec, ModelSpec, get_model_spec
@@ -61,7 +61,8 @@ def run_audit(
     source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
 
     checkpoint = spec.locate(settings.checkpoint)
-    subject = prepare(spec.build(checkpoint), device)
+    with user_code(f"building model {spec.name}"):
+        subject = prepare(spec.build(checkpoint), device)
     subjects = {"model": subject}
     control = settings.control or spec.default_control
     if control == "random":
@@ -91,7 +92,8 @@ def run_audit(
                     indices = torch.arange(len(samples), len(samples) + n, device=device)
                     for role, net in subjects.items():
                         tick = time.perf_counter()
-                        outputs = forward(net, recorders[role], batch_views)
+                        with user_code(f"the forward pass of {spec.name} ({role})"):
+                            outputs = forward(net, recorders[role], batch_views)
                         forward_seconds += time.perf_counter() - tick
                         if not accumulators[role]:
                             accumulators[role] = new_accumulators(outputs, settings, len(images), device, median_budget)

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import yamlsafe
+from . import hardware, yamlsafe
 from .errors import ConfigError
 from .gates import LIMITS, SETTINGS, THRESHOLD_KEYS
-from .models import ModelSpec, get_model_spec, user_model_spec
+from .models import BUILTIN_MODELS, ModelSpec, get_model_spec, user_model_spec
 from .yamlsafe import quote, shorten
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
@@ -93,11 +94,39 @@ def make_settings(**values: Any) -> RunSettings:
     for key, choices in _CHOICES.items():
         if key in given and given[key] not in choices:
             raise ConfigError(f"--memaudit-{key} must be one of {', '.join(choices)}, got {given[key]!r}")
-    if "device" in given:
-        device = str(given["device"])
-        if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
-            raise ConfigError(f"--memaudit-device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if "device" in given and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(given["device"])):
+        raise ConfigError(f"--memaudit-device must be auto, cpu, cuda or cuda:N (N: a GPU number, 0 the first), "
+                          f"got {quote(given['device'])}")
     return RunSettings(**given)
+
+
+def check_image_fits(settings: RunSettings) -> None:
+    """ConfigError when one view at ``settings.image_size`` cannot fit in the machine's memory.
+
+    The law is a lower bound, so that only impossible sizes are refused: a view holds at least its
+    RGB input and the first layer's output at full resolution, as float32 (the first layer's width
+    is known for the built-in models; for a user model only the input counts)."""
+    size = settings.image_size
+    memory = hardware.physical_memory_bytes()
+    if size is None or memory is None:
+        return
+    spec = BUILTIN_MODELS.get(settings.model)
+    channels = spec.input_layer_channels if spec else 0
+    needed = size * size * (3 + channels) * 4
+    if needed > memory:
+        per_pixel = "the RGB input" + (f" and its first layer's {channels} channels" if channels else "")
+        raise ConfigError(
+            f"--memaudit-image-size {size}: one {size}x{size} view of {settings.model} needs at least "
+            f"{_binary_size(needed)} ({3 + channels} float32 values per pixel: {per_pixel}), more than this "
+            f"machine's {_binary_size(memory)} of memory. Audit at a smaller size"
+            + (f" (the model's own is {spec.default_image_size})." if spec else ".")
+        )
+
+
+def _binary_size(count: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = min(int(math.log(max(count, 1), 1024)), len(units) - 1)
+    return f"{count / 1024**power:.1f} {units[power]}"
 
 
 # ---------------------------------------------------------------------------- audit files

@@ -120,6 +120,9 @@ class AuditSession:
 
             layers = [layer.name for layer in self.spec.layers if layer.name in self.wanted_layers]
             try:
+                from .config import check_image_fits
+
+                check_image_fits(self.settings)
                 check_output_locations(self.config)
                 with _progress(self.config) as progress:
                     self.result = run_audit(self.settings, self.spec, layers, progress)
@@ -148,7 +151,9 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
 
     try:
         if any(config.getoption("memaudit_" + suffix.replace("-", "_")) is not None for suffix, _, _ in OPTIONS):
-            state.load_settings()
+            from .config import check_image_fits
+
+            check_image_fits(state.load_settings())
         if config.getoption("memaudit_threshold"):
             state.threshold_overrides()
         if any(_given(config, name) for name in ("memaudit_html", "memaudit_json")):

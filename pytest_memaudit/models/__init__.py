@@ -39,6 +39,9 @@ class ModelSpec:
     # is not given (a demo model's own training set); None: the built-in generated set.
     default_data: Callable[[int, int], Any] | None = field(compare=False, default=None)
     default_control: str = "none"  # "random": also audit random weights unless told otherwise
+    # Channels of the first layer's output, at full image resolution: with the RGB input, the least
+    # memory one view takes (the image-size check's law); 0 when not known (a user model).
+    input_layer_channels: int = 0
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
         for layer in self.layers:
@@ -110,6 +113,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         default_image_size=64,
         default_data=_demo_data,
         default_control="random",
+        input_layer_channels=32,
     ),
     "var_d16": ModelSpec(
         name="var_d16",
@@ -117,6 +121,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         build=_build_var_d16,
         locate=_locate_var_d16,
         description="Encoder of VAR-d16's VQVAE tokenizer (vae_ch160v4096z32.pth)",
+        input_layer_channels=160,
     ),
 }
 
