@@ -135,7 +135,7 @@ def run_audit(
         data_source=source,
         samples=samples,
         layers=results["model"],
-        skipped=skipped,
+        skipped=images.unlisted + skipped,
         checkpoint=checkpoint_record(checkpoint),
         timing={
             "wall_s": wall,
@@ -314,7 +314,7 @@ def precision_mode(precision: str, device: torch.device):
 
 def view_seed(seed: int, image_id: str) -> int:
     """The seed of an image's views: depends on the audit seed and the image, not on batching."""
-    digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{image_id}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

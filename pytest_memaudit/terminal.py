@@ -8,6 +8,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from .data import display_id
 from .results import AuditResult
 
 
@@ -54,8 +55,8 @@ def render_summary(result: AuditResult, markup: bool = False) -> str:
     console.print(table)
     console.print(lines, markup=False)
     if result.skipped:
-        console.print(f"{len(result.skipped)} unreadable image(s) skipped, e.g. {result.skipped[0]['id']}: "
+        console.print(f"{len(result.skipped)} unreadable image(s) skipped, e.g. {display_id(result.skipped[0]['id'])}: "
                       f"{result.skipped[0]['reason']}", markup=False)
     for note in result.notes:
-        console.print(f"note: {note}", markup=False)
+        console.print(f"note: {display_id(note)}", markup=False)
     return buffer.getvalue()

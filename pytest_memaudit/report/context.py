@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import display_id
 from ..gates import LIMITS, Check
 from ..results import AuditResult, LayerResult
 from ..stats import group_size
@@ -58,7 +59,8 @@ def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
         "least_picked": picked(result, bottom, gallery),
         "canaries": canary_rows(result, gallery),
         "run": run_record(result),
-        "skipped": result.skipped if gallery.mode != "none" else [],
+        "skipped": [{"id": display_id(item["id"]), "reason": item["reason"]} for item in result.skipped]
+        if gallery.mode != "none" else [],
         "skipped_count": len(result.skipped),
         "heatmap": figures.heatmap(
             [layer.name for layer in result.layers],
@@ -224,9 +226,9 @@ def run_record(result: AuditResult) -> list[tuple[str, str]]:
     wall = t.get("wall_s")
     rows = [
         ("model", result.model),
-        ("checkpoint", checkpoint.get("path", "none")),
+        ("checkpoint", display_id(checkpoint.get("path", "none"))),
         ("checkpoint sha256", checkpoint.get("sha256", "n/a")),
-        ("data source", result.data_source),
+        ("data source", display_id(result.data_source)),
         ("data points (N)", f"{n} audited, {len(result.skipped)} unreadable skipped"),
         ("image size", f"{s.get('image_size')} px"),
         ("augmentations", f"{s.get('augmentations')} ({s.get('views_per_image')} views per image)"),
