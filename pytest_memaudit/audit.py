@@ -32,6 +32,7 @@ from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
 from .models import LayerSpec, ModelSpec, get_model_spec
 from .results import AuditResult, LayerResult
+from .signals import terminate_as_interrupt
 from .stats import layer_stats
 from .unitmem import UnitMemAccumulator, median_matrix_bytes
 
@@ -78,7 +79,8 @@ def run_audit(
     median_budget = settings.median_memory * 2**20 // len(subjects)
     forward_seconds = 0.0
     try:
-        with torch.inference_mode(), precision_mode(precision, device), reuse_freed_memory(device):
+        with torch.inference_mode(), precision_mode(precision, device), reuse_freed_memory(device), \
+                terminate_as_interrupt():
             batches = images.iter_batches(max(1, batch_size // views), workers, pin_memory=device.type == "cuda")
             for batch in batches:
                 skipped += [{"id": images.ids[pos], "reason": reason} for pos, reason in batch.skipped]

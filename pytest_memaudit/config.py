@@ -179,7 +179,9 @@ class AuditFile:
         return result
 
 
-    def check_gates(self, thresholds: dict[str, dict[str, float | None]], control: bool, overridden: bool = False) -> None:
+    def check_gates(
+        self, thresholds: dict[str, dict[str, float | None]], control: bool, overridden: bool = False
+    ) -> None:
         """ConfigError when ``thresholds`` (from ``thresholds_for``) check nothing on any layer, so
         every layer would pass whatever it measures; unless the file says ``allow_no_gates: true``."""
         if self.allow_no_gates:
@@ -258,7 +260,8 @@ def _user_model(path, where, name, entry) -> ModelSpec:
         )
     for item in layers:
         ok = isinstance(item, str) or (
-            isinstance(item, dict) and set(item) == {"name", "module"} and all(isinstance(v, str) for v in item.values())
+            isinstance(item, dict) and set(item) == {"name", "module"}
+            and all(isinstance(value, str) for value in item.values())
         )
         if not ok:
             raise ConfigError(f"{path}: {where}: audited_layers entry {quote(item)} is not a module path or a {{name, module}} mapping")

@@ -73,7 +73,8 @@ def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | N
             if folder == str(root):
                 raise DataError(f"cannot read data directory {root}: {exc.strerror or exc}; check its "
                                 "permissions, or pass --memaudit-data DIR with a readable folder.") from None
-            unlisted.append({"id": _relative(folder, root) + "/", "reason": f"cannot read the folder: {exc.strerror or exc}"})
+            reason = f"cannot read the folder: {exc.strerror or exc}"
+            unlisted.append({"id": _relative(folder, root) + "/", "reason": reason})
             continue
         for entry in entries:
             if entry.name.startswith("."):

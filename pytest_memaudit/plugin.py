@@ -67,8 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("memaudit_json", "default for --memaudit-json", default=None)
     group.addoption("--memaudit-html", dest="memaudit_html", metavar="PATH", default=None,
                     help=f"write the HTML audit report to PATH (default: {DEFAULT_REPORT_DIR}/report.html in the "
-                         "directory pytest is run from; the JSON goes beside it as results.json unless --memaudit-json is given); "
-                         "'none': no report")
+                         "directory pytest is run from; the JSON goes beside it as results.json unless --memaudit-json "
+                         "is given); 'none': no report")
     parser.addini("memaudit_html", "default for --memaudit-html ('none': no report)", default=None)
     group.addoption("--memaudit-gallery", dest="memaudit_gallery", choices=GALLERY_MODES, default=None,
                     help="what the report shows of the audited images: images (thumbnails and file names, default), "
