@@ -28,6 +28,7 @@ from .augment import augment_views
 from .config import RunSettings
 from .data import ImageSet
 from .errors import AuditError, DataError, user_code
+from .hardware import precision_notes
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
 from .models import LayerSpec, ModelSpec, get_model_spec
@@ -75,6 +76,7 @@ def run_audit(
     samples: list[str] = []
     skipped: list[dict[str, str]] = []
     notes = [images.warning] if images.warning else []
+    notes += precision_notes(precision, device)
     forward = AdaptiveForward(batch_size, device, notes)
     median_budget = settings.median_memory * 2**20 // len(subjects)
     forward_seconds = 0.0
