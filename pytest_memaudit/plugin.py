@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from . import parallel
+
 if TYPE_CHECKING:
     from .config import AuditFile, RunSettings
     from .gates import GateOutcome
@@ -88,6 +90,9 @@ class AuditSession:
     result: "AuditResult | None" = None
     wanted_layers: set[str] = field(default_factory=set)
     outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
+    session: pytest.Session | None = None
+    error: str | None = None  # why the audit cannot run, in an xdist worker (elsewhere: a UsageError)
+    worker_reports: list[dict[str, Any]] = field(default_factory=list)  # in the xdist controller
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None:
@@ -113,8 +118,12 @@ class AuditSession:
         return overrides
 
     def run(self) -> "AuditResult":
-        """Compute the audit for every wanted layer (once); AuditError -> pytest.UsageError."""
-        if self.result is None:
+        """Compute the audit for every wanted layer (once); AuditError -> pytest.UsageError.
+
+        In an xdist worker a UsageError would only fail the test that asked: instead the test fails
+        with the message, the worker stops, and the controller reports the error (exit status 4).
+        """
+        if self.result is None and self.error is None:
             from .audit import run_audit
             from .errors import AuditError
 
@@ -127,8 +136,45 @@ class AuditSession:
                 with _progress(self.config) as progress:
                     self.result = run_audit(self.settings, self.spec, layers, progress)
             except AuditError as exc:
-                raise pytest.UsageError(f"memaudit: the audit cannot run: {exc}") from None
+                message = f"memaudit: the audit cannot run: {exc}"
+                if not parallel.is_worker(self.config):
+                    raise pytest.UsageError(message) from None
+                self.error = message
+        if self.error is not None:
+            if self.session is not None:
+                self.session.shouldstop = self.error
+            pytest.fail(self.error, pytrace=False)
         return self.result
+
+    def writes_outputs(self) -> bool:
+        """Whether this process writes the outputs: it has a result and, in an xdist worker, ran the
+        layer tests (a worker that computed it only for the memaudit_result fixture leaves them)."""
+        if self.result is None:
+            return False
+        if not parallel.is_worker(self.config) or not self.wanted_layers:
+            return True
+        return any(layer.outcome is not None for layer in self.result.layers)
+
+    def report(self, markup: bool) -> dict[str, Any] | None:
+        """What this process has to show at the end: the summary, the output lines, the error."""
+        if self.outputs is None and self.error is None:
+            return None
+        from .terminal import render_summary
+
+        return {"summary": None if self.outputs is None else render_summary(self.result, markup=markup),
+                "written": [] if self.outputs is None else self.outputs.written,
+                "errors": [] if self.outputs is None else self.outputs.errors, "error": self.error}
+
+    def reports(self, markup: bool) -> list[dict[str, Any]]:
+        """This process's report, and in the xdist controller those its workers sent."""
+        own = self.report(markup)
+        return ([own] if own else []) + self.worker_reports
+
+    def problems(self) -> tuple[bool, bool]:
+        """(the audit could not run, an output could not be written), here or in an xdist worker."""
+        could_not_run = self.error is not None or any(report["error"] for report in self.worker_reports)
+        unwritten = bool(self.outputs and self.outputs.errors) or any(report["errors"] for report in self.worker_reports)
+        return could_not_run, unwritten
 
 
 audit_session_key = pytest.StashKey[AuditSession]()
@@ -141,6 +187,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                 f"got {gallery_mode(config)!r}")
     if config.pluginmanager.hasplugin("html"):
         config.pluginmanager.register(HtmlReportExtras(), "memaudit-html-extras")
+    parallel.register(config, lambda nodeid: is_audit_file(nodeid.split("::", 1)[0], config),
+                      state.worker_reports.append)
     validate_options(config, state)
 
 
@@ -167,10 +215,14 @@ def _given(config: pytest.Config, name: str) -> bool:
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
-    patterns = parent.config.getini("memaudit_files")
-    if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in patterns):
+    if is_audit_file(str(file_path), parent.config):
         return AuditYamlFile.from_parent(parent, path=file_path)
     return None
+
+
+def is_audit_file(path: str, config: pytest.Config) -> bool:
+    """Whether the file at ``path`` is an audit YAML file (its name matches ini memaudit_files)."""
+    return any(fnmatch.fnmatch(Path(path).name, pattern) for pattern in config.getini("memaudit_files"))
 
 
 class AuditYamlFile(pytest.File):
@@ -238,11 +290,13 @@ class LayerItem(pytest.Item):
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Run the audit once, after -k/-m deselection, for exactly the selected layers."""
     state = session.config.stash[audit_session_key]
+    state.session = session
     items = [item for item in session.items if isinstance(item, LayerItem)]
     if not items or session.config.option.collectonly:
         return
     state.wanted_layers = {item.layer.name for item in items}
-    state.run()
+    if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
+        state.run()
 
 
 @pytest.fixture(scope="session")
@@ -263,9 +317,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(audit_session_key, None)
     if state is None:
         return
-    if state.result is not None:
+    if state.writes_outputs():
         state.outputs = write_outputs(state)
-    if state.outputs and state.outputs.errors and session.exitstatus == pytest.ExitCode.OK:
+    if parallel.is_worker(session.config):
+        parallel.send_to_controller(session.config, state.report(markup=False))
+        return
+    could_not_run, unwritten = state.problems()
+    if could_not_run:
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
+    elif unwritten and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = OUTPUTS_NOT_WRITTEN
 
 
@@ -335,17 +395,16 @@ def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = config.stash.get(audit_session_key, None)
-    if state is None or state.result is None:
-        return
-    from .terminal import render_summary
-
-    terminalreporter.section("memaudit summary")
-    terminalreporter.write(render_summary(state.result, markup=terminalreporter.hasmarkup))
-    outputs = state.outputs
-    for line in outputs.written if outputs else ():
-        terminalreporter.write_line(f"memaudit: {line}")
-    for line in outputs.errors if outputs else ():
-        terminalreporter.write_line(f"memaudit: ERROR: {line}", red=True, bold=True)
+    for report in state.reports(markup=terminalreporter.hasmarkup) if state else ():
+        if report["summary"] is not None:
+            terminalreporter.section("memaudit summary")
+            terminalreporter.write(report["summary"])
+        for line in report["written"]:
+            terminalreporter.write_line(f"memaudit: {line}")
+        for line in report["errors"]:
+            terminalreporter.write_line(f"memaudit: ERROR: {line}", red=True, bold=True)
+        if report["error"]:
+            terminalreporter.write_line(f"ERROR: {report['error']}", red=True, bold=True)
 
 
 class HtmlReportExtras:
