@@ -160,3 +160,26 @@ def test_default_report_goes_under_the_invocation_directory(pytester, audit_dir,
     assert not os.path.exists(os.path.join(common, "memaudit-report"))
     result.stdout.fnmatch_lines([f"memaudit: results written to {pytester.path}/memaudit-report/results.json",
                                  f"memaudit: report written to {pytester.path}/memaudit-report/report.html"])
+
+
+def test_thumbnails_that_cannot_be_made_leave_a_report_without_them(pytester, audit_dir, var_checkpoint, monkeypatch):
+    from pytest_memaudit import audit
+    from pytest_memaudit.errors import DataError
+
+    real_open_images, calls = audit.open_images, []
+
+    def open_images_once(*args):  # the audit opens the images; the report cannot open them again
+        calls.append(args)
+        if len(calls) > 1:
+            raise DataError("the data folder went away")
+        return real_open_images(*args)
+
+    monkeypatch.setattr(audit, "open_images", open_images_once)
+    result = pytester.runpytest(*tiny_args(var_checkpoint))
+    assert result.ret == 3
+    result.stdout.fnmatch_lines([
+        f"memaudit: report written to {pytester.path}/memaudit-report/report.html",
+        "memaudit: ERROR: the thumbnails could not be made from builtin (generated images): "
+        "DataError: the data folder went away",
+    ])
+    assert "background-image: url(" not in (pytester.path / "memaudit-report" / "report.html").read_text()
