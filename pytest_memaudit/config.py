@@ -264,7 +264,8 @@ def _user_model(path, where, name, entry) -> ModelSpec:
             and all(isinstance(value, str) for value in item.values())
         )
         if not ok:
-            raise ConfigError(f"{path}: {where}: audited_layers entry {quote(item)} is not a module path or a {{name, module}} mapping")
+            raise ConfigError(f"{path}: {where}: audited_layers entry {quote(item)} is not a module path or a "
+                              "{name, module} mapping")
     _check_layers_unambiguous(path, where, [(item, item) if isinstance(item, str) else (item["name"], item["module"])
                                             for item in layers])
     image_size = entry.get("image_size", 256)

@@ -173,7 +173,8 @@ class AuditSession:
     def problems(self) -> tuple[bool, bool]:
         """(the audit could not run, an output could not be written), here or in an xdist worker."""
         could_not_run = self.error is not None or any(report["error"] for report in self.worker_reports)
-        unwritten = bool(self.outputs and self.outputs.errors) or any(report["errors"] for report in self.worker_reports)
+        unwritten = bool(self.outputs and self.outputs.errors) or any(
+            report["errors"] for report in self.worker_reports)
         return could_not_run, unwritten
 
 

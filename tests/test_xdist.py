@@ -8,20 +8,20 @@ import pytest
 pytest.importorskip("xdist")
 pytest_plugins = ["pytester"]
 
-# Loaded by every worker: logs each run_audit call, so the test can count them.
+# Logs each run_audit call, so the test can count them. Patched once collection is done: in the
+# workers only (the controller collects nothing), before the audit could run.
 COUNTING_CONFTEST = """
-import pytest_memaudit.audit as audit
+def pytest_collection_modifyitems(items):
+    import pytest_memaudit.audit as audit
 
-_real_run_audit = audit.run_audit
+    real_run_audit = audit.run_audit
 
+    def counted(*args, **kwargs):
+        with open({log!r}, "a") as log:
+            log.write("run_audit\\n")
+        return real_run_audit(*args, **kwargs)
 
-def _counted(*args, **kwargs):
-    with open({log!r}, "a") as log:
-        log.write("run_audit\\n")
-    return _real_run_audit(*args, **kwargs)
-
-
-audit.run_audit = _counted
+    audit.run_audit = counted
 """
 
 
