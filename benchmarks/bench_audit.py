@@ -45,6 +45,9 @@ QUICK = {"images": 4, "size": 16, "views": 2}
 # --- inputs ---------------------------------------------------------------------------------
 
 
+MEMORIZATION_GATES = ("membership_p_min", "membership_excess_max", "excess_over_control_max")
+
+
 def write_checkpoint(workdir: Path) -> Path:
     """A full-width var_d16 encoder checkpoint with seeded random weights (cached in workdir)."""
     path = workdir / "vae_ch160v4096z32.pth"
@@ -92,7 +95,10 @@ def pytest_args(ckpt, data, size, views, precision, device, batch_size, out) -> 
     args = [sys.executable, "-m", "pytest", "audits/", "-q", "-p", "no:cacheprovider",
             "--memaudit-model", "var_d16", "--memaudit-checkpoint", str(ckpt), "--memaudit-data", str(data),
             "--memaudit-image-size", str(size), "--memaudit-augmentations", str(views),
-            "--memaudit-precision", precision, "--memaudit-device", device, "--memaudit-json", str(out)]
+            "--memaudit-precision", precision, "--memaudit-device", device, "--memaudit-json", str(out),
+            # the work the naive pipeline does: the model alone, on the members alone
+            "--memaudit-control", "none", "--memaudit-holdout", "none",
+            *[f"--memaudit-threshold={key}=off" for key in MEMORIZATION_GATES]]
     return args + (["--memaudit-batch-size", str(batch_size)] if batch_size else [])
 
 

@@ -28,7 +28,8 @@ from .config import RunSettings, control_roles
 from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
 from .device import ForwardTimer, check_precision, is_out_of_memory, precision_mode, resolve_device, selected_device
-from .errors import AuditError, DataError
+from .errors import AuditError, DataError, user_code
+from .hardware import precision_notes
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
 from .labelled import LabelledImages, labelled_images
@@ -37,6 +38,7 @@ from .models import LayerSpec, ModelSpec, get_model_spec
 from .planted import PlantedUnit, choose_plants, planted_copy, thumbnails
 from .planted import evaluate as evaluate_planted
 from .results import AuditResult, LayerResult, SubjectResult
+from .signals import terminate_as_interrupt
 from .stats import jackknife_interval, layer_stats, spread_figures
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
@@ -84,16 +86,17 @@ def run_audit(
     batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
     controls = control_roles(settings, spec)
     images = open_images(settings, spec, image_size, planted=settings.planted_units if "planted" in controls else 0)
-    notes = list(images.notes)
+    notes = list(images.notes) + precision_notes(precision, device)
     source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
 
     checkpoint = spec.locate(settings.checkpoint)
-    model_net = prepare(spec.build(checkpoint), device)
+    with user_code(f"building model {spec.name}"):
+        model_net = prepare(spec.build(checkpoint), device)
     subjects = [Subject("model", model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
     if "random" in controls:
         control_net = prepare(random_weights_copy(model_net, settings.seed), device)
         subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
-    if "planted" in controls and not images.count(PLANTED):
+    if "planted" in (settings.control or "") and not images.count(PLANTED):  # asked for, not the default
         notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
 
     workers = settings.workers if settings.workers is not None else default_workers(images)
@@ -106,7 +109,7 @@ def run_audit(
     checker = OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None
     try:
         with torch.inference_mode(), selected_device(device), precision_mode(precision, device), \
-                reuse_freed_memory(device):
+                reuse_freed_memory(device), terminate_as_interrupt():
             if images.count(PLANTED) and "planted" in controls:
                 plants, planted_net = build_planted(model_net, selected, images, settings, device, forward)
                 subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
@@ -129,7 +132,7 @@ def run_audit(
                     label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
                     group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
                     for subject in subjects:
-                        with timer:
+                        with timer, user_code(f"the forward pass of {spec.name} ({subject.role})"):
                             outputs = forward(subject.net, subject.recorder, batch_views)
                         if not subject.states:
                             subject.states = new_states(outputs, settings, len(images), device, median_budget)
@@ -172,7 +175,7 @@ def run_audit(
         samples=samples,
         layers=layers_out,
         labels=[LABELS[code] for code in point_labels.tolist()],
-        skipped=skipped,
+        skipped=images.unlisted + skipped,
         checkpoint=checkpoint_record(checkpoint),
         timing={
             "wall_s": wall,
@@ -465,7 +468,7 @@ def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list
 
 def view_seed(seed: int, image_id: str) -> int:
     """The seed of an image's views: depends on the audit seed and the image, not on batching."""
-    digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{image_id}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

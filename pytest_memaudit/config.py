@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import hardware, yamlsafe
 from .errors import ConfigError
 from .gates import INTERVAL_FIGURES, LIMITS, MULTIPLE_TESTING, SETTINGS, SEVERITIES, THRESHOLD_KEYS, WHEN, Gate
-from .models import ModelSpec, get_model_spec, user_model_spec
+from .models import BUILTIN_MODELS, ModelSpec, get_model_spec, user_model_spec
+from .yamlsafe import quote, shorten
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
 CONTROLS = ("random", "planted")  # --memaudit-control: none, or a comma-separated list of these
@@ -114,16 +117,44 @@ def make_settings(**values: Any) -> RunSettings:
                 f"got {given['control']!r}"
             )
         given["control"] = ",".join(roles)
-    if "device" in given:
-        device = str(given["device"])
-        if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
-            raise ConfigError(f"--memaudit-device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if "device" in given and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(given["device"])):
+        raise ConfigError(f"--memaudit-device must be auto, cpu, cuda or cuda:N (N: a GPU number, 0 the first), "
+                          f"got {quote(given['device'])}")
     return RunSettings(**given)
+
+
+def check_image_fits(settings: RunSettings) -> None:
+    """ConfigError when one view at ``settings.image_size`` cannot fit in the machine's memory.
+
+    The law is a lower bound, so that only impossible sizes are refused: a view holds at least its
+    RGB input and the first layer's output at full resolution, as float32 (the first layer's width
+    is known for the built-in models; for a user model only the input counts)."""
+    size = settings.image_size
+    memory = hardware.physical_memory_bytes()
+    if size is None or memory is None:
+        return
+    spec = BUILTIN_MODELS.get(settings.model)
+    channels = spec.input_layer_channels if spec else 0
+    needed = size * size * (3 + channels) * 4
+    if needed > memory:
+        per_pixel = "the RGB input" + (f" and its first layer's {channels} channels" if channels else "")
+        raise ConfigError(
+            f"--memaudit-image-size {size}: one {size}x{size} view of {settings.model} needs at least "
+            f"{_binary_size(needed)} ({3 + channels} float32 values per pixel: {per_pixel}), more than this "
+            f"machine's {_binary_size(memory)} of memory. Audit at a smaller size"
+            + (f" (the model's own is {spec.default_image_size})." if spec else ".")
+        )
+
+
+def _binary_size(count: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = min(int(math.log(max(count, 1), 1024)), len(units) - 1)
+    return f"{count / 1024**power:.1f} {units[power]}"
 
 
 # ---------------------------------------------------------------------------- audit files
 
-_TOP_KEYS = ("version", "thresholds", "layers", "models", "multiple_testing")
+_TOP_KEYS = ("version", "thresholds", "layers", "models", "multiple_testing", "allow_no_gates")
 _GATE_FIELDS = ("limit", "when", "severity")
 Partial = dict[str, Any]  # what one level of configuration sets of a threshold: some of a Gate's fields, or "value"
 _MODEL_KEYS = ("factory", "audited_layers", "image_size", "description", "thresholds", "layers")
@@ -140,6 +171,7 @@ class AuditFile:
     model_layers: dict[str, dict[str, dict[str, Partial]]] = field(default_factory=dict)
     user_models: dict[str, ModelSpec] = field(default_factory=dict)
     multiple_testing: str = "holm"  # how p-value gates are corrected across the audited layers
+    allow_no_gates: bool = False  # an audit that gates nothing is a measurement, not a mistake
 
     def model_spec(self, name: str) -> ModelSpec:
         return get_model_spec(name, self.user_models)
@@ -175,12 +207,28 @@ class AuditFile:
         return result
 
 
+    def check_gates(self, thresholds: dict[str, dict[str, Gate | float]], overridden: bool = False) -> None:
+        """ConfigError when ``thresholds`` (from ``thresholds_for``) check nothing on any layer, so
+        every layer would pass whatever it measures; unless the file says ``allow_no_gates: true``."""
+        if self.allow_no_gates:
+            return
+        active = {key for limits in thresholds.values() for key, gate in limits.items()
+                  if isinstance(gate, Gate) and gate.limit is not None}
+        if active:
+            return
+        raise ConfigError(
+            f"{self.path}: no layer has a threshold{' (after --memaudit-threshold)' if overridden else ''}, so every "
+            "layer would pass whatever it measures. Set thresholds (see the README, Thresholds), or write "
+            "'allow_no_gates: true' at the top level to run the audit as a measurement only."
+        )
+
+
 def _unknown_layer_message(path, where, name, model: ModelSpec) -> str:
     candidates = [layer.name for layer in model.layers] + [layer.module for layer in model.layers]
     close = difflib.get_close_matches(name, candidates, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
-        f"{path}: {where}: model {model.name} has no layer {name!r}.{hint} "
+        f"{path}: {where}: model {model.name} has no layer {quote(name)}.{hint} "
         f"Its layers are: {', '.join(layer.name for layer in model.layers)}."
     )
 
@@ -189,13 +237,14 @@ def load_audit_file(path: str | Path) -> AuditFile:
     """Parse and validate an audit YAML file; every problem is a ConfigError naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            text = handle.read(yamlsafe.MAX_BYTES + 1).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the audit file: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the audit file is not UTF-8 text") from None
     try:
-        document = yaml.safe_load(text)
+        document = yamlsafe.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -210,12 +259,15 @@ def load_audit_file(path: str | Path) -> AuditFile:
             raise ConfigError(f"{path}: multiple_testing must be one of {', '.join(MULTIPLE_TESTING)}, "
                               f"got {document['multiple_testing']!r}")
         audit.multiple_testing = document["multiple_testing"]
+    audit.allow_no_gates = document.get("allow_no_gates", False)
+    if not isinstance(audit.allow_no_gates, bool):
+        raise ConfigError(f"{path}: allow_no_gates must be true or false, got {quote(audit.allow_no_gates)}")
     audit.thresholds = _threshold_block(path, "thresholds", document.get("thresholds"))
     audit.layers = _layer_block(path, "layers", document.get("layers"))
     models = document.get("models") or {}
     _expect_mapping(path, "models", models)
     for name, entry in models.items():
-        where = f"models: {name}"
+        where = f"models: {shorten(str(name))}"
         _expect_mapping(path, where, entry)
         _check_keys(path, where, entry, _MODEL_KEYS)
         audit.model_thresholds[str(name)] = _threshold_block(path, f"{where}: thresholds", entry.get("thresholds"))
@@ -228,7 +280,7 @@ def load_audit_file(path: str | Path) -> AuditFile:
 def _user_model(path, where, name, entry) -> ModelSpec:
     factory = entry.get("factory")
     if not isinstance(factory, str) or ":" not in factory:
-        raise ConfigError(f"{path}: {where}: factory must be 'package.module:function', got {factory!r}")
+        raise ConfigError(f"{path}: {where}: factory must be 'package.module:function', got {quote(factory)}")
     layers = entry.get("audited_layers")
     if not isinstance(layers, list) or not layers:
         raise ConfigError(
@@ -236,13 +288,39 @@ def _user_model(path, where, name, entry) -> ModelSpec:
             "(as model.named_modules() writes them), or of {name: ..., module: ...} mappings"
         )
     for item in layers:
-        ok = isinstance(item, str) or (isinstance(item, dict) and set(item) == {"name", "module"})
+        ok = isinstance(item, str) or (
+            isinstance(item, dict) and set(item) == {"name", "module"}
+            and all(isinstance(value, str) for value in item.values())
+        )
         if not ok:
-            raise ConfigError(f"{path}: {where}: audited_layers entry {item!r} is not a module path or a {{name, module}} mapping")
+            raise ConfigError(f"{path}: {where}: audited_layers entry {quote(item)} is not a module path or a "
+                              "{name, module} mapping")
+    _check_layers_unambiguous(path, where, [(item, item) if isinstance(item, str) else (item["name"], item["module"])
+                                            for item in layers])
     image_size = entry.get("image_size", 256)
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 16:
-        raise ConfigError(f"{path}: {where}: image_size must be a whole number of at least 16, got {image_size!r}")
+        raise ConfigError(f"{path}: {where}: image_size must be a whole number of at least 16, got {quote(image_size)}")
     return user_model_spec(name, {**entry, "layers": layers}, str(path))
+
+
+def _check_layers_unambiguous(path, where, layers: list[tuple[str, str]]) -> None:
+    """Each audited layer is found by its name or its module path, so no two may share either, and no
+    layer's name may be another's module path: thresholds and results would go to the wrong layer."""
+    names: dict[str, int] = {}
+    modules: dict[str, int] = {}
+    for number, (name, module) in enumerate(layers, 1):
+        if name in names:
+            raise ConfigError(f"{path}: {where}: audited_layers: {quote(name)} is listed twice "
+                              f"(entries {names[name]} and {number}); give each layer its own name")
+        if module in modules:
+            raise ConfigError(f"{path}: {where}: audited_layers: module {quote(module)} is audited twice "
+                              f"(entries {modules[module]} and {number}); list each module once")
+        names[name], modules[module] = number, number
+    for name, number in names.items():
+        other = modules.get(name)
+        if other is not None and other != number:
+            raise ConfigError(f"{path}: {where}: audited_layers: {quote(name)} names entry {number} and is the module "
+                              f"of entry {other}; rename the layer, so that each name finds one layer")
 
 
 def _threshold_block(path, where, block) -> dict[str, Partial]:
@@ -291,7 +369,7 @@ def threshold_value(where: str, key: str, value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a number (or null to turn it off), got {value!r}")
+        raise ConfigError(f"{where} must be a number (or null to turn it off), got {quote(value)}")
     value = float(value)
     low = -1.0 if key in ("excess_over_control_max", "membership_excess_max") else 0.0
     if math.isnan(value) or not low <= value <= 1.0:
@@ -304,7 +382,7 @@ def _layer_block(path, where, block) -> dict[str, dict[str, float | None]]:
     if block is None:
         return {}
     _expect_mapping(path, where, block)
-    return {str(name): _threshold_block(path, f"{where}: {name}", entry) for name, entry in block.items()}
+    return {str(name): _threshold_block(path, f"{where}: {shorten(str(name))}", entry) for name, entry in block.items()}
 
 
 def _expect_mapping(path, where, value) -> None:
@@ -317,7 +395,7 @@ def _check_keys(path, where, mapping, allowed) -> None:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{path}: {where}: unknown key {key!r}.{hint} Allowed: {', '.join(allowed)}.")
+            raise ConfigError(f"{path}: {where}: unknown key {quote(key)}.{hint} Allowed: {', '.join(allowed)}.")
 
 
 def parse_threshold_option(text: str) -> tuple[str, str, Partial]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,10 +34,16 @@ CANARY_PREFIX = "canary/"
 # --- listing and sampling -------------------------------------------------------------------
 
 
-def list_image_files(root: str | os.PathLike) -> list[str]:
+def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | None = None) -> list[str]:
     """Images under ``root`` (flat or one subfolder per class, any depth), as sorted POSIX
     paths relative to ``root``. Hidden files and folders are skipped; symlinked folders are
-    followed once."""
+    followed once.
+
+    Entries left out for a reason the user should see are appended to ``unlisted`` as
+    ``{"id", "reason"}``: folders that cannot be read (id ending in ``/``), and image-named
+    entries that are not regular files (named pipes, sockets, devices: opening one can block
+    forever, so they are never opened) or cannot be reached (a broken link).
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(
@@ -47,24 +55,41 @@ def list_image_files(root: str | os.PathLike) -> list[str]:
             f"data directory {root} is a file, not a directory; pass --memaudit-data DIR with "
             "the folder that holds the images (flat, or one subfolder per class)."
         )
+    unlisted = [] if unlisted is None else unlisted
     images: list[str] = []
     others: Counter[str] = Counter()
     seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
+    folders = [str(root)]
+    while folders:
+        folder = folders.pop()
+        real = os.path.realpath(folder)
         if real in seen_dirs:  # a symlink loop, or a folder linked twice
-            dirnames.clear()
             continue
         seen_dirs.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith("."):
+        try:
+            with os.scandir(folder) as scan:
+                entries = list(scan)
+        except OSError as exc:
+            if folder == str(root):
+                raise DataError(f"cannot read data directory {root}: {exc.strerror or exc}; check its "
+                                "permissions, or pass --memaudit-data DIR with a readable folder.") from None
+            reason = f"cannot read the folder: {exc.strerror or exc}"
+            unlisted.append({"id": _relative(folder, root) + "/", "reason": reason})
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            suffix = os.path.splitext(name)[1].lower()
-            if suffix in IMAGE_EXTENSIONS:
-                images.append(Path(dirpath, name).relative_to(root).as_posix())
-            else:
+            if entry.is_dir():  # follows links; the d_type of the listing, no extra call, for the rest
+                folders.append(entry.path)
+                continue
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if suffix not in IMAGE_EXTENSIONS:
                 others[suffix or "(no extension)"] += 1
+            elif entry.is_file():
+                images.append(_relative(entry.path, root))
+            else:
+                unlisted.append({"id": _relative(entry.path, root), "reason": _not_a_file(entry)})
+    unlisted.sort(key=lambda item: item["id"])
     if not images:
         accepted = " ".join(IMAGE_EXTENSIONS)
         if others:
@@ -78,6 +103,41 @@ def list_image_files(root: str | os.PathLike) -> list[str]:
             "--memaudit-data DIR with the folder that holds them."
         )
     return sorted(images)
+
+
+def _relative(path: str, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
+
+
+def _not_a_file(entry: os.DirEntry) -> str:
+    """Why an image-named entry that is not a regular file is left out (found without opening it)."""
+    try:
+        mode = entry.stat().st_mode
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "not a file")
+    return f"not a regular file ({kind}); skipped without opening it"
+
+
+def display_id(sample: str) -> str:
+    """A data point's id as shown to people: bytes of a file name that are not UTF-8 (kept by Python
+    as surrogate escapes) as ``\\xNN``, and control and format characters (terminal escapes, bidi
+    overrides) as ``\\xNN`` or ``\\uNNNN``; everything else as it is."""
+    if sample.isprintable():
+        return sample
+    shown = []
+    for char in sample:
+        if "\udc80" <= char <= "\udcff":  # one undecodable byte, as surrogateescape keeps it
+            shown.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif unicodedata.category(char) in ("Cc", "Cf", "Cs"):
+            shown.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            shown.append(char)
+    return "".join(shown)
 
 
 def select_samples(
@@ -246,6 +306,8 @@ def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
         raise UnreadableImage(path, "empty file" if empty else "not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(path, str(exc) or type(exc).__name__) from exc
+    except Exception as exc:  # noqa: BLE001 (Pillow's decoders raise others on malformed files: skip the file)
+        raise UnreadableImage(path, f"{type(exc).__name__}: {exc}") from exc
     return _resize(_chw(pixels), size)
 
 
@@ -313,14 +375,17 @@ class ImageSet(Dataset):
     warning: str | None = None
     description: str | None = None  # how reports name the source; default: the root or "builtin"
     canaries: list[str] = field(default_factory=list)  # ids of images planted to be memorized
+    # entries of the folder left out at listing time, {"id", "reason"} (see list_image_files)
+    unlisted: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def from_folder(
         cls, root: str | os.PathLike, size: int, samples: int | None, seed: int
     ) -> ImageSet:
         root = Path(root)
-        ids, warning = select_samples(list_image_files(root), samples, seed, source=str(root))
-        return cls(ids, root, size, seed, warning)
+        unlisted: list[dict[str, str]] = []
+        ids, warning = select_samples(list_image_files(root, unlisted), samples, seed, source=str(root))
+        return cls(ids, root, size, seed, warning, unlisted=unlisted)
 
     @classmethod
     def builtin(cls, n: int, size: int, seed: int, start: int = 0) -> ImageSet:

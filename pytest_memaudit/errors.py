@@ -2,8 +2,16 @@
 
 Every problem with the user's input (checkpoint, data, YAML, options) is raised as an
 ``AuditError`` whose message says what is wrong and how to fix it; the plugin shows it as one
-paragraph with no traceback. Anything else escaping the library is a bug.
+paragraph with no traceback. Anything else escaping the library is a bug, except what the user's
+own code raises: ``user_code`` turns that into an ``AuditError``.
 """
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+CAUSE_CHARS = 500  # of the original message, in a user_code error
 
 
 class AuditError(Exception):
@@ -22,5 +30,19 @@ class DataError(AuditError):
     """The image source is missing, empty or unreadable."""
 
 
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run code the user supplies (a model factory, a checkpoint's weights, a forward pass): any
+    exception from it becomes an AuditError that names ``what`` and the cause, so that the plugin
+    shows one usage error instead of an internal error. AuditErrors pass through unchanged."""
+    try:
+        yield
+    except AuditError:
+        raise
+    except Exception as exc:
+        cause = f"{type(exc).__name__}: {exc}"
+        if len(cause) > CAUSE_CHARS:
+            cause = cause[: CAUSE_CHARS - 3] + "..."
+        raise AuditError(f"{what} failed with {cause}") from exc
 class MemauditWarning(UserWarning):
     """A gate of severity ``warn`` was crossed, or the audit has something to say that does not fail it."""

@@ -86,6 +86,10 @@ def labelled_images(
         chosen = np.random.default_rng([seed, 0x91A7]).choice(len(held), size=min(planted, len(held)), replace=False)
         labels[len(members) + np.sort(chosen)] = PLANTED
     parts = [(0, members)] + ([] if holdout is None else [(len(members), holdout)])
+    unlisted = list(members.unlisted)
+    if holdout is not None:
+        prefix = "" if holdout.root is None else HOLDOUT_PREFIX
+        unlisted += [{"id": prefix + item["id"], "reason": item["reason"]} for item in holdout.unlisted]
     return LabelledImages(
         ids=ids,
         root=members.root,
@@ -94,6 +98,7 @@ def labelled_images(
         warning=members.warning,
         description=members.description,
         canaries=members.canaries,
+        unlisted=unlisted,
         parts=parts,
         labels=labels,
         groups=np.array([group_of(image_id, groups) for image_id in ids], dtype=np.int16),

@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from . import parallel
+
 if TYPE_CHECKING:
     from .config import AuditFile, RunSettings
     from .gates import GateOutcome
     from .models import LayerSpec, ModelSpec
+    from .outputs import OutputLog
     from .results import AuditResult
 
 # (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>.
@@ -54,7 +57,8 @@ OPTIONS: list[tuple[str, Any, str]] = [
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32")}
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
-DEFAULT_REPORT_DIR = "memaudit-report"  # under the rootdir: report.html and results.json
+DEFAULT_REPORT_DIR = "memaudit-report"  # under the invocation directory: report.html and results.json
+OUTPUTS_NOT_WRITTEN = 3  # exit status when every gate passed but an output file could not be written
 GALLERY_MODES = ("images", "names", "none")  # as pytest_memaudit.report.thumbnails, without importing it
 
 
@@ -73,9 +77,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write the audit's results as JSON to PATH (atomically)")
     parser.addini("memaudit_json", "default for --memaudit-json", default=None)
     group.addoption("--memaudit-html", dest="memaudit_html", metavar="PATH", default=None,
-                    help=f"write the HTML audit report to PATH (default: {DEFAULT_REPORT_DIR}/report.html under the "
-                         "rootdir; the JSON goes beside it as results.json unless --memaudit-json is given); "
-                         "'none': no report")
+                    help=f"write the HTML audit report to PATH (default: {DEFAULT_REPORT_DIR}/report.html in the "
+                         "directory pytest is run from; the JSON goes beside it as results.json unless --memaudit-json "
+                         "is given); 'none': no report")
     parser.addini("memaudit_html", "default for --memaudit-html ('none': no report)", default=None)
     group.addoption("--memaudit-gallery", dest="memaudit_gallery", choices=GALLERY_MODES, default=None,
                     help="what the report shows of the audited images: images (thumbnails and file names, default), "
@@ -94,11 +98,12 @@ class AuditSession:
     spec: "ModelSpec | None" = None
     result: "AuditResult | None" = None
     wanted_layers: set[str] = field(default_factory=set)
-    json_path: Path | None = None
-    html_path: Path | None = None
-    report_error: str | None = None  # why the HTML report could not be written
     multiple_testing: str = "holm"
     _adjusted_p: dict | None = None
+    outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
+    session: pytest.Session | None = None
+    error: str | None = None  # why the audit cannot run, in an xdist worker (elsewhere: a UsageError)
+    worker_reports: list[dict[str, Any]] = field(default_factory=list)  # in the xdist controller
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None:
@@ -132,19 +137,65 @@ class AuditSession:
         return self._adjusted_p
 
     def run(self) -> "AuditResult":
-        """Compute the audit for every wanted layer (once); AuditError -> pytest.UsageError."""
-        if self.result is None:
+        """Compute the audit for every wanted layer (once); AuditError -> pytest.UsageError.
+
+        In an xdist worker a UsageError would only fail the test that asked: instead the test fails
+        with the message, the worker stops, and the controller reports the error (exit status 4).
+        """
+        if self.result is None and self.error is None:
             from .audit import run_audit
             from .errors import AuditError
 
             layers = [layer.name for layer in self.spec.layers if layer.name in self.wanted_layers]
             try:
+                from .config import check_image_fits
+
+                check_image_fits(self.settings)
+                check_output_locations(self.config)
                 with _progress(self.config) as progress:
                     self.result = run_audit(self.settings, self.spec, layers, progress)
                 self.result.multiple_testing = self.multiple_testing
             except AuditError as exc:
-                raise pytest.UsageError(f"memaudit: the audit cannot run: {exc}") from None
+                message = f"memaudit: the audit cannot run: {exc}"
+                if not parallel.is_worker(self.config):
+                    raise pytest.UsageError(message) from None
+                self.error = message
+        if self.error is not None:
+            if self.session is not None:
+                self.session.shouldstop = self.error
+            pytest.fail(self.error, pytrace=False)
         return self.result
+
+    def writes_outputs(self) -> bool:
+        """Whether this process writes the outputs: it has a result and, in an xdist worker, ran the
+        layer tests (a worker that computed it only for the memaudit_result fixture leaves them)."""
+        if self.result is None:
+            return False
+        if not parallel.is_worker(self.config) or not self.wanted_layers:
+            return True
+        return any(layer.outcome is not None for layer in self.result.layers)
+
+    def report(self, markup: bool) -> dict[str, Any] | None:
+        """What this process has to show at the end: the summary, the output lines, the error."""
+        if self.outputs is None and self.error is None:
+            return None
+        from .terminal import render_summary
+
+        return {"summary": None if self.outputs is None else render_summary(self.result, markup=markup),
+                "written": [] if self.outputs is None else self.outputs.written,
+                "errors": [] if self.outputs is None else self.outputs.errors, "error": self.error}
+
+    def reports(self, markup: bool) -> list[dict[str, Any]]:
+        """This process's report, and in the xdist controller those its workers sent."""
+        own = self.report(markup)
+        return ([own] if own else []) + self.worker_reports
+
+    def problems(self) -> tuple[bool, bool]:
+        """(the audit could not run, an output could not be written), here or in an xdist worker."""
+        could_not_run = self.error is not None or any(report["error"] for report in self.worker_reports)
+        unwritten = bool(self.outputs and self.outputs.errors) or any(
+            report["errors"] for report in self.worker_reports)
+        return could_not_run, unwritten
 
 
 audit_session_key = pytest.StashKey[AuditSession]()
@@ -157,21 +208,42 @@ def pytest_configure(config: pytest.Config) -> None:
                                 f"got {gallery_mode(config)!r}")
     if config.pluginmanager.hasplugin("html"):
         config.pluginmanager.register(HtmlReportExtras(), "memaudit-html-extras")
-    given = [suffix for suffix, _, _ in OPTIONS if config.getoption("memaudit_" + suffix.replace("-", "_")) is not None]
-    if given:  # bad option values are usage errors, found before any collection
-        from .errors import ConfigError
+    parallel.register(config, lambda nodeid: is_audit_file(nodeid.split("::", 1)[0], config),
+                      state.worker_reports.append)
+    validate_options(config, state)
 
-        try:
-            state.load_settings()
-        except ConfigError as exc:
-            raise pytest.UsageError(f"memaudit: {exc}") from None
+
+def validate_options(config: pytest.Config, state: AuditSession) -> None:
+    """Bad option values and unwritable output locations that were asked for are usage errors (exit 4),
+    found before any collection or compute. Modules that import numpy load only when an option is given."""
+    from .errors import ConfigError
+
+    try:
+        if any(config.getoption("memaudit_" + suffix.replace("-", "_")) is not None for suffix, _, _ in OPTIONS):
+            from .config import check_image_fits
+
+            check_image_fits(state.load_settings())
+        if config.getoption("memaudit_threshold"):
+            state.threshold_overrides()
+        if any(_given(config, name) for name in ("memaudit_html", "memaudit_json")):
+            check_output_locations(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"memaudit: {exc}") from None
+
+
+def _given(config: pytest.Config, name: str) -> bool:
+    return bool(config.getoption(name) or config.getini(name))
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
-    patterns = parent.config.getini("memaudit_files")
-    if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in patterns):
+    if is_audit_file(str(file_path), parent.config):
         return AuditYamlFile.from_parent(parent, path=file_path)
     return None
+
+
+def is_audit_file(path: str, config: pytest.Config) -> bool:
+    """Whether the file at ``path`` is an audit YAML file (its name matches ini memaudit_files)."""
+    return any(fnmatch.fnmatch(Path(path).name, pattern) for pattern in config.getini("memaudit_files"))
 
 
 class AuditYamlFile(pytest.File):
@@ -187,7 +259,9 @@ class AuditYamlFile(pytest.File):
 
             audit = load_audit_file(self.path)
             spec = audit.model_spec(settings.model)
-            thresholds = audit.thresholds_for(spec, state.threshold_overrides())
+            overrides = state.threshold_overrides()
+            thresholds = audit.thresholds_for(spec, overrides)
+            audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
         self._check_gates_can_be_evaluated(settings, spec, thresholds)
@@ -259,11 +333,13 @@ class LayerItem(pytest.Item):
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Run the audit once, after -k/-m deselection, for exactly the selected layers."""
     state = session.config.stash[audit_session_key]
+    state.session = session
     items = [item for item in session.items if isinstance(item, LayerItem)]
     if not items or session.config.option.collectonly:
         return
     state.wanted_layers = {item.layer.name for item in items}
-    state.run()
+    if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
+        state.run()
 
 
 @pytest.fixture(scope="session")
@@ -282,42 +358,72 @@ def memaudit_result(pytestconfig: pytest.Config) -> "AuditResult":
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(audit_session_key, None)
-    if state is None or state.result is None:
+    if state is None:
         return
-    html_path, json_path = report_paths(session.config)
-    if json_path:
-        from .results import write_json_atomic
-
-        state.json_path = write_json_atomic(json_path, state.result.to_json())
-    if html_path:
-        try:
-            state.html_path = write_report(state, html_path)
-        except Exception as exc:  # the JSON and the gates' outcomes stand; the run must not pass silently
-            state.report_error = f"{type(exc).__name__}: {exc}"
-            if session.exitstatus == pytest.ExitCode.OK:
-                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+    if state.writes_outputs():
+        state.outputs = write_outputs(state)
+    if parallel.is_worker(session.config):
+        parallel.send_to_controller(session.config, state.report(markup=False))
+        return
+    could_not_run, unwritten = state.problems()
+    if could_not_run:
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
+    elif unwritten and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = OUTPUTS_NOT_WRITTEN
 
 
 def report_paths(config: pytest.Config) -> tuple[Path | None, Path | None]:
-    """Where the HTML report and the JSON go: (None, ...) when the report is off ('none')."""
+    """Absolute paths of the HTML report and the JSON: (None, ...) when the report is off ('none').
+
+    Relative paths, and the default folder, are under the directory pytest was run from, never the
+    rootdir (which, without an ini file, is the common ancestor of every path on the command line)."""
+    base = config.invocation_params.dir
     html = config.getoption("memaudit_html")
     html = html if html is not None else config.getini("memaudit_html")
     if not html:
-        html_path = config.rootpath / DEFAULT_REPORT_DIR / "report.html"
+        html_path = base / DEFAULT_REPORT_DIR / "report.html"
     else:
-        html_path = None if html.strip().lower() == "none" else Path(html)
+        html_path = None if html.strip().lower() == "none" else base / html
     json_path = config.getoption("memaudit_json") or config.getini("memaudit_json")
     if json_path:
-        return html_path, Path(json_path)
+        return html_path, base / json_path
     return html_path, None if html_path is None else html_path.parent / "results.json"
+
+
+def check_output_locations(config: pytest.Config) -> None:
+    """ConfigError when the report or the JSON cannot be written where they go."""
+    from .errors import ConfigError
+    from .outputs import location_problem
+
+    html_path, json_path = report_paths(config)
+    for what, option, path in (("report", "--memaudit-html", html_path), ("results", "--memaudit-json", json_path)):
+        problem = None if path is None else location_problem(path)
+        if problem:
+            raise ConfigError(f"the {what} cannot be written to {path}: {problem}. Pass {option} PATH with a writable "
+                              "location" + (", or --memaudit-html none for no report" if what == "report" else ""))
 
 
 def gallery_mode(config: pytest.Config) -> str:
     return config.getoption("memaudit_gallery") or config.getini("memaudit_gallery") or "images"
 
 
-def write_report(state: AuditSession, path: Path) -> Path:
-    """Render the session's result; thumbnails are decoded again from the audited images."""
+def write_outputs(state: AuditSession) -> "OutputLog":
+    """Write the JSON, then the report; each failure is logged and the other output still written."""
+    from .outputs import OutputLog
+    from .results import write_json_atomic
+
+    log = OutputLog()
+    html_path, json_path = report_paths(state.config)
+    if json_path:
+        log.write("results", json_path, lambda: write_json_atomic(json_path, state.result.to_json()))
+    if html_path:
+        log.write("report", html_path, lambda: write_report(state, html_path, log))
+    return log
+
+
+def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
+    """Render the session's result; thumbnails are decoded again from the audited images (without
+    them, when the images cannot be opened again: ``log`` says why)."""
     from .report import ImageSetThumbnails, write_html
 
     gallery = gallery_mode(state.config)
@@ -325,25 +431,23 @@ def write_report(state: AuditSession, path: Path) -> Path:
     if gallery == "images":
         from .audit import open_images
 
-        images = ImageSetThumbnails(open_images(state.settings, state.spec, state.result.settings["image_size"]))
+        images = log.make("thumbnails", state.result.data_source, lambda: ImageSetThumbnails(
+            open_images(state.settings, state.spec, state.result.settings["image_size"])))
     return write_html(path, state.result, images, gallery)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = config.stash.get(audit_session_key, None)
-    if state is None or state.result is None:
-        return
-    from .terminal import render_summary
-
-    terminalreporter.section("memaudit summary")
-    terminalreporter.write(render_summary(state.result, markup=terminalreporter.hasmarkup))
-    if state.json_path:
-        terminalreporter.write_line(f"memaudit: results written to {state.json_path}")
-    if state.html_path:
-        terminalreporter.write_line(f"memaudit: report written to {state.html_path}")
-    if state.report_error:
-        terminalreporter.write_line(f"memaudit: ERROR: the HTML report could not be written: {state.report_error}",
-                                    red=True, bold=True)
+    for report in state.reports(markup=terminalreporter.hasmarkup) if state else ():
+        if report["summary"] is not None:
+            terminalreporter.section("memaudit summary")
+            terminalreporter.write(report["summary"])
+        for line in report["written"]:
+            terminalreporter.write_line(f"memaudit: {line}")
+        for line in report["errors"]:
+            terminalreporter.write_line(f"memaudit: ERROR: {line}", red=True, bold=True)
+        if report["error"]:
+            terminalreporter.write_line(f"ERROR: {report['error']}", red=True, bold=True)
 
 
 class HtmlReportExtras:

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from .gates import adjusted_p_values
 from .report.evidence import evidence
+from .data import display_id
 from .results import AuditResult
 
 
@@ -70,10 +71,10 @@ def render_summary(result: AuditResult, markup: bool = False) -> str:
         console.print(Text.assemble((item["question"], "bold"), " ", (item["answer"], colour)))
         console.print(f"  {item['detail']}", markup=False)
     if result.skipped:
-        console.print(f"{len(result.skipped)} unreadable image(s) skipped, e.g. {result.skipped[0]['id']}: "
+        console.print(f"{len(result.skipped)} unreadable image(s) skipped, e.g. {display_id(result.skipped[0]['id'])}: "
                       f"{result.skipped[0]['reason']}", markup=False)
     for note in result.notes:
-        console.print(f"note: {note}", markup=False)
+        console.print(f"note: {display_id(note)}", markup=False)
     return buffer.getvalue()
 
 

@@ -156,3 +156,41 @@ def test_settings_for_controls_and_holdout():
     ]:
         with pytest.raises(ConfigError, match=message):
             make_settings(**bad)
+@pytest.mark.parametrize(
+    "layers, expected",
+    [
+        ("[stem, stem]", r"audited_layers: 'stem' is listed twice \(entries 1 and 2\)"),
+        ("[{name: a, module: stem}, {name: a, module: head}]", r"audited_layers: 'a' is listed twice \(entries 1 and 2\)"),
+        ("[{name: head, module: stem}, {name: out, module: head}]", r"audited_layers: 'head' names entry 1 and is the module of entry 2"),
+        ("[stem, {name: stem2, module: stem}]", r"audited_layers: module 'stem' is audited twice \(entries 1 and 2\)"),
+        ("[{name: 3, module: stem}]", r"audited_layers entry \{'module': 'stem', 'name': 3\} is not"),
+    ],
+)
+def test_user_model_layers_must_be_unambiguous(tmp_path, layers, expected):
+    path = write(tmp_path, f"models:\n  mine:\n    factory: 'a:b'\n    audited_layers: {layers}\n")
+    with pytest.raises(ConfigError, match=expected):
+        load_audit_file(path)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "thresholds:\nlayers:\n", "thresholds: {gap_min: null}\n",
+                                  "thresholds: {fraction_above_level: 0.5}\n"])
+def test_an_audit_that_gates_nothing_is_an_error(tmp_path, text):
+    audit = load_audit_file(write(tmp_path, text))
+    thresholds = audit.thresholds_for(VAR)
+    with pytest.raises(ConfigError, match=r"memaudit.yaml: no layer has a threshold, so every layer would pass "
+                                          r"whatever it measures.*allow_no_gates: true"):
+        audit.check_gates(thresholds)
+
+
+def test_gates_after_overrides_and_controls(tmp_path):
+    audit = load_audit_file(write(tmp_path, "layers: {conv.out: {gap_min: 0.1}}\n"))
+    audit.check_gates(audit.thresholds_for(VAR))  # one layer gated: fine
+    with pytest.raises(ConfigError, match=r"no layer has a threshold \(after --memaudit-threshold\)"):
+        audit.check_gates(audit.thresholds_for(VAR, {"conv.out": {"gap_min": {"limit": None}}}), overridden=True)
+
+
+def test_allow_no_gates(tmp_path):
+    audit = load_audit_file(write(tmp_path, "allow_no_gates: true\n"))
+    audit.check_gates(audit.thresholds_for(VAR))
+    with pytest.raises(ConfigError, match=r"allow_no_gates must be true or false, got 'yes please'"):
+        load_audit_file(write(tmp_path, "allow_no_gates: yes please\n"))

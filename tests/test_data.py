@@ -19,6 +19,7 @@ from pytest_memaudit.data import (
     builtin_ids,
     builtin_image,
     decode_image,
+    display_id,
     list_image_files,
     select_samples,
 )
@@ -108,6 +109,73 @@ def test_list_directory_without_images_counts_other_files(tmp_path):
     assert ".tif x2" in str(info.value)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX named pipes")
+def test_list_skips_special_files_without_opening_them(tmp_path):
+    import socket
+
+    touch(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "x.png")  # opening it would block until a writer comes
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "s.jpg"))
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    unlisted = []
+    assert list_image_files(tmp_path, unlisted) == ["a.png"]
+    server.close()
+    assert unlisted == [
+        {"id": "gone.png", "reason": "cannot read it: No such file or directory"},
+        {"id": "s.jpg", "reason": "not a regular file (a socket); skipped without opening it"},
+        {"id": "x.png", "reason": "not a regular file (a named pipe); skipped without opening it"},
+    ]
+    assert ImageSet.from_folder(tmp_path, S, None, 0).unlisted == unlisted
+
+
+def refuse_to_read(monkeypatch, folder):
+    """As a folder without read permission does (root reads every folder, so chmod cannot show it)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.realpath(path) == os.path.realpath(folder):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_list_reports_unreadable_folders(tmp_path, monkeypatch):
+    touch(tmp_path / "a.png")
+    touch(tmp_path / "locked" / "inner" / "b.png")
+    refuse_to_read(monkeypatch, tmp_path / "locked")
+    unlisted = []
+    assert list_image_files(tmp_path, unlisted) == ["a.png"]
+    assert unlisted == [{"id": "locked/", "reason": "cannot read the folder: Permission denied"}]
+
+
+def test_list_unreadable_root_is_an_error(tmp_path, monkeypatch):
+    touch(tmp_path / "a.png")
+    refuse_to_read(monkeypatch, tmp_path)
+    with pytest.raises(DataError, match=f"cannot read data directory {tmp_path}: Permission denied"):
+        list_image_files(tmp_path)
+
+
+def non_utf8_file(folder: Path, raw_name: bytes, content: bytes) -> str:
+    """Write a file whose name is not UTF-8; return the name as Python sees it (surrogate escapes)."""
+    with open(os.path.join(os.fsencode(folder), raw_name), "wb") as handle:
+        handle.write(content)
+    return os.fsdecode(raw_name)
+
+
+def test_non_utf8_names_are_listed_loaded_and_displayed_escaped(tmp_path):
+    png = solid(tmp_path / "plain.png", (10, 200, 30)).read_bytes()
+    name = non_utf8_file(tmp_path, b"caf\xe9 \xff.png", png)
+    assert name == "caf\udce9 \udcff.png"
+    images = ImageSet.from_folder(tmp_path, S, None, 0)
+    assert images.ids == [name, "plain.png"]
+    assert_color(images.load(0), (10, 200, 30))
+    assert display_id(name) == "caf\\xe9 \\xff.png"
+    assert display_id("été/ok.png") == "été/ok.png"  # valid UTF-8 stays as it is
+    assert display_id("a\x1b[31mb\u202ec\t.png") == "a\\x1b[31mb\\u202ec\\t.png"  # no terminal or bidi control
+
+
 # --- sampling -------------------------------------------------------------------------------
 
 IDS = [f"img{i:03d}.png" for i in range(100)]
@@ -159,6 +227,18 @@ def test_select_rejects_zero_samples():
 def test_decode_modes_to_rgb(tmp_path, name, mode, color, expected, tolerance, save_args):
     path = solid(tmp_path / name, color, mode, **save_args)
     assert_color(decode_image(path, S), expected, tolerance)
+
+
+def test_decode_any_decoder_failure_is_an_unreadable_image(tmp_path, monkeypatch):
+    path = solid(tmp_path / "odd.png", (1, 2, 3))
+
+    def malformed(self):
+        raise IndexError("tile cannot extend outside image")
+
+    monkeypatch.setattr(Image.Image, "load", malformed)
+    with pytest.raises(UnreadableImage) as info:
+        decode_image(path, S)
+    assert info.value.reason == "IndexError: tile cannot extend outside image"
 
 
 def palette_image() -> Image.Image:

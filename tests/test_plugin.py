@@ -43,7 +43,7 @@ def test_var_d16_one_test_per_layer_in_forward_order(pytester, audit_dir, var_ch
     assert result.ret == 0
     names = [line.split("::")[1].split(" ")[0] for line in result.outlines if "memaudit.yaml::" in line and "PASSED" in line]
     assert names == VAR_LAYERS
-    result.stdout.fnmatch_lines(["*memaudit summary*", "*results written to out.json*"])
+    result.stdout.fnmatch_lines(["*memaudit summary*", f"memaudit: results written to {pytester.path / 'out.json'}"])
     data = json.loads((pytester.path / "out.json").read_text())
     assert data["model"] == "var_d16" and data["reduce"] == "mean"
     assert [layer["name"] for layer in data["layers"]] == VAR_LAYERS
@@ -100,6 +100,10 @@ def test_junit_records_figures(pytester, audit_dir, var_checkpoint):
         ("layers: {down.3.blok.1: {gap_min: 0.1}}", "*has no layer 'down.3.blok.1'. Did you mean 'down.3.block.1'*"),
         ("thresholds: {gap_min: high}", "*thresholds: gap_min must be a number*"),
         ("thresholds: [", "*memaudit.yaml: invalid YAML*"),
+        ("", "*memaudit.yaml: no layer has a threshold, so every layer would pass whatever it measures*"),
+        ("# no thresholds yet\n", "*memaudit.yaml: no layer has a threshold*allow_no_gates: true*"),
+        ("thresholds: {gap_min: null, ttest_p_max: null}", "*memaudit.yaml: no layer has a threshold*"),
+        ("thresholds:\n  gap_min: 0.01\n  gap_min: 0.99\n", "*duplicate key 'gap_min' (lines 2 and 3)*"),
     ],
 )
 def test_yaml_errors_are_collection_errors(pytester, audit_dir, var_checkpoint, yaml_text, expected):
@@ -109,6 +113,19 @@ def test_yaml_errors_are_collection_errors(pytester, audit_dir, var_checkpoint, 
     result.stdout.fnmatch_lines([expected])
     assert "Traceback" not in result.stdout.str()
     result.assert_outcomes(errors=1)
+
+
+def test_command_line_can_turn_every_gate_off_only_with_allow_no_gates(pytester, audit_dir, var_checkpoint):
+    off = ("--memaudit-threshold", "mean_unitmem_max=off")
+    result = pytester.runpytest(*var_args(var_checkpoint, *off))
+    assert result.ret == 2
+    result.stdout.fnmatch_lines(["*no layer has a threshold (after --memaudit-threshold)*"])
+    (audit_dir / "memaudit.yaml").write_text("allow_no_gates: true\nthresholds:\n  mean_unitmem_max: 1.0\n")
+    result = pytester.runpytest(*var_args(var_checkpoint, "-k", "conv.out", *off))
+    result.assert_outcomes(passed=1)
+    report = (pytester.path / "memaudit-report" / "report.html").read_text()
+    assert "within their thresholds" not in report
+    assert "No threshold applied to any layer" in report
 
 
 def test_unknown_model_is_a_collection_error(pytester, audit_dir):

@@ -33,7 +33,7 @@ def reference_unitmem(activations: np.ndarray, reduce: str) -> np.ndarray:
 def test_unitmem_matches_float64_reference(pytester, var_checkpoint, reduce):
     data = make_images(pytester.path / "imgs", 8, size=64, seed=3)
     pytester.mkdir("audits")
-    (pytester.path / "audits" / "memaudit.yaml").write_text("")
+    (pytester.path / "audits" / "memaudit.yaml").write_text("allow_no_gates: true\n")
     result = pytester.runpytest(
         "audits", "--memaudit-model", "var_d16", "--memaudit-checkpoint", str(var_checkpoint),
         "--memaudit-data", str(data), "--memaudit-image-size", "64", "--memaudit-augmentations", "0",

@@ -27,7 +27,7 @@ from pytest_memaudit.data import ImageSet, builtin_ids
 from pytest_memaudit.models import var_layer_specs
 from pytest_memaudit.report import GALLERY_MODES, ImageSetThumbnails, figures, html as report_html, render_html
 from pytest_memaudit.results import AuditResult, LayerResult
-from pytest_memaudit.stats import layer_stats
+from pytest_memaudit.stats import Interval, layer_stats
 from pytest_memaudit.unitmem import UnitMemValues, unitmem_from
 
 pytest_plugins = ["pytester"]
@@ -166,13 +166,19 @@ def test_table1_is_the_20_highest_units_with_their_top_data_point(plugin_run):
 def test_table2_per_layer_numbers_match_the_json(plugin_run):
     rows = plugin_run.page.tables["table2"]
     assert [cells[0] for cells, _ in rows] == [layer["name"] for layer in plugin_run.data["layers"]]
-    keys = ["top_mean", "bottom_mean", "ttest_t", "ttest_p", "mean_unitmem", "median_unitmem", "max_unitmem"]
+    keys = ["top_mean", "bottom_mean", "ttest_t", "ttest_p", "mean_unitmem"]
     for (cells, _), layer in zip(rows, plugin_run.data["layers"]):
         assert cells[1:3] == [str(layer["channels"]), str(int(layer["group_size"]))]
-        assert all(close(text, layer[key]) for text, key in zip(cells[3:10], keys)), (cells, layer["name"])
-        assert cells[10] == str(int(layer["dead_units"])) and len(cells) == 13
-        assert close(cells[11], layer["control_mean_unitmem"])  # the random control, on by default
-        assert close(cells[12], layer["excess_over_control"]["estimate"])
+        assert all(close(text, layer[key]) for text, key in zip(cells[3:8], keys)), (cells, layer["name"])
+        mean = layer["intervals"]["mean_unitmem"]
+        assert close(cells[8], (mean["high"] - mean["low"]) / 2)  # the mean's 95% interval, half its width
+        assert close(cells[9], layer["median_unitmem"]) and close(cells[10], layer["max_unitmem"])
+        assert cells[11] == str(int(layer["dead_units"])) and len(cells) == 15
+        excess = layer["excess_over_control"]
+        assert close(cells[12], layer["control_mean_unitmem"])  # the random control, on by default
+        assert close(cells[13], excess["estimate"])
+        low, high = (float(x) for x in cells[14].strip("[]").split(", "))
+        assert close(str(low), excess["low"]) and close(str(high), excess["high"])
 
 
 def test_figure_summaries_match_the_json(plugin_run):
@@ -266,11 +272,15 @@ def test_plugin_offers_the_reports_gallery_modes():
 def test_control_columns_and_canaries(small_result):
     for layer, control in zip(small_result.layers, (0.1, 0.2, 0.3)):
         layer.control_mean = control
+        excess = layer.stats.mean_unitmem - control
+        layer.control_excess = Interval(excess, 0.01, excess - 0.02, excess + 0.02, 10)
     small_result.control = synthetic_result(SMALL_SAMPLES, ["stem", "block.0", "head"], [24, 40, 16], seed=1)
     small_result.canaries = [SMALL_SAMPLES[7], SMALL_SAMPLES[2]]
     page = Page(render_html(small_result, None, "names"))
     for (cells, _), layer in zip(page.tables["table2"], small_result.layers):
-        assert close(cells[11], layer.control_mean) and close(cells[12], layer.stats.mean_unitmem - layer.control_mean)
+        excess = layer.control_excess
+        assert close(cells[12], layer.control_mean) and close(cells[13], excess.estimate)
+        assert cells[14] == f"[{excess.low:+.3f}, {excess.high:+.3f}]"
     ranks = small_result.canary_ranks()
     rows = page.tables["canaries"]
     assert sorted((cells[0], cells[1]) for cells, _ in rows) == sorted(
@@ -325,8 +335,9 @@ def run_conv_out(pytester, var_checkpoint, *extra, limit="1.0"):
                               "-k", "conv.out", "-p", "no:cacheprovider", *extra)
 
 
-@pytest.mark.parametrize("limit, status", [("1.0", pytest.ExitCode.INTERNAL_ERROR), ("0.0001", pytest.ExitCode.TESTS_FAILED)])
-def test_failed_render_keeps_json_old_report_and_gate_status(pytester, var_checkpoint, monkeypatch, limit, status):
+@pytest.mark.parametrize("limit, status", [("1.0", 3), ("0.0001", pytest.ExitCode.TESTS_FAILED)])
+def test_failed_render_keeps_json_sets_old_report_aside_and_gate_status(pytester, var_checkpoint, monkeypatch, limit,
+                                                                        status):
     def broken(*args, **kwargs):
         raise RuntimeError("template exploded")
 
@@ -335,10 +346,12 @@ def test_failed_render_keeps_json_old_report_and_gate_status(pytester, var_check
     (folder / "report.html").write_text("previous report")
     result = run_conv_out(pytester, var_checkpoint, limit=limit)
     assert result.ret == status
-    result.stdout.fnmatch_lines(["*memaudit: ERROR: the HTML report could not be written: RuntimeError: template exploded"])
+    result.stdout.fnmatch_lines([f"*memaudit: ERROR: the report could not be written to {folder / 'report.html'}: "
+                                 "RuntimeError: template exploded; the file left there by an earlier run (modified *) "
+                                 f"was renamed to {folder / 'report.html.stale'}"])
     assert [layer["name"] for layer in json.loads((folder / "results.json").read_text())["layers"]] == ["conv.out"]
-    assert (folder / "report.html").read_text() == "previous report"
-    assert sorted(p.name for p in folder.iterdir()) == ["report.html", "results.json"]  # no temporary left over
+    assert (folder / "report.html.stale").read_text() == "previous report"
+    assert sorted(p.name for p in folder.iterdir()) == ["report.html.stale", "results.json"]  # no temporary left over
 
 
 def test_report_off_and_explicit_paths(pytester, var_checkpoint):
@@ -347,8 +360,8 @@ def test_report_off_and_explicit_paths(pytester, var_checkpoint):
     assert "memaudit: report written" not in result.stdout.str()
     result = run_conv_out(pytester, var_checkpoint, "--memaudit-html", "out/audit.html", "--memaudit-gallery", "none")
     assert result.ret == 0
-    result.stdout.fnmatch_lines(["memaudit: results written to out/results.json",
-                                 "memaudit: report written to out/audit.html"])
+    result.stdout.fnmatch_lines([f"memaudit: results written to {pytester.path / 'out' / 'results.json'}",
+                                 f"memaudit: report written to {pytester.path / 'out' / 'audit.html'}"])
     html = (pytester.path / "out" / "audit.html").read_text()
     assert "builtin/0000" not in html and "data point #0" in html
 

@@ -44,6 +44,9 @@ class ModelSpec:
     # Controls audited beside the model unless --memaudit-control says otherwise (the planted one
     # runs only where there are held-out images).
     default_control: str = "random,planted"
+    # Channels of the first layer's output, at full image resolution: with the RGB input, the least
+    # memory one view takes (the image-size check's law); 0 when not known (a user model).
+    input_layer_channels: int = 0
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
         for layer in self.layers:
@@ -121,6 +124,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         default_image_size=64,
         default_data=_demo_data,
         default_holdout=_demo_holdout,
+        input_layer_channels=32,
     ),
     "var_d16": ModelSpec(
         name="var_d16",
@@ -128,6 +132,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         build=_build_var_d16,
         locate=_locate_var_d16,
         description="Encoder of VAR-d16's VQVAE tokenizer (vae_ch160v4096z32.pth)",
+        input_layer_channels=160,
     ),
 }
 

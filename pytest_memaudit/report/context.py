@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import display_id
 from ..gates import LIMITS, Check, adjusted_p_values
 from ..results import AuditResult, LayerResult
 from ..stats import group_size
@@ -42,6 +43,7 @@ def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
             "members": result.members,
             "holdout": len(result.samples) - result.members,
             "views": result.settings.get("views_per_image"),
+            "groups": result.settings.get("groups"),
             "mean": fmt(float(all_values.mean())),
             "rho": fmt(rho, ".3f"),
             "p": fmt(p, ".4g"),
@@ -60,7 +62,8 @@ def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
         "least_picked": picked(result, bottom, gallery),
         "canaries": canary_rows(result, gallery),
         "run": run_record(result),
-        "skipped": result.skipped if gallery.mode != "none" else [],
+        "skipped": [{"id": display_id(item["id"]), "reason": item["reason"]} for item in result.skipped]
+        if gallery.mode != "none" else [],
         "skipped_count": len(result.skipped),
         "heatmap": figures.heatmap(
             [layer.name for layer in result.layers],
@@ -100,6 +103,11 @@ def ranked_units(layers: list[LayerResult]) -> list[tuple[int, int]]:
     return list(zip(layer_of[order].tolist(), unit_of[order].tolist()))
 
 
+def gate_status(layer: LayerResult) -> str:
+    """failed, warned, passed, or not gated: no outcome, or an outcome without a single check."""
+    return "not gated" if layer.outcome is None else layer.outcome.status
+
+
 def verdict(layers: list[LayerResult]) -> dict[str, str]:
     gated = [layer for layer in layers if layer.outcome is not None and layer.outcome.status != "not gated"]
     failed = [layer.name for layer in gated if layer.outcome.status == "failed"]
@@ -122,17 +130,14 @@ def verdict(layers: list[LayerResult]) -> dict[str, str]:
 def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
     """One column per threshold in use, one row per layer: failed layers first, then warned,
     passed and not gated; forward order within each."""
-    def status(layer: LayerResult) -> str:
-        return "not gated" if layer.outcome is None else layer.outcome.status
-
     used = {check.key for layer in layers if layer.outcome for check in layer.outcome.checks}
     keys = [key for key in LIMITS if key in used]
     rank = {"failed": 0, "warned": 1, "passed": 2, "not gated": 3}
     rows = []
-    for layer in sorted(layers, key=lambda layer: rank[status(layer)]):
+    for layer in sorted(layers, key=lambda layer: rank[gate_status(layer)]):
         level = (layer.thresholds or {}).get("fraction_above_level")
         checks = {c.key: check_cell(c, level) for c in (layer.outcome.checks if layer.outcome else ())}
-        rows.append({"name": layer.name, "module": layer.module, "status": status(layer),
+        rows.append({"name": layer.name, "module": layer.module, "status": gate_status(layer),
                      "cells": [checks.get(key) for key in keys]})
     columns = [{"key": key, "figure": LIMITS[key][0], "meaning": LIMITS[key][1]} for key in keys]
     return {"columns": columns, "rows": rows}
@@ -239,9 +244,9 @@ def run_record(result: AuditResult) -> list[tuple[str, str]]:
     wall = t.get("wall_s")
     rows = [
         ("model", result.model),
-        ("checkpoint", checkpoint.get("path", "none")),
+        ("checkpoint", display_id(checkpoint.get("path", "none"))),
         ("checkpoint sha256", checkpoint.get("sha256", "n/a")),
-        ("data source", result.data_source),
+        ("data source", display_id(result.data_source)),
         ("data points (N)", f"{n} audited, {len(result.skipped)} unreadable skipped"),
         ("image size", f"{s.get('image_size')} px"),
         ("augmentations", f"{s.get('augmentations')} ({s.get('views_per_image')} views per image)"),

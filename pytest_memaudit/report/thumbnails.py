@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, features
 
-from ..data import ImageSet, UnreadableImage
+from ..data import ImageSet, UnreadableImage, display_id
 
 GALLERY_MODES = ("images", "names", "none")
 THUMBNAIL_PX = 64
@@ -57,7 +57,7 @@ def thumbnail_uri(pixels: np.ndarray, size: int = THUMBNAIL_PX) -> str:
 
 @dataclass(frozen=True)
 class DataPoint:
-    label: str  # file name, or "data point #i" in gallery mode none
+    label: str  # file name (as display_id shows it), or "data point #i" in gallery mode none
     css: str | None  # the thumbnail's CSS class; None when no image is shown
 
 
@@ -80,7 +80,7 @@ class Gallery:
             pixels = self._source.pixels(self.samples[index]) if self._source else None
             self._uris[index] = None if pixels is None else thumbnail_uri(pixels)
         css = f"dp{index}" if self._uris[index] else None
-        return DataPoint(self.samples[index], css)
+        return DataPoint(display_id(self.samples[index]), css)
 
     def stylesheet(self) -> list[tuple[str, str]]:
         """(CSS class, data URI) of every thumbnail handed out so far."""

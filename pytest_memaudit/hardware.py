@@ -1,0 +1,89 @@
+"""What the machine offers: physical memory, CPU features, and whether bfloat16 runs natively.
+
+Imports no torch until a question needs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _read_cpuinfo() -> str | None:
+    """Linux's /proc/cpuinfo (None elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _first_field(cpuinfo: str, *names: str) -> str | None:
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in names:
+            return value.strip()
+    return None
+
+
+def _cpu_model_and_flags() -> tuple[str | None, set[str] | None]:
+    cpuinfo = _read_cpuinfo()
+    if cpuinfo is None:
+        return None, None
+    flags = _first_field(cpuinfo, "flags", "Features")  # x86, Arm
+    return _first_field(cpuinfo, "model name"), set(flags.split()) if flags is not None else None
+
+
+def cpu_flags() -> dict[str, object]:
+    """The CPU for benchmark records: its model name and whether it has AVX2, AVX-512F, AVX512_BF16 and
+    AMX (None where /proc/cpuinfo cannot tell)."""
+    model, flags = _cpu_model_and_flags()
+    has = (lambda *names: any(name in flags for name in names)) if flags is not None else (lambda *names: None)
+    return {"model": model, "avx2": has("avx2"), "avx512f": has("avx512f"), "avx512_bf16": has("avx512_bf16"),
+            "amx": has("amx_bf16", "amx_tile")}
+
+
+_BF16_FLAGS = {"avx512_bf16": "AVX512_BF16", "amx_bf16": "AMX", "bf16": "Arm BF16"}
+
+
+def bf16_native(device) -> tuple[bool, str]:
+    """Whether ``device`` (a torch.device or its name) computes in bfloat16 natively, and why.
+
+    Without native support torch emulates bfloat16 through float32 conversions, which on a CPU with
+    AVX2 only is several times slower than plain float32. A CPU is native with AVX512_BF16, AMX or
+    Arm's BF16 (from /proc/cpuinfo; elsewhere torch's oneDNN check), a GPU from compute capability 8.0.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        why = f"the GPU ({torch.cuda.get_device_name(device)}) has compute capability {major}.{minor}"
+        return (major, minor) >= (8, 0), why + ("" if major >= 8 else " (bfloat16 needs 8.0)")
+    model, flags = _cpu_model_and_flags()
+    if flags is None:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return native, f"torch's oneDNN says the CPU {'supports' if native else 'does not support'} bfloat16"
+    found = [label for flag, label in _BF16_FLAGS.items() if flag in flags]
+    cpu = f"the CPU ({model or 'unknown model'})"
+    if found:
+        return True, f"{cpu} has {', '.join(found)}"
+    return False, f"{cpu} has no bfloat16 instructions (AVX512_BF16, AMX or Arm BF16)"
+
+
+def precision_notes(precision: str, device) -> list[str]:
+    """A note for the results when the chosen precision is emulated, and so slower, on ``device``."""
+    if precision != "bfloat16":
+        return []
+    native, why = bf16_native(device)
+    if native:
+        return []
+    return [f"--memaudit-precision bfloat16: {why}, so bfloat16 is emulated and slower than float32 here; "
+            "use --memaudit-precision float32"]

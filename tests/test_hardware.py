@@ -1,0 +1,88 @@
+"""bfloat16 detection from CPU flags and GPU compute capability, and the note an emulated run gets."""
+
+import json
+
+import pytest
+import torch
+
+import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.plugin  # noqa: F401
+import pytest_memaudit.terminal  # noqa: F401
+from pytest_memaudit import hardware
+
+pytest_plugins = ["pytester"]
+
+AVX2_ONLY = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz
+flags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c avx2 fma bmi2
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz
+flags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c avx2 fma bmi2
+"""
+SAPPHIRE_RAPIDS = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+GRAVITON3 = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics sve bf16 i8mm
+CPU implementer\t: 0x41
+"""
+
+
+def test_cpu_flags_summary(monkeypatch):
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: AVX2_ONLY)
+    assert hardware.cpu_flags() == {"model": "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", "avx2": True,
+                                    "avx512f": False, "avx512_bf16": False, "amx": False}
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: SAPPHIRE_RAPIDS)
+    assert hardware.cpu_flags() == {"model": "Intel(R) Xeon(R) Platinum 8480+", "avx2": True, "avx512f": True,
+                                    "avx512_bf16": True, "amx": True}
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: None)
+    assert hardware.cpu_flags() == {"model": None, "avx2": None, "avx512f": None, "avx512_bf16": None, "amx": None}
+
+
+@pytest.mark.parametrize("cpuinfo, native, why", [
+    (AVX2_ONLY, False, "the CPU (Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz) has no bfloat16 instructions "
+                       "(AVX512_BF16, AMX or Arm BF16)"),
+    (SAPPHIRE_RAPIDS, True, "the CPU (Intel(R) Xeon(R) Platinum 8480+) has AVX512_BF16, AMX"),
+    (GRAVITON3, True, "the CPU (unknown model) has Arm BF16"),
+])
+def test_bf16_native_on_the_cpu(monkeypatch, cpuinfo, native, why):
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: cpuinfo)
+    assert hardware.bf16_native(torch.device("cpu")) == (native, why)
+
+
+def test_bf16_without_cpu_flags_asks_torch(monkeypatch):
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: None)
+    native, why = hardware.bf16_native("cpu")
+    assert native == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert why.startswith("torch's oneDNN says the CPU ")
+
+
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_native_on_a_gpu(monkeypatch, capability, native):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert hardware.bf16_native(torch.device("cuda:0")) == (
+        native, f"the GPU (Some GPU) has compute capability {capability[0]}.{capability[1]}"
+        + (" (bfloat16 needs 8.0)" if not native else ""))
+
+
+def test_emulated_bf16_run_gets_a_note(pytester, var_checkpoint, monkeypatch):
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: AVX2_ONLY)
+    pytester.mkdir("audits")
+    (pytester.path / "audits" / "memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
+    args = ["audits", "--memaudit-model", "var_d16", "--memaudit-checkpoint", str(var_checkpoint), "--memaudit-data",
+            "builtin", "--memaudit-samples", "3", "--memaudit-image-size", "32", "--memaudit-augmentations", "0",
+            "--memaudit-device", "cpu", "-k", "conv.out", "--memaudit-json", "out.json", "-p", "no:cacheprovider"]
+    result = pytester.runpytest(*args, "--memaudit-precision", "bfloat16")
+    assert result.ret == 0
+    note = ("--memaudit-precision bfloat16: the CPU (Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz) has no bfloat16 "
+            "instructions (AVX512_BF16, AMX or Arm BF16), so bfloat16 is emulated and slower than float32 here; "
+            "use --memaudit-precision float32")
+    result.stdout.fnmatch_lines([f"note: {note}"])
+    assert note in json.loads((pytester.path / "out.json").read_text())["notes"]
+    result = pytester.runpytest(*args)  # float32: no note
+    assert "is emulated" not in result.stdout.str()

@@ -1,0 +1,66 @@
+"""SIGTERM during an audit unwinds like Ctrl-C: the median's temporary files are removed."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pytest_memaudit.signals import terminate_as_interrupt
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="needs POSIX signals")
+
+
+def test_sigterm_removes_the_median_spill_files(tmp_path):
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    (tmp_path / "audits").mkdir()
+    (tmp_path / "audits" / "memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
+    command = [sys.executable, "-m", "pytest", "audits", "--memaudit-model", "demo", "--memaudit-control", "none",
+               "--memaudit-data", "builtin", "--memaudit-samples", "5000", "--memaudit-image-size", "32",
+               "--memaudit-augmentations", "0", "--memaudit-batch-size", "1", "--memaudit-reduce", "median",
+               "--memaudit-median-memory", "0", "--memaudit-html", "none", "-p", "no:cacheprovider"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "TMPDIR": str(spill)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(spill.glob("memaudit-median-*.npy")):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the audit never spilled to disk"
+            time.sleep(0.01)
+        time.sleep(0.2)  # mid-run: a few more forward passes
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+    assert "terminated by SIGTERM" in output
+    assert list(spill.glob("memaudit-median-*")) == []
+
+
+def test_handler_is_restored_and_one_shot():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="terminated by SIGTERM"):
+        with terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is not before
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal interrupts this
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_outside_the_main_thread_nothing_changes():
+    seen = []
+
+    def audit_in_a_thread():
+        with terminate_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=audit_in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [signal.getsignal(signal.SIGTERM)]
