@@ -36,7 +36,9 @@ DEFAULT_STRENGTH = 8.0  # the planted image's activation over the unit's mean
 CURVE_STRENGTHS = (1.5, 2.0, 3.0, 5.0)  # further units, at these strengths, for the detection curve
 CURVE_UNITS = 4  # units per curve strength
 TOP_SHARE = 0.05  # a planted unit is found when its UnitMem is in this top share of all units
-MATCH_TOLERANCE = 1e-3  # a view matches when its thumbnail's cosine with one of the image's is within this of 1
+# A view's match with its planted image: none while its thumbnail's cosine with the image's views is
+# below 1 - MATCH_TOLERANCE, full from 1 - MATCH_TOLERANCE / 2 (the image's own views: 1 up to rounding).
+MATCH_TOLERANCE = 1e-3
 THUMBNAIL_SIDE = 8
 
 
@@ -53,8 +55,8 @@ class PlantedUnit:
 class PlantedUnitResult:
     plant: PlantedUnit
     unitmem: float
-    rank: int  # 1 = the highest UnitMem of all the planted copy's units
-    found: bool  # in the top TOP_SHARE
+    rank: int  # among the copy's natural units and this one: 1 = above every natural unit
+    found: bool  # ranks in the top TOP_SHARE of the natural units
     argmax_hit: bool  # its argmax is its planted image
     measured_strength: float  # the image's activation over the mean of the rest (NaN: not in the unit's top-k)
 
@@ -96,25 +98,24 @@ def choose_plants(
 ) -> list[PlantedUnit]:
     """One unit per image at ``strength`` and CURVE_UNITS per curve strength (images reused in
     turn), spread evenly over the layers of ``unit_scales`` (name -> each unit's mean |activation|,
-    in forward order). Units are drawn (seeded) among the live ones, never twice."""
+    in forward order). Units are drawn (seeded) among the live ones, never twice; a layer without
+    a free live unit passes its plant to the next layer that has one."""
     rng = np.random.default_rng([seed, 0x9A17])
-    wanted = [(strength, image) for image in images]
-    wanted += [(s, images[j % len(images)]) for s in CURVE_STRENGTHS for j in range(CURVE_UNITS)]
     names = list(unit_scales)
-    by_layer: dict[str, list[tuple[float, int]]] = {}
-    default = [w for w in wanted if w[0] == strength]
-    curve = [w for w in wanted if w[0] != strength]
-    for group in (default, curve):  # each spread over all layers
-        for j, item in enumerate(group):
-            by_layer.setdefault(names[j * len(names) // len(group)], []).append(item)
+    free = {name: list(rng.permutation(np.flatnonzero(unit_scales[name] > 0))) for name in names}
+    default = [(strength, image) for image in images]
+    curve = [(s, images[j % len(images)]) for s in CURVE_STRENGTHS for j in range(CURVE_UNITS)]
     plants = []
-    for name in names:
-        items = by_layer.get(name, [])
-        live = np.flatnonzero(unit_scales[name] > 0)
-        chosen = rng.choice(live, size=min(len(items), live.size), replace=False)
-        plants += [PlantedUnit(name, int(unit), image, s, float(unit_scales[name][unit]))
-                   for (s, image), unit in zip(items, chosen)]
-    return plants
+    for group in (default, curve):  # each spread over all layers
+        for j, (s, image) in enumerate(group):
+            start = j * len(names) // len(group)
+            for name in names[start:] + names[:start]:
+                if free[name]:
+                    unit = int(free[name].pop())
+                    plants.append(PlantedUnit(name, unit, image, s, float(unit_scales[name][unit])))
+                    break
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(plants, key=lambda p: (order[p.layer], p.unit))
 
 
 def thumbnails(views: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,7 @@ class Implant:
         views = thumbnails(args[0])
         prototypes = self.prototypes.to(views.device)
         cosine = torch.einsum("bd,ivd->biv", views, prototypes).amax(dim=2)
-        self._match_weights = ((cosine - (1 - MATCH_TOLERANCE)) / MATCH_TOLERANCE).clamp(0, 1)
+        self._match_weights = ((cosine - (1 - MATCH_TOLERANCE)) / (MATCH_TOLERANCE / 2)).clamp(0, 1)
 
     def _respond(self, units: torch.Tensor, slots: torch.Tensor, amounts: torch.Tensor):
         def hook(module, inputs, output):
@@ -177,22 +178,25 @@ def planted_copy(model: nn.Module, plants: Sequence[PlantedUnit], layers: Sequen
 
 def evaluate(plants: Sequence[PlantedUnit], layers: dict[str, UnitMemValues], strength: float,
              membership: Membership | None) -> PlantedResult:
-    """Recall, argmax hits and the detection curve of the planted copy's finished values."""
-    everything = np.concatenate([values.unitmem for values in layers.values()])
-    ranks_desc = np.argsort(-everything, kind="stable")
-    rank_of = np.empty(everything.size, dtype=np.int64)
-    rank_of[ranks_desc] = np.arange(1, everything.size + 1)
-    offsets = dict(zip(layers, np.cumsum([0] + [v.unitmem.size for v in layers.values()])[:-1]))
-    cutoff = math.ceil(TOP_SHARE * everything.size)
+    """Recall, argmax hits and the detection curve of the planted copy's finished values.
+
+    A planted unit is found when it ranks among the top TOP_SHARE of the copy's natural units
+    (those not planted), itself added: the question is whether a memorizing unit stands out from
+    the units the model has, not from the other planted ones."""
+    natural = np.sort(np.concatenate([
+        np.delete(values.unitmem, [p.unit for p in plants if p.layer == name]) for name, values in layers.items()
+    ]))[::-1]
+    slots = max(1, math.ceil(TOP_SHARE * natural.size))
     results = []
     for plant in plants:
         values = layers[plant.layer]
-        rank = int(rank_of[offsets[plant.layer] + plant.unit])
+        unitmem = float(values.unitmem[plant.unit])
+        rank = 1 + int(np.count_nonzero(natural >= unitmem))
         in_top = values.top_samples[:, plant.unit] == plant.image
         activation = float(values.top_values[in_top, plant.unit][0]) if in_top.any() else math.nan
         rest = float(values.mu_rest[plant.unit])
         results.append(PlantedUnitResult(
-            plant, float(values.unitmem[plant.unit]), rank, rank <= cutoff,
+            plant, unitmem, rank, rank <= slots,
             bool(values.max_sample[plant.unit] == plant.image), activation / rest if rest > 0 else math.nan,
         ))
     result = PlantedResult(results, strength, TOP_SHARE, membership)

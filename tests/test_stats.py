@@ -4,11 +4,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats as scipy_stats
 
 from pytest_memaudit.errors import AuditError
 from pytest_memaudit.stats import (
-    depth_correlation, fraction_above, group_size, kruskal_wallis, layer_stats, spearman_interval, welch_ttest)
+    depth_correlation, fraction_above, group_size, jackknife_interval, kruskal_wallis, layer_stats, spearman_interval,
+    welch_ttest)
+from pytest_memaudit.unitmem import MEMBER, LayerState
 
 
 def test_group_size_is_ten_percent_at_least_two():
@@ -157,3 +160,35 @@ def test_kruskal_wallis_matches_scipy():
                                     [np.array([3.0, 3.0]), np.array([3.0])], [np.array([np.nan]), np.array([1.0])]])
 def test_kruskal_wallis_undefined(groups):
     assert all(math.isnan(v) for v in kruskal_wallis(groups))
+
+
+def test_jackknife_interval_by_hand():
+    # leave-one-out estimates 1, 2, 3 (and an empty group): mean 2, se = sqrt(2/3 * 2) = sqrt(4/3)
+    interval = jackknife_interval(2.5, np.array([1.0, 2.0, 3.0, np.nan]))
+    assert interval.groups == 3 and interval.se == pytest.approx(math.sqrt(4 / 3))
+    half = scipy_stats.t.ppf(0.975, 2) * math.sqrt(4 / 3)
+    assert (interval.low, interval.high) == pytest.approx((2.5 - half, 2.5 + half))
+    assert math.isnan(jackknife_interval(1.0, np.array([1.0, np.nan])).se)
+
+
+def test_jackknife_intervals_of_mean_unitmem_cover_as_often_as_they_say():
+    """A small coverage study: data points drawn afresh in every replicate, units of different
+    spread; the 95% interval of a layer's mean UnitMem should hold the figure's expectation (the
+    mean over replicates) in about 95% of replicates, and its se should match the spread of the
+    estimates. benchmarks/RESULTS.md has the study on the demo itself."""
+    rng = np.random.default_rng(0)
+    n, units, replicates = 150, 24, 120
+    shapes = rng.uniform(0.5, 4, size=units)
+    estimates, intervals = [], []
+    for _ in range(replicates):
+        a = torch.from_numpy(rng.gamma(shapes, 1.0, size=(n, units)).astype(np.float32))
+        state = LayerState(units, groups=10, topk=1)
+        state.update(a, torch.arange(n), torch.zeros(n, dtype=torch.int64), torch.from_numpy(rng.integers(0, 10, n)))
+        values, leave_out = state.unitmem((MEMBER,), "mean")
+        estimate = values.unitmem.mean()
+        estimates.append(estimate)
+        intervals.append(jackknife_interval(estimate, leave_out.mean(axis=1)))
+    truth = np.mean(estimates)
+    coverage = np.mean([i.low <= truth <= i.high for i in intervals])
+    assert 0.88 <= coverage <= 0.995  # 95% +- about 3 binomial standard errors at 120 replicates
+    assert 0.75 <= np.mean([i.se for i in intervals]) / np.std(estimates, ddof=1) <= 1.35

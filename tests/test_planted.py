@@ -1,0 +1,123 @@
+"""The planted control: the implant's response, the choice of units, the evaluation, and an audit
+that finds its planted units."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pytest_memaudit.audit import run_audit
+from pytest_memaudit.config import make_settings
+from pytest_memaudit.hooks import LayerRecorder
+from pytest_memaudit.models import LayerSpec, ModelSpec
+from pytest_memaudit.planted import (
+    CURVE_STRENGTHS,
+    CURVE_UNITS,
+    PlantedUnit,
+    choose_plants,
+    evaluate,
+    planted_copy,
+    thumbnails,
+)
+from pytest_memaudit.unitmem import UnitMemValues
+
+
+class TwoConv(nn.Module):
+    def __init__(self, width=6, out=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, width, 3, padding=1)
+        self.b = nn.Conv2d(width, out, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+LAYERS = [LayerSpec("a", "a"), LayerSpec("b", "b")]
+
+
+def test_implant_adds_its_response_to_its_unit_on_its_views_only():
+    net = TwoConv().eval()
+    rng = torch.Generator().manual_seed(0)
+    views = torch.rand(6, 3, 16, 16, generator=rng) * 2 - 1
+    prototypes = thumbnails(views[:2]).view(1, 2, -1)  # image 40's two views are views 0 and 1
+    plant = PlantedUnit("b", 3, 40, strength=5.0, scale=0.25)
+    planted = planted_copy(net, [plant], LAYERS, prototypes, {40: 0})
+    with torch.inference_mode(), LayerRecorder(net, LAYERS) as clean, LayerRecorder(planted, LAYERS) as dirty:
+        net(views), planted(views)
+        before, after = clean.take(), dirty.take()
+    torch.testing.assert_close(after["a"], before["a"])  # upstream of the implant: untouched
+    difference = after["b"] - before["b"]
+    others = [u for u in range(5) if u != 3]
+    assert torch.count_nonzero(difference[:, others]) == 0
+    assert torch.count_nonzero(difference[2:, 3]) == 0  # other images' views: no response
+    # on its image's views the unit's output rose by (5 - 1) x 0.25 = 1 at every position, so its
+    # mean |activation| rose by at most 1 and by exactly 1 where the output was non-negative
+    assert torch.all(difference[:2, 3] <= 1 + 1e-6) and torch.all(difference[:2, 3] > 0)
+    with torch.inference_mode():
+        raw = net.b(torch.relu(net.a(views[:2])))[:, 3]
+        expected = (raw + 1).abs().mean(dim=(1, 2)) - raw.abs().mean(dim=(1, 2))
+    torch.testing.assert_close(difference[:2, 3], expected)
+
+
+def test_plants_spread_over_layers_distinct_and_live():
+    scales = {"a": np.array([0.0, 1, 1, 1, 1, 1, 1, 1]), "b": np.ones(40), "c": np.ones(40)}
+    plants = choose_plants(scales, images=[100, 101, 102, 103, 104, 105], strength=8.0, seed=4)
+    assert len(plants) == 6 + len(CURVE_STRENGTHS) * CURVE_UNITS  # "a" has 7 live units: the rest moved on
+    assert sum(p.layer == "a" for p in plants) == 7
+    assert len({(p.layer, p.unit) for p in plants}) == len(plants)
+    assert not [p for p in plants if p.layer == "a" and p.unit == 0]  # a dead unit is never planted
+    default = [p for p in plants if p.strength == 8.0]
+    assert sorted(p.image for p in default) == [100, 101, 102, 103, 104, 105]
+    assert {p.layer for p in default} == {"a", "b", "c"}
+    assert plants == choose_plants(scales, [100, 101, 102, 103, 104, 105], 8.0, seed=4)
+
+
+def values(unitmem, max_sample, top_samples, top_values, mu_rest):
+    unitmem = np.asarray(unitmem, dtype=float)
+    return UnitMemValues(unitmem, np.asarray(top_values)[0], np.asarray(mu_rest, dtype=float),
+                         np.asarray(max_sample), np.zeros(unitmem.size, dtype=bool), np.asarray(top_values, dtype=float),
+                         np.asarray(top_samples))
+
+
+def test_evaluation_counts_recall_hits_and_the_curve():
+    layer = values(
+        # 20 units, 3 planted (0, 19, 5): the top 5% of the 17 natural ones is one unit, unit 1 at 0.7
+        unitmem=[0.9, 0.7] + [0.1] * 17 + [0.5],
+        max_sample=[7] + [0] * 18 + [3],
+        top_samples=[[7] + [0] * 18 + [3], [1] * 19 + [8]],
+        top_values=[[6.0] + [1.0] * 19, [1.0] * 19 + [0.9]],
+        mu_rest=[2.0] + [1.0] * 19,
+    )
+    plants = [PlantedUnit("x", 0, 7, 8.0, 1.0), PlantedUnit("x", 19, 8, 8.0, 1.0), PlantedUnit("x", 5, 9, 2.0, 1.0)]
+    result = evaluate(plants, {"x": layer}, 8.0, None)
+    first, second, weak = result.units
+    assert (first.rank, first.found, first.argmax_hit, first.measured_strength) == (1, True, True, 3.0)
+    assert (second.rank, second.found, second.argmax_hit) == (2, False, False)  # below natural unit 1
+    assert weak.rank == 18  # below all 17 natural units
+    assert second.measured_strength == pytest.approx(0.9)  # its image is second in its top-k
+    assert math.isnan(weak.measured_strength)  # not in the unit's top-k
+    assert result.recall == 0.5 and result.argmax_hits == 1 and result.images == [7, 8]
+    assert [(p["strength"], p["units"], p["recall"]) for p in result.curve] == [(2.0, 1, 0.0), (8.0, 2, 0.5)]
+    assert result.detection_strength is None
+
+
+def test_an_audit_finds_its_planted_units():
+    spec = ModelSpec(name="twoconv", layers=tuple(LAYERS), build=lambda checkpoint: TwoConv(48, 64), default_image_size=16)
+    settings = make_settings(model="twoconv", data="builtin", samples=40, holdout="builtin", augmentations=2,
+                             planted_units=6, planted_strength=30, device="cpu", control="random,planted",
+                             permutations=500)
+    result = run_audit(settings, spec)
+    assert result.labels.count("member") == 40 and result.labels.count("planted") == 6
+    planted = result.planted
+    assert len(planted.default_units) == 6 and planted.strength == 30.0
+    assert planted.recall == 1.0 and planted.argmax_hits == 6
+    planted_ids = {result.samples[i] for i in planted.images}
+    assert planted_ids == {s for s, label in zip(result.samples, result.labels) if label == "planted"}
+    strongest = max(planted.curve, key=lambda point: point["strength"])
+    assert strongest["strength"] == 30.0 and strongest["measured_strength"] > 15
+    assert result.control is not None and result.control.membership is not None
+    again = run_audit(settings, spec)  # seeded: the same plants, the same figures
+    assert [(u.plant, u.unitmem) for u in again.planted.units] == [(u.plant, u.unitmem) for u in planted.units]
