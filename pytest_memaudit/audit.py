@@ -353,8 +353,8 @@ def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, memb
     choice = settings.holdout
     if choice == "none" or (choice is None and spec.default_holdout is None):
         return None
-    if choice is None or (choice == "builtin" and spec.default_holdout is not None):
-        images = spec.default_holdout(image_size)
+    if choice is None or (choice == "builtin" and settings.data is None and spec.default_holdout is not None):
+        images = spec.default_holdout(image_size)  # the model's own held-out set, beside its own members
     elif choice == "builtin":
         taken = {int(i.removeprefix(BUILTIN_PREFIX)) for i in members.ids if i.startswith(BUILTIN_PREFIX)}
         start = max(taken, default=-1) + 1
