@@ -25,6 +25,10 @@ from .models import UNIT_LAYOUTS, LayerSpec
 
 # Attributes by which a module declares the width of its output's unit axis.
 WIDTH_ATTRIBUTES = ("out_channels", "out_features", "num_features", "num_channels", "normalized_shape")
+# Modules whose output is (batch, channels, ...) by definition.
+CHANNELS_FIRST = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+                  torch.nn.ConvTranspose3d, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                  torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
 KEYS_HINT = (f"set 'units: {' | '.join(UNIT_LAYOUTS)}' or 'units_axis: N' (0 is the batch) for this layer in "
              "audited_layers")
 
@@ -87,9 +91,10 @@ def declared_widths(module: torch.nn.Module) -> list[tuple[str, int]]:
 
 
 def resolve_unit_axis(layer: LayerSpec, module: torch.nn.Module, shape: Sequence[int]) -> UnitAxis:
-    """The unit axis of ``layer``'s measured tensor, of ``shape`` (batch first): from ``units:``, or
-    the only axis besides the batch, or the last declared width (``declared_widths``, last first)
-    that matches exactly one axis. AuditError when nothing settles it."""
+    """The unit axis of ``layer``'s measured tensor, of ``shape`` (batch first): from ``units:``; or
+    the only axis besides the batch; or axis 1 of a convolution's or channel norm's own output; or
+    the last declared width (``declared_widths``, last first) that matches exactly one axis.
+    AuditError when nothing settles it."""
     shape = tuple(shape)
     where = f"layer {layer.name!r} (module {layer.module!r}), output of shape {shape}"
     if len(shape) < 2:
@@ -113,6 +118,8 @@ def resolve_unit_axis(layer: LayerSpec, module: torch.nn.Module, shape: Sequence
     if len(shape) == 2:
         return UnitAxis(1, shape[1:], "the only axis besides the batch")
     widths = declared_widths(module)
+    if isinstance(module, CHANNELS_FIRST) and layer.output is None and widths and widths[0][1] == shape[1]:
+        return UnitAxis(1, shape[1:], f"a {type(module).__name__}'s output: {widths[0][0]} = {shape[1]}")
     for attribute, width in reversed(widths):
         matches = [axis for axis in range(1, len(shape)) if shape[axis] == width]
         if len(matches) == 1:
