@@ -58,7 +58,7 @@ def survey(net: torch.nn.Module, views: torch.Tensor, layers: Sequence[LayerSpec
             except AuditError:
                 entry.unit_axis = "? (needs units:)"
                 return
-            entry.unit_axis = f"{axis.axis} ({axis.source.removeprefix('inferred from ')})"
+            entry.unit_axis = f"{axis.axis} ({axis.source.removeprefix('inferred from ').replace(path + '.', '', 1)})"
             entry.units = axis.units
 
         return record

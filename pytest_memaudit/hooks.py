@@ -117,7 +117,8 @@ def resolve_unit_axis(layer: LayerSpec, module: torch.nn.Module, shape: Sequence
         return UnitAxis(axis, shape[1:], f"units: {units}" if isinstance(units, str) else f"units_axis: {units}")
     if len(shape) == 2:
         return UnitAxis(1, shape[1:], "the only axis besides the batch")
-    widths = declared_widths(module)
+    widths = [(f"{layer.module}.{attribute}" if layer.module else attribute, width)
+              for attribute, width in declared_widths(module)]
     if isinstance(module, CHANNELS_FIRST) and layer.output is None and widths and widths[0][1] == shape[1]:
         return UnitAxis(1, shape[1:], f"a {type(module).__name__}'s output: {widths[0][0]} = {shape[1]}")
     for attribute, width in reversed(widths):
