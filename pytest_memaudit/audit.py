@@ -315,7 +315,7 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
     prototypes = thumbnails(planted_views).view(len(kept), max(settings.augmentations, 1), -1)
     with LayerRecorder(model_net, selected) as recorder:
         outputs = forward(model_net, recorder, planted_views)
-    scales = {layer.name: outputs[layer.name].double().mean(dim=0).cpu().numpy() for layer in recorder.ordered(selected)}
+    scales = {name: values.double().mean(dim=0).cpu().numpy() for name, values in outputs.items()}  # forward order
     plants = choose_plants(scales, kept, settings.planted_strength, settings.seed)
     net = planted_copy(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)},
                        recorder.axes)
