@@ -228,8 +228,8 @@ models:
     data = json.loads((pytester.path / "out.json").read_text())
     assert [(l["name"], l["module"], l["channels"]) for l in data["layers"]] == [("stem", "stem", 4), ("head.out", "head", 2)]
     assert [l["unit_axis"] for l in data["layers"]] == [
-        {"axis": 1, "shape": [4, 16, 16], "source": "a Conv2d's output: out_channels = 4"},
-        {"axis": 1, "shape": [2, 16, 16], "source": "a Conv2d's output: out_channels = 2"}]
+        {"axis": 1, "shape": [4, 16, 16], "source": "a Conv2d's output: stem.out_channels = 4"},
+        {"axis": 1, "shape": [2, 16, 16], "source": "a Conv2d's output: head.out_channels = 2"}]
     assert data["settings"]["image_size"] == 16 and len(data["samples"]) == 5
 
 
