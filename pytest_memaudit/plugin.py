@@ -7,8 +7,9 @@ plugin costs nothing to pytest runs that collect no audit file.
 from __future__ import annotations
 
 import fnmatch
+import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import pytest
 from . import parallel
 
 if TYPE_CHECKING:
-    from .config import AuditFile, RunSettings
+    from .config import AuditCatalog, AuditFile, RunSettings
     from .gates import GateOutcome
     from .models import LayerSpec, ModelSpec
     from .outputs import OutputLog
@@ -87,6 +88,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("memaudit_gallery", "default for --memaudit-gallery", default=None)
     parser.addini("memaudit_files", "glob patterns of audit YAML files", type="args",
                   default=DEFAULT_FILE_PATTERNS)
+    group.addoption("--memaudit-list-layers", dest="memaudit_list_layers", action="store_true", default=False,
+                    help="print the audited model's modules in forward order (output shape, unit axis, units, calls) "
+                         "from one forward pass, and exit")
 
 
 @dataclass
@@ -104,6 +108,9 @@ class AuditSession:
     session: pytest.Session | None = None
     error: str | None = None  # why the audit cannot run, in an xdist worker (elsewhere: a UsageError)
     worker_reports: list[dict[str, Any]] = field(default_factory=list)  # in the xdist controller
+    catalog: "AuditCatalog | None" = None
+    _user_net: Any = None  # a user model, built at collection to check its layer names; the audit reuses it
+    build_error: str | None = None  # why that build failed (a usage error once collection is done)
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None:
@@ -118,6 +125,53 @@ class AuditSession:
                 values[dest.removeprefix("memaudit_")] = value if value not in ("", None) else None
             self.settings = make_settings(**values)
         return self.settings
+
+    def load_catalog(self) -> "AuditCatalog":
+        """The audit files under the collected paths and the models they declare (read once)."""
+        if self.catalog is None:
+            from .config import load_catalog
+
+            self.catalog = load_catalog(audit_files(self.config, collected_paths(self.config)))
+        return self.catalog
+
+    def audit_file(self, path: Path) -> "AuditFile":
+        """The catalog's reading of ``path`` (added to it if the search for audit files missed it)."""
+        catalog = self.load_catalog()
+        path = path.resolve()
+        if path not in catalog.files:
+            from .config import load_audit_file
+
+            catalog.add(load_audit_file(path))
+        return catalog.files[path]
+
+    def resolve_spec(self) -> "ModelSpec":
+        """The audited model: built in, or declared in an audit file under the collected paths, or
+        else anywhere under the rootdir (a test file of one's own, run alone). ConfigError if none."""
+        if self.spec is None:
+            from .config import load_catalog
+            from .models import BUILTIN_MODELS
+
+            name = self.load_settings().model
+            catalog = self.load_catalog()
+            if name not in catalog.models and name not in BUILTIN_MODELS:
+                found = [path for path in audit_files(self.config, [self.config.rootpath])
+                         if path not in catalog.files]
+                declaring = load_catalog(found)
+                if name in declaring.models:
+                    catalog = declaring
+            self.spec = catalog.model_spec(name)
+        return self.spec
+
+    def user_model(self, spec: "ModelSpec"):
+        """A user model, built once (None when that failed: ``build_error`` says why)."""
+        if self._user_net is None and self.build_error is None:
+            from .errors import AuditError
+
+            try:
+                self._user_net = spec.build(spec.locate(self.load_settings().checkpoint))
+            except AuditError as exc:
+                self.build_error = str(exc)
+        return self._user_net
 
     def threshold_overrides(self) -> dict[str, dict[str, float | None]]:
         from .config import parse_threshold_option
@@ -147,13 +201,16 @@ class AuditSession:
             from .errors import AuditError
 
             layers = [layer.name for layer in self.spec.layers if layer.name in self.wanted_layers]
+            spec = self.spec
+            if self._user_net is not None:
+                spec = replace(spec, build=lambda checkpoint: self._user_net)
             try:
                 from .config import check_image_fits
 
                 check_image_fits(self.settings)
                 check_output_locations(self.config)
                 with _progress(self.config) as progress:
-                    self.result = run_audit(self.settings, self.spec, layers, progress)
+                    self.result = run_audit(self.settings, spec, layers, progress)
                 self.result.multiple_testing = self.multiple_testing
             except AuditError as exc:
                 message = f"memaudit: the audit cannot run: {exc}"
@@ -247,7 +304,9 @@ def is_audit_file(path: str, config: pytest.Config) -> bool:
 
 
 class AuditYamlFile(pytest.File):
-    """An audit YAML file: collects one LayerItem per layer of the audited model."""
+    """An audit YAML file: collects one LayerItem per layer of the audited model, or, when the
+    file is about other models (it declares models of its own, not the audited one), one skipped
+    item per model it declares."""
 
     def collect(self):
         from .errors import ConfigError
@@ -255,23 +314,46 @@ class AuditYamlFile(pytest.File):
         state = self.config.stash[audit_session_key]
         try:
             settings = state.load_settings()
-            from .config import load_audit_file
-
-            audit = load_audit_file(self.path)
-            spec = audit.model_spec(settings.model)
+            audit = state.audit_file(self.path)
+            spec = state.load_catalog().model_spec(settings.model)
+        except ConfigError as exc:
+            raise self.CollectError(f"memaudit: {exc}") from None
+        if not audit.applies_to(spec.name):
+            for name in audit.user_models:
+                reason = (f"memaudit: {self.path.name} is about model {name}; this run audits {spec.name} "
+                          f"(--memaudit-model {name} audits it)")
+                yield OtherModelItem.from_parent(self, name=name, reason=reason)
+            return
+        try:
             overrides = state.threshold_overrides()
             thresholds = audit.thresholds_for(spec, overrides)
             audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
         self._check_gates_can_be_evaluated(settings, spec, thresholds)
+        if spec.factory is not None:
+            self._check_user_layers(state, spec)
         state.multiple_testing = audit.multiple_testing
-        if state.spec is None:
-            state.spec = spec
-        elif state.spec != spec:
-            raise self.CollectError(f"memaudit: {self.path} declares model {spec.name} differently from another audit file")
+        state.spec = spec
         for layer in spec.layers:
             yield LayerItem.from_parent(self, name=layer.name, layer=layer, thresholds=thresholds[layer.name])
+
+    def _check_user_layers(self, state: AuditSession, spec: "ModelSpec") -> None:
+        """A user model is built now (once) so that a misspelled module path is a collection error;
+        a model that cannot be built is a usage error when collection is done."""
+        net = state.user_model(spec)
+        if net is None:
+            return
+        from .errors import AuditError
+        from .hooks import find_module
+
+        modules = dict(net.named_modules())
+        for layer in spec.layers:
+            try:
+                find_module(net, layer, modules)
+            except AuditError as exc:
+                where = state.load_catalog().declared_in.get(spec.name, self.path)
+                raise self.CollectError(f"memaudit: {where}: models: {spec.name}: audited_layers: {exc}") from None
 
     def _check_gates_can_be_evaluated(self, settings, spec, thresholds) -> None:
         """A gate whose figure this audit will not have is an error now, not a silent pass later."""
@@ -286,6 +368,20 @@ class AuditYamlFile(pytest.File):
                 f"memaudit: {self.path}: gates this audit cannot evaluate: {'; '.join(lines)}. Provide what they "
                 f"need, or turn them off (e.g. --memaudit-threshold {next(iter(missing))}=off)."
             )
+
+
+class OtherModelItem(pytest.Item):
+    """A model that an audit file declares and this run does not audit: skipped, with the reason."""
+
+    def __init__(self, *, reason: str, **kwargs):
+        super().__init__(**kwargs)
+        self.add_marker(pytest.mark.skip(reason=reason))
+
+    def runtest(self) -> None:  # never runs: skipped
+        pass
+
+    def reportinfo(self):
+        return self.path, 0, f"memaudit model {self.name}"  # a skip report needs a line
 
 
 class LayerGateFailure(Exception):
@@ -305,14 +401,12 @@ class LayerItem(pytest.Item):
         import warnings
 
         from .errors import MemauditWarning
-        from .gates import evaluate, fraction_above_level, layer_figures
+        from .gates import evaluate_layer
 
         state = self.config.stash[audit_session_key]
         result = state.run()
         layer = result.layer(self.layer.name)
-        figures = layer_figures(layer, fraction_above_level(self.thresholds), state.adjusted_p()[layer.name])
-        outcome = evaluate(layer.name, figures, self.thresholds)
-        layer.thresholds, layer.outcome = self.thresholds, outcome
+        outcome, figures = evaluate_layer(layer, self.thresholds, state.adjusted_p()[layer.name])
         self.user_properties += [(f"memaudit_{name}", round(figure.value, 6))
                                  for name, figure in figures.items() if math.isfinite(figure.value)]
         if outcome.warnings:
@@ -331,29 +425,106 @@ class LayerItem(pytest.Item):
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Run the audit once, after -k/-m deselection, for exactly the selected layers."""
+    """Run the audit once, after -k/-m deselection: for exactly the selected layers, or for every
+    layer when a selected test uses the ``memaudit_result`` fixture."""
     state = session.config.stash[audit_session_key]
     state.session = session
-    items = [item for item in session.items if isinstance(item, LayerItem)]
-    if not items or session.config.option.collectonly:
+    if state.build_error is not None:
+        message = f"memaudit: the audit cannot run: {state.build_error}"
+        if not parallel.is_worker(session.config):
+            raise pytest.UsageError(message)
+        state.error = message  # the worker's first layer test fails with it; the controller exits 4
         return
-    state.wanted_layers = {item.layer.name for item in items}
+    items = [item for item in session.items if isinstance(item, LayerItem)]
+    for_fixture = any(FIXTURE in getattr(item, "fixturenames", ()) for item in session.items)
+    if session.config.option.collectonly or not (items or for_fixture):
+        return
+    if for_fixture:
+        from .errors import ConfigError
+
+        try:
+            spec = state.resolve_spec()
+        except ConfigError:
+            return  # the fixture skips, saying why
+        state.wanted_layers = {layer.name for layer in spec.layers}
+    else:
+        state.wanted_layers = {item.layer.name for item in items}
     if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
         state.run()
 
 
+FIXTURE = "memaudit_result"
+
+
 @pytest.fixture(scope="session")
 def memaudit_result(pytestconfig: pytest.Config) -> "AuditResult":
-    """The session's AuditResult (computed for every layer if no layer test asked first)."""
+    """The session's AuditResult, of every layer of the audited model (computed once, when
+    collection is done). Skips when no audited model can be found; errors (without a traceback)
+    when its audit cannot run."""
     state = pytestconfig.stash[audit_session_key]
     if state.result is None:
-        state.load_settings()
-        if state.spec is None:
-            from .models import get_model_spec
+        from .errors import ConfigError
 
-            state.spec = get_model_spec(state.settings.model)
+        try:
+            state.resolve_spec()
+        except ConfigError as exc:
+            pytest.skip(f"memaudit: {exc}")
         state.wanted_layers = {layer.name for layer in state.spec.layers}
-    return state.run()
+        try:
+            state.run()
+        except pytest.UsageError as exc:
+            pytest.fail(str(exc), pytrace=False)
+    return state.result
+
+
+def pytest_cmdline_main(config: pytest.Config):
+    """``--memaudit-list-layers``: print the audited model's modules and exit, like ``--fixtures``."""
+    if not config.getoption("memaudit_list_layers"):
+        return None
+    from .discovery import layer_table
+    from .errors import AuditError
+
+    state = AuditSession(config)
+    try:
+        spec = state.resolve_spec()
+        sys.stdout.write(layer_table(spec, state.load_settings()))
+    except AuditError as exc:
+        raise pytest.UsageError(f"memaudit: {exc}") from None
+    return 0
+
+
+def collected_paths(config: pytest.Config) -> list[Path]:
+    """The paths given on the command line (or testpaths), without ``::`` selections."""
+    paths = []
+    for arg in config.args:
+        path = Path(arg.split("::")[0])
+        path = path if path.is_absolute() else config.invocation_params.dir / path
+        if path.exists():
+            paths.append(path.resolve())
+    return paths
+
+
+def audit_files(config: pytest.Config, roots: list[Path]) -> list[Path]:
+    """Every audit file (``memaudit_files`` patterns) at or under ``roots``, skipping the folders
+    pytest does not recurse into (``norecursedirs``, ``--ignore``)."""
+    patterns = config.getini("memaudit_files")
+    skip_dirs = config.getini("norecursedirs")
+    ignored = {(config.invocation_params.dir / path).resolve() for path in config.getoption("ignore") or ()}
+
+    def wanted(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+    found: dict[Path, None] = {}
+    for root in roots:
+        if root.is_file():
+            if wanted(root.name):
+                found[root] = None
+            continue
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, p) for p in skip_dirs)
+                             and (Path(folder) / d).resolve() not in ignored)
+            found.update((Path(folder, name).resolve(), None) for name in sorted(files) if wanted(name))
+    return list(found)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -438,6 +609,7 @@ def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = config.stash.get(audit_session_key, None)
+    shown_errors = set()  # xdist workers that could not audit report the same error: say it once
     for report in state.reports(markup=terminalreporter.hasmarkup) if state else ():
         if report["summary"] is not None:
             terminalreporter.section("memaudit summary")
@@ -446,7 +618,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             terminalreporter.write_line(f"memaudit: {line}")
         for line in report["errors"]:
             terminalreporter.write_line(f"memaudit: ERROR: {line}", red=True, bold=True)
-        if report["error"]:
+        if report["error"] and report["error"] not in shown_errors:
+            shown_errors.add(report["error"])
             terminalreporter.write_line(f"ERROR: {report['error']}", red=True, bold=True)
 
 
