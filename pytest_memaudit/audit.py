@@ -27,6 +27,7 @@ from .augment import augment_views
 from .config import RunSettings, control_roles
 from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
+from .datapoints import score_data_points, what_gets_memorized
 from .device import ForwardTimer, check_precision, is_out_of_memory, precision_mode, resolve_device, selected_device
 from .errors import AuditError, DataError, user_code
 from .hardware import precision_notes
@@ -86,6 +87,10 @@ def run_audit(
     views = max(settings.augmentations, 1)
     batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
     controls = control_roles(settings, spec)
+    if settings.embedding_layer and spec.layer(settings.embedding_layer) is None:
+        raise AuditError(f"--memaudit-embedding-layer {settings.embedding_layer!r}: model {spec.name} has no such "
+                         f"layer; its layers: {', '.join(layer.name for layer in spec.layers)}")
+    embedding_name = spec.layer(settings.embedding_layer).name if settings.embedding_layer else None
     images = open_images(settings, spec, image_size, planted=settings.planted_units if "planted" in controls else 0)
     notes = list(images.notes) + precision_notes(precision, device)
     source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
@@ -106,6 +111,9 @@ def run_audit(
     read: list[int] = []  # the positions in ``images`` of the data points, in order
     skipped: list[dict[str, str]] = []
     timer = ForwardTimer(device)
+    measured: list[dict[str, np.ndarray]] = []  # image characteristics, batch by batch
+    embedding: list[np.ndarray] = []  # the model's per-unit activations at the embedding layer
+    embedding_layer = embedding_name
     plants: list[PlantedUnit] = []
     checker = OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None
     try:
@@ -118,7 +126,8 @@ def run_audit(
             for subject in subjects:
                 subject.recorder = LayerRecorder(subject.net, selected)
             median_budget = settings.median_memory * 2**20 // len(subjects)
-            batches = images.iter_batches(max(1, batch_size // views), workers, pin_memory=device.type == "cuda")
+            batches = images.iter_batches(max(1, batch_size // views), workers, pin_memory=device.type == "cuda",
+                                          characteristics=True)
             for batch in batches:
                 skipped += [{"id": images.ids[pos], "reason": reason} for pos, reason in batch.skipped]
                 n = len(batch.positions)
@@ -138,8 +147,13 @@ def run_audit(
                         if not subject.states:
                             subject.states = new_states(outputs, settings, len(images), device, median_budget)
                             notes += spill_notes(subject.role, subject.states, settings.median_memory)
+                            embedding_layer = embedding_layer or subject.recorder.ordered(selected)[-1].name
                         for name, per_view in outputs.items():
-                            subject.states[name].update(per_view.view(n, views, -1).mean(dim=1), index, label, group)
+                            values = per_view.view(n, views, -1).mean(dim=1)
+                            subject.states[name].update(values, index, label, group)
+                            if subject.role == "model" and name == embedding_layer:
+                                embedding.append(values.float().cpu().numpy())
+                    measured.append(batch.characteristics)
                     samples += [images.ids[pos] for pos in batch.positions]
                     read += batch.positions
                 if progress:
@@ -150,6 +164,10 @@ def run_audit(
         point_groups = images.groups[read]
         finished = {subject.role: finalize(subject, selected, settings, point_labels, point_groups)
                     for subject in subjects}
+        points = score_data_points({layer.name: subjects[0].states[layer.name] for layer in selected},
+                                   {layer.name: layer.values.unitmem for layer in finished["model"][0]},
+                                   list(range(len(LABELS))), len(samples))
+        points.characteristics = {name: np.concatenate([batch[name] for batch in measured]) for name in measured[0]}
     finally:
         for subject in subjects:
             if subject.recorder:
@@ -191,7 +209,8 @@ def run_audit(
         canaries=[sample for sample in samples if sample in planted_ids],
         holdout_source=images.holdout_description,
         membership=None if model_contrast is None else model_contrast.overall,
-        argmax_counts=None if model_contrast is None else _per_data_point(model_contrast, len(samples)),
+        memorized=what_gets_memorized(points, [LABELS[code] for code in point_labels.tolist()], samples,
+                                      np.concatenate(embedding) if embedding else None, embedding_layer, settings.seed),
     )
     if "control" in finished:
         control_layers, control_contrast, control_loo = finished["control"]
@@ -250,12 +269,6 @@ def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSetti
         for layer in results:
             layer.membership = contrast.layers[layer.name]
     return results, contrast, leave_out_means
-
-
-def _per_data_point(contrast: Contrast, samples: int) -> list[int]:
-    counts = np.zeros(samples, dtype=np.int64)
-    counts[contrast.pooled] = contrast.argmax_counts
-    return counts.tolist()
 
 
 def check_read(images: LabelledImages, read: list[int], skipped: list[dict[str, str]], source: str) -> None:

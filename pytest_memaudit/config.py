@@ -68,6 +68,7 @@ class RunSettings:
     planted_strength: float = 8.0  # a planted image's activation over its unit's mean
     groups: int = 10  # data point groups for the jackknife error bars
     permutations: int = 10_000  # label permutations of the membership test
+    embedding_layer: str | None = None  # whose activations embed images for clustering; None: the last audited
 
     def as_dict(self) -> dict:
         return asdict(self)

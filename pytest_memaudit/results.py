@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from .datapoints import Classes, Clusters, DataPoints, Memorized
 from .gates import Check, Gate, GateOutcome, as_json
 from .hooks import UnitAxis
 from .membership import Membership
 from .planted import PlantedResult, PlantedUnit, PlantedUnitResult
-from .stats import Interval, LayerStats, depth_correlation
+from .stats import CorrelationResult, Interval, LayerStats, depth_correlation
 from .unitmem import UnitMemValues
 
 SCHEMA_VERSION = 2
@@ -70,7 +71,7 @@ class AuditResult:
     canaries: list[str] = field(default_factory=list)  # sample ids planted to be memorized
     holdout_source: str | None = None
     membership: Membership | None = None  # over all layers
-    argmax_counts: list[int] | None = None  # per data point: units (all layers) whose pooled argmax it is
+    memorized: Memorized | None = None  # per data point scores, characteristics, clusters, classes
     control: SubjectResult | None = None
     planted: PlantedResult | None = None
     multiple_testing: str = "holm"  # how the gates corrected p-values across layers (set when gating)
@@ -144,7 +145,7 @@ class AuditResult:
             "notes": self.notes,
             "canaries": [{"id": c, "rank": r} for c, r in self.canary_ranks().items()],
             "data_point_ranking": [{"id": s, "units": n} for s, n in self.data_point_ranking()[:50]],
-            "argmax_counts": self.argmax_counts,
+            **_memorized_json(self.memorized, self.samples),
             "layers": [_layer_json(layer) for layer in self.layers],
             "control": None if self.control is None else _subject_json(self.control),
             "planted": _planted_json(self.planted, self.samples),
@@ -169,7 +170,7 @@ class AuditResult:
             canaries=[entry["id"] for entry in data.get("canaries") or []],
             holdout_source=data.get("holdout_source"),
             membership=_membership_from_json(data["summary"].get("membership")),
-            argmax_counts=data.get("argmax_counts"),
+            memorized=_memorized_from_json(data),
             control=None if data.get("control") is None else _subject_from_json(data["control"]),
             planted=_planted_from_json(data.get("planted"), samples),
             multiple_testing=data["summary"].get("multiple_testing", "holm"),
@@ -344,6 +345,77 @@ def _planted_from_json(data: dict | None, samples: list[str]) -> PlantedResult |
     ]
     return PlantedResult(units, data["strength"], data["top_share"], _membership_from_json(data.get("membership")),
                          data.get("curve") or [])
+
+
+def _memorized_json(memorized: Memorized | None, samples: list[str]) -> dict[str, Any]:
+    if memorized is None:
+        return {"data_points": None, "image_characteristics": None, "image_characteristics_holdout": None,
+                "clusters": None, "classes": None}
+    points, clusters, classes = memorized.points, memorized.clusters, memorized.classes
+    return {
+        "data_points": {
+            "ids": samples,
+            "score": _floats(points.score),
+            "argmax_units": points.argmax_units.tolist(),
+            "best_rank": [None if math.isnan(r) else int(r) for r in points.best_rank],
+            "characteristics": {name: _floats(values) for name, values in points.characteristics.items()},
+            "layer_argmax_units": {name: {"index": np.flatnonzero(counts).tolist(),
+                                          "count": counts[counts > 0].tolist()}
+                                   for name, counts in points.layer_argmax_units.items()},
+        },
+        "image_characteristics": {name: _correlation_json(c) for name, c in memorized.correlations.items()},
+        "image_characteristics_holdout": {name: _correlation_json(c)
+                                          for name, c in memorized.correlations_holdout.items()} or None,
+        "clusters": None if clusters is None else {
+            "layer": clusters.layer, "index": clusters.index.tolist(), "cluster": clusters.labels.tolist(),
+            "k": int(clusters.sizes.size), "silhouette": _number(clusters.silhouette),
+            "sizes": clusters.sizes.tolist(), "mean_score": _floats(clusters.mean_score),
+        },
+        "classes": None if classes is None else {
+            "names": classes.names, "images": classes.images.tolist(), "mean_score": _floats(classes.mean_score),
+            "unit_share": _floats(classes.unit_share), "kruskal_h": _number(classes.kruskal_h),
+            "kruskal_p": _number(classes.kruskal_p),
+        },
+    }
+
+
+def _correlation_json(c: CorrelationResult) -> dict[str, Any]:
+    return {"rho": _number(c.rho), "ci_low": _number(c.ci_low), "ci_high": _number(c.ci_high),
+            "p_value": _number(c.p_value), "n": c.n, "dropped": c.dropped}
+
+
+def _memorized_from_json(data: dict[str, Any]) -> Memorized | None:
+    entry = data.get("data_points")
+    if entry is None:
+        return None
+    count = len(entry["score"])
+    layer_units = {}
+    for name, sparse in entry["layer_argmax_units"].items():
+        counts = np.zeros(count, dtype=np.int64)
+        counts[sparse["index"]] = sparse["count"]
+        layer_units[name] = counts
+    points = DataPoints(_array(entry["score"]), np.asarray(entry["argmax_units"], dtype=np.int64),
+                        _array(entry["best_rank"]), layer_units,
+                        {name: _array(values) for name, values in entry["characteristics"].items()})
+    clusters = data.get("clusters")
+    classes = data.get("classes")
+    return Memorized(
+        points=points,
+        correlations={name: _correlation_from_json(c) for name, c in (data.get("image_characteristics") or {}).items()},
+        correlations_holdout={name: _correlation_from_json(c)
+                              for name, c in (data.get("image_characteristics_holdout") or {}).items()},
+        clusters=None if clusters is None else Clusters(
+            clusters["layer"], np.asarray(clusters["index"], dtype=np.int64), np.asarray(clusters["cluster"], dtype=np.int64),
+            _float(clusters["silhouette"]), np.asarray(clusters["sizes"], dtype=np.int64), _array(clusters["mean_score"])),
+        classes=None if classes is None else Classes(
+            classes["names"], np.asarray(classes["images"], dtype=np.int64), _array(classes["mean_score"]),
+            _array(classes["unit_share"]), _float(classes["kruskal_h"]), _float(classes["kruskal_p"])),
+    )
+
+
+def _correlation_from_json(data: dict[str, Any]) -> CorrelationResult:
+    return CorrelationResult(_float(data["rho"]), _float(data["ci_low"]), _float(data["ci_high"]),
+                             _float(data["p_value"]), data["n"], data["dropped"])
 
 
 # --- writing --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ..stats import group_size
 from . import figures
 from .evidence import evidence, membership_section, planted_section
 from .format import fmt, fmt_interval, fmt_p
+from .memorized import memorized_section
 from .thumbnails import Gallery
 
 TABLE1_UNITS = 20
@@ -57,6 +58,7 @@ def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
         "evidence": evidence(result),
         "membership": membership_section(result, gallery, adjusted),
         "planted": planted_section(result, gallery),
+        "memorized": memorized_section(result, gallery),
         "top_units": [top_images(result.layers[i], u, gallery) for i, u in ranked[:FIGURE3_UNITS]],
         "most_picked": picked(result, top, gallery),
         "least_picked": picked(result, bottom, gallery),

@@ -121,9 +121,9 @@ def membership_section(result: AuditResult, gallery: Gallery, adjusted: dict[str
 
 def held_out_picks(result: AuditResult, gallery: Gallery) -> list[tuple[Any, int]]:
     """The held-out images that the most units pick as their argmax (pooled with the members)."""
-    if not result.argmax_counts:
+    if result.memorized is None:
         return []
-    counts = np.asarray(result.argmax_counts)
+    counts = result.memorized.points.argmax_units
     held = np.array([label != "member" for label in result.labels])
     order = [i for i in np.argsort(-counts, kind="stable") if held[i] and counts[i] > 0][:HELD_OUT_SHOWN]
     return [(gallery.point(i), int(counts[i])) for i in order]
