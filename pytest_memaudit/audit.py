@@ -210,7 +210,8 @@ def run_audit(
         holdout_source=images.holdout_description,
         membership=None if model_contrast is None else model_contrast.overall,
         memorized=what_gets_memorized(points, [LABELS[code] for code in point_labels.tolist()], samples,
-                                      np.concatenate(embedding) if embedding else None, embedding_layer, settings.seed),
+                                      np.concatenate(embedding) if embedding else None, embedding_layer, settings.seed,
+                                      folders=images.root is not None),
     )
     if "control" in finished:
         control_layers, control_contrast, control_loo = finished["control"]

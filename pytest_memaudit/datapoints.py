@@ -142,11 +142,13 @@ def class_table(points: DataPoints, classes: list[str], rows: np.ndarray) -> Cla
 
 
 def what_gets_memorized(points: DataPoints, labels: Sequence[str], ids: Sequence[str],
-                        embedding: np.ndarray | None, embedding_layer: str, seed: int) -> Memorized:
+                        embedding: np.ndarray | None, embedding_layer: str, seed: int,
+                        folders: bool = True) -> Memorized:
+    """``folders``: the members are files under a data folder (their ids may name classes)."""
     labels = np.asarray(labels)
     members = np.flatnonzero(labels == "member")
     held_out = np.flatnonzero(labels != "member")
-    classes = image_classes(ids, members)
+    classes = image_classes(ids, members) if folders else None
     return Memorized(
         points=points,
         correlations=characteristic_correlations(points, members, seed),

@@ -30,7 +30,7 @@ def test_outcomes_without_checks_are_not_gated():
 def test_mixed_outcomes_count_only_layers_with_checks():
     result = gated(synthetic_result(SAMPLES, ["a", "b", "c"], [8, 8, 8]), [[passing()], (), None])
     assert verdict(result.layers) == {"status": "passed",
-                                      "text": "All 1 gated layers are within their failing thresholds. "
+                                      "text": "All 1 gated layers are within their thresholds. "
                                               "2 layer(s) had no threshold and were not gated."}
     assert [(row["name"], row["status"]) for row in gate_table(result.layers)["rows"]] == [
         ("a", "passed"), ("b", "not gated"), ("c", "not gated")]

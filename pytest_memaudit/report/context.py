@@ -120,7 +120,7 @@ def verdict(layers: list[LayerResult]) -> dict[str, str]:
     if failed:
         text = f"{len(failed)} of {len(gated)} gated layers crossed a threshold: {', '.join(failed)}."
     else:
-        text = f"All {len(gated)} gated layers are within their failing thresholds."
+        text = f"All {len(gated)} gated layers are within their thresholds."
     if warned:
         text += f" {len(warned)} crossed a warning threshold: {', '.join(warned)}."
     if ungated:
@@ -155,7 +155,7 @@ def check_cell(check: Check, level: float | None) -> dict[str, Any]:
     if check.key == "fraction_above_max" and level is not None:
         notes.append(f"UnitMem > {fmt(level, 'g')}")
     if check.when == "significant":
-        notes.append(f"95% [{fmt(check.low, '.3g')}, {fmt(check.high, '.3g')}], fails only beyond the limit")
+        notes.append(f"95% [{fmt(check.low, '.3g')}, {fmt(check.high, '.3g')}]")
     if check.severity == "warn":
         notes.append("warning only")
     state = "passed" if check.passed else "failed" if check.severity == "fail" else "warned"

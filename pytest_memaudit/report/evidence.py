@@ -38,7 +38,7 @@ def evidence(result: AuditResult) -> list[dict[str, str]]:
                 f"{sum(u.found for u in planted.default_units)} of {len(planted.default_units)} planted units at "
                 f"strength {planted.strength:g} are in the top {planted.top_share:.0%} of UnitMem; "
                 f"{planted.argmax_hits} pick their planted image as argmax; membership test of the planted "
-                f"images p = {fmt_p(planted.membership.p_value)}."
+                f"images against the other held-out images: p = {fmt_p(planted.membership.p_value)}."
                 + (f" Lowest strength found in 90% of its units: {planted.detection_strength:g}."
                    if planted.detection_strength else "")
             ),
@@ -65,9 +65,9 @@ def evidence(result: AuditResult) -> list[dict[str, str]]:
     return answers
 
 
-def _membership_sentence(m: Membership) -> str:
+def _membership_sentence(m: Membership, members: str = "a member") -> str:
     return (
-        f"{m.member_share:.1%} of units have a member as argmax against {m.expected_share:.1%} expected "
+        f"{m.member_share:.1%} of units have {members} as argmax against {m.expected_share:.1%} expected "
         f"(excess {fmt_interval(m.excess, m.excess_interval, '+.3f')}); p = {fmt_p(m.p_value)} "
         f"({m.permutations:,} permutations over {m.members + m.holdout} data points; "
         f"{m.distinct_argmax} distinct argmax images)."
@@ -139,7 +139,8 @@ def planted_section(result: AuditResult, gallery: Gallery) -> dict | None:
         "top_share": f"{planted.top_share:.0%}",
         "recall": fmt(planted.recall, ".0%"),
         "hits": f"{planted.argmax_hits} of {len(planted.default_units)}",
-        "membership": None if planted.membership is None else _membership_sentence(planted.membership),
+        "membership": None if planted.membership is None else _membership_sentence(planted.membership,
+                                                                                    "a planted image"),
         "detection": "none of the strengths tried" if planted.detection_strength is None
         else f"{planted.detection_strength:g}",
         "curve": [{"strength": f"{point['strength']:g}", "units": point["units"], "recall": f"{point['recall']:.0%}",

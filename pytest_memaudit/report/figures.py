@@ -214,13 +214,13 @@ def depth_plot(names: list[str], lines: list[Line], step: int = 30, y_label: str
     """Each line's per-layer values against layer depth, with error bars where a line has intervals."""
     left, top, plot_height = 56, 16, 220
     plot_width = max(1, len(names)) * step
-    extents = [v for line in lines for v in [*line.values, *(line.high or [])] if math.isfinite(v)]
+    extents = [v for line in lines for v in line.values if math.isfinite(v)]
     ticks = nice_ticks(max(extents, default=1.0), most=5)
     scale = plot_height / ticks[-1]
     xs = [left + (i + 0.5) * step for i in range(len(names))]
 
-    def y(value: float) -> float:
-        return top + plot_height - max(0.0, value) * scale
+    def y(value: float) -> float:  # intervals reaching past the axes are cut at them
+        return top + plot_height - min(max(0.0, value), ticks[-1]) * scale
 
     series = []
     for line in lines:
