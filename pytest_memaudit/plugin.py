@@ -55,6 +55,8 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("planted-strength", float, "a planted image's activation over its unit's mean in the planted control (default 8)"),
     ("groups", int, "data point groups for the jackknife error bars (default 10)"),
     ("permutations", int, "label permutations of the membership test (default 10000)"),
+    ("embedding-layer", str, "layer whose per-unit activations embed the most memorized images for clustering "
+     "(default: the last audited)"),
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32")}
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
