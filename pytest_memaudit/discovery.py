@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .audit import model_views, prepare
+from .audit import memory_format, model_views, prepare
 from .config import RunSettings
 from .device import resolve_device
 from .errors import AuditError, user_code
@@ -76,7 +76,7 @@ def layer_table(spec: ModelSpec, settings: RunSettings) -> str:
     """The listing of ``spec``'s model (its weights as the audit would load them), as text."""
     device = resolve_device(settings.device)
     size = settings.image_size or spec.default_image_size
-    net = prepare(spec.build(spec.locate(settings.checkpoint)), device, spec.input_contract)
+    net = prepare(spec.build(spec.locate(settings.checkpoint)), device, memory_format(spec.input_contract))
     pixels = torch.rand(LISTED_VIEWS, 3, size, size, generator=torch.Generator().manual_seed(settings.seed))
     views = model_views(pixels.to(device), 0, list(range(LISTED_VIEWS)), spec.input_contract)
     with torch.inference_mode(), user_code(f"the forward pass of {spec.name} on views of shape {tuple(views.shape)}"):

@@ -163,3 +163,30 @@ def test_median_rows_moved_in_blocks_as_on_a_gpu_are_the_same():
     expected = [np.median(np.delete(column, np.argmax(column))) for column in matrix.T.astype(np.float64)]
     np.testing.assert_allclose(results[0], expected, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(results[1], results[0])
+
+
+def test_the_cpu_keeps_the_contracts_layout_and_sizes_workers_by_device(monkeypatch):
+    from pytest_memaudit import audit as audit_module
+    from pytest_memaudit.data import ImageSet
+
+    assert audit().settings["memory_format"] == "NCHW"  # Tiny declares no channels-last support
+    monkeypatch.setattr(audit_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    generated, files = ImageSet.builtin(4, 16, 0), ImageSet(["a.png"], Path("."), 16, 0)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert audit_module.default_workers(generated, cpu, 10) == 0  # generated in process, beside the compute
+    assert audit_module.default_workers(files, cpu, 10) == 4
+    assert audit_module.default_workers(generated, cuda, 10) == 2  # the GPU needs images, not views
+    assert audit_module.default_workers(files, cuda, 1) == 15  # one view per image: every core but one
+
+
+def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: every step of the device check, at a tiny size, on the CPU."""
+    out = tmp_path / "check.json"
+    run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--json", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(r["precision"], r["layout"]) for r in report["runs"]] == [
+        (p, layout) for p in ("float32", "bfloat16") for layout in ("NCHW", "channels-last", "chosen: channels-last")]
+    assert all(r["views_per_s"] > 0 and 0 < r["peak_fraction"] for r in report["runs"])
+    assert report["max_abs_unitmem_vs_float64"] < 1e-4  # float32 against the independent float64 reference

@@ -276,3 +276,20 @@ def test_timer_waits_for_the_gpu_at_both_ends(monkeypatch):
     with pytest.raises(RuntimeError), timer:  # a failed block: counted, its device work not awaited
         raise RuntimeError("CUDA error: device-side assert triggered")
     assert events == [("sync", CUDA), "clock", "clock"] and timer.seconds == 3.0
+
+
+def test_faster_layout_picks_the_faster_and_reports_both(monkeypatch):
+    import time as clock
+
+    from pytest_memaudit.device import faster_layout
+
+    calls = []
+
+    def run(layout):
+        calls.append(layout)
+        clock.sleep(0.02 if layout == torch.channels_last else 0.002)
+
+    layout, seconds = faster_layout(run, torch.device("cpu"), repeats=2)
+    assert layout == torch.contiguous_format
+    assert seconds["channels-last"] > seconds["NCHW"] > 0.001
+    assert calls == [torch.contiguous_format] * 3 + [torch.channels_last] * 3  # a warm-up, then the timed passes
