@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pytest_memaudit.hardware import cpu_flags
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"images": 4, "size": 16, "views": 2}
 
@@ -80,11 +82,16 @@ def write_images(directory: Path, count: int, size: int, seed: int = 0, suffix: 
 # --- child processes ------------------------------------------------------------------------
 
 
-def run_child(args: list[str], log: Path) -> dict:
+# Environment that makes PyTorch's own kernels and oneDNN's use at most this instruction set.
+ISA_CAPS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def run_child(args: list[str], log: Path, isa: str = "native") -> dict:
     """Run ``args`` to completion: wall and CPU seconds, peak RSS (MB) and exit status."""
     started = time.perf_counter()
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                   env=os.environ | ISA_CAPS[isa])
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
     return {"wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
@@ -277,7 +284,7 @@ def benchmark(opts) -> dict:
                 args = pytest_args(precision=name, out=out, **common)
             else:
                 args = child_args("run_audit", precision=name, out=out, **common)
-            run = run_child(args, workdir / f"{name}-{repeat}.log")
+            run = run_child(args, workdir / f"{name}-{repeat}.log", opts.isa)
             if run["rc"] not in (0, 1) or not out.exists():  # 1: a layer crossed a threshold
                 sys.exit(f"{name} run failed (exit {run['rc']}); log: {workdir / f'{name}-{repeat}.log'}\n"
                          + (workdir / f"{name}-{repeat}.log").read_text()[-3000:])
@@ -289,6 +296,8 @@ def benchmark(opts) -> dict:
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "cpu_flags": cpu_flags(),
+        "isa": opts.isa,  # "avx2": the children ran as on an AVX2-only CPU
         "command": "python benchmarks/bench_audit.py " + " ".join(opts.argv),
         "settings": {k: getattr(opts, k) for k in ("images", "size", "views", "device", "target", "repeats",
                                                     "batch_size")},
@@ -333,7 +342,8 @@ def benchmark(opts) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print(f"\n{report['date']}  {report['machine']}\n{report['command']}")
+    print(f"\n{report['date']}  {report['machine']}  flags {report['cpu_flags']}  isa {report['isa']}\n"
+          f"{report['command']}")
     print(f"{report['views']} views per run; medians of {report['settings']['repeats']} interleaved repeat(s)")
     print(f"{'run':<10}{'wall s':>9}{'views/s':>10}{'vs naive':>10}{'CPU s':>9}{'peak MB':>10}{'audit s':>9}"
           "  per-repeat ratios")
@@ -367,6 +377,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="views per forward pass (default: the project's)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--isa", choices=sorted(ISA_CAPS), default="native",
+                        help="run every child as on a CPU with at most this instruction set (avx2: an AVX2-only "
+                             "CPU, through ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA)")
     parser.add_argument("--quick", action="store_true", help=f"CI-sized: {QUICK}")
     parser.add_argument("--workdir", help="keep inputs and logs here (default: a new temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")

@@ -73,6 +73,9 @@ def bf16_native(device) -> tuple[bool, str]:
         return native, f"torch's oneDNN says the CPU {'supports' if native else 'does not support'} bfloat16"
     found = [label for flag, label in _BF16_FLAGS.items() if flag in flags]
     cpu = f"the CPU ({model or 'unknown model'})"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if found and cap and cap not in ("ALL", "DEFAULT") and "BF16" not in cap and "AMX" not in cap:
+        return False, f"{cpu} has {', '.join(found)}, but ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN from using it"
     if found:
         return True, f"{cpu} has {', '.join(found)}"
     return False, f"{cpu} has no bfloat16 instructions (AVX512_BF16, AMX or Arm BF16)"

@@ -86,3 +86,13 @@ def test_emulated_bf16_run_gets_a_note(pytester, var_checkpoint, monkeypatch):
     assert note in json.loads((pytester.path / "out.json").read_text())["notes"]
     result = pytester.runpytest(*args)  # float32: no note
     assert "is emulated" not in result.stdout.str()
+
+
+def test_an_instruction_set_cap_makes_bf16_emulated(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below bf16 (how benchmarks run as on an AVX2-only CPU) means emulated bf16."""
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: "model name : Test CPU\nflags : avx2 avx512f avx512_bf16\n")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    native, why = hardware.bf16_native("cpu")
+    assert not native and "ONEDNN_MAX_CPU_ISA=AVX2" in why
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert hardware.bf16_native("cpu")[0]
