@@ -17,6 +17,7 @@ import pytest
 from . import parallel
 
 if TYPE_CHECKING:
+    from .compare import Comparison
     from .config import AuditFile, RunSettings
     from .gates import GateOutcome
     from .models import LayerSpec, ModelSpec
@@ -57,6 +58,7 @@ OPTIONS: list[tuple[str, Any, str]] = [
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32")}
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
+STORE_HINT = ".memaudit/"  # as pytest_memaudit.baselines.STORE, without importing it
 DEFAULT_REPORT_DIR = "memaudit-report"  # under the invocation directory: report.html and results.json
 OUTPUTS_NOT_WRITTEN = 3  # exit status when every gate passed but an output file could not be written
 GALLERY_MODES = ("images", "names", "none")  # as pytest_memaudit.report.thumbnails, without importing it
@@ -87,6 +89,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("memaudit_gallery", "default for --memaudit-gallery", default=None)
     parser.addini("memaudit_files", "glob patterns of audit YAML files", type="args",
                   default=DEFAULT_FILE_PATTERNS)
+    add_baseline_options(group)
+
+
+def add_baseline_options(group) -> None:
+    """Saved runs, comparison with a baseline, and gating a finished audit (command line only)."""
+    group.addoption("--memaudit-from", dest="memaudit_from", metavar="PATH", default=None,
+                    help="gate and report a finished audit's results.json instead of computing one (no model, no "
+                         "images needed; thumbnails come from the images when they are still there)")
+    group.addoption("--memaudit-save", dest="memaudit_save", metavar="NAME", default=None,
+                    help=f"save this run's results under {STORE_HINT} in the rootdir, named by model, checkpoint "
+                         "sha256 prefix, NAME and date")
+    group.addoption("--memaudit-autosave", dest="memaudit_autosave", action="store_true", default=False,
+                    help=f"save every run's results under {STORE_HINT} (named 'auto' unless --memaudit-save names it)")
+    group.addoption("--memaudit-list-saved", dest="memaudit_list_saved", action="store_true", default=False,
+                    help=f"list the runs saved under {STORE_HINT} and exit")
+    group.addoption("--memaudit-compare", dest="memaudit_compare", metavar="REF", default=None,
+                    help="compare with a baseline: a saved NAME, a results.json PATH, 'latest' (the newest saved run "
+                         "of the model) or, in a checkpoint series, 'previous' (each checkpoint with the one before)")
+    group.addoption("--memaudit-compare-fail", dest="memaudit_compare_fail", action="append", default=[],
+                    metavar="[LAYER:]FIGURE:DELTA",
+                    help="fail a layer whose FIGURE rose over the baseline's by more than DELTA (e.g. "
+                         "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); repeatable; needs "
+                         "--memaudit-compare")
 
 
 @dataclass
@@ -104,8 +129,18 @@ class AuditSession:
     session: pytest.Session | None = None
     error: str | None = None  # why the audit cannot run, in an xdist worker (elsewhere: a UsageError)
     worker_reports: list[dict[str, Any]] = field(default_factory=list)  # in the xdist controller
+    stored: "AuditResult | None" = None  # --memaudit-from: the finished audit to gate
+    stored_path: Path | None = None
+    baseline: "AuditResult | None" = None  # --memaudit-compare: the run to compare with
+    baseline_label: str | None = None
+    thresholds: dict[str, dict] = field(default_factory=dict)  # each collected layer's
+    _comparison: "Comparison | None" = None
 
     def load_settings(self) -> "RunSettings":
+        if self.settings is None and self.stored is not None:
+            from .config import settings_from_record
+
+            self.settings = settings_from_record(self.stored.settings)
         if self.settings is None:
             from .config import make_settings
 
@@ -126,6 +161,8 @@ class AuditSession:
         for text in self.config.getoption("memaudit_threshold"):
             layer, key, value = parse_threshold_option(text)
             overrides.setdefault(layer, {})[key] = value
+        for layer, key, value in compare_fail_options(self.config):
+            overrides.setdefault(layer, {})[key] = value
         return overrides
 
     def adjusted_p(self) -> dict[str, dict[str, float]]:
@@ -142,6 +179,9 @@ class AuditSession:
         In an xdist worker a UsageError would only fail the test that asked: instead the test fails
         with the message, the worker stops, and the controller reports the error (exit status 4).
         """
+        if self.result is None and self.error is None and self.stored is not None:
+            self.result = self.stored.select_layers(self.wanted_layers)
+            self.result.multiple_testing = self.multiple_testing
         if self.result is None and self.error is None:
             from .audit import run_audit
             from .errors import AuditError
@@ -156,15 +196,41 @@ class AuditSession:
                     self.result = run_audit(self.settings, self.spec, layers, progress)
                 self.result.multiple_testing = self.multiple_testing
             except AuditError as exc:
-                message = f"memaudit: the audit cannot run: {exc}"
-                if not parallel.is_worker(self.config):
-                    raise pytest.UsageError(message) from None
-                self.error = message
+                self._cannot_run(f"memaudit: the audit cannot run: {exc}")
         if self.error is not None:
             if self.session is not None:
                 self.session.shouldstop = self.error
             pytest.fail(self.error, pytrace=False)
         return self.result
+
+    def _cannot_run(self, message: str) -> None:
+        """A usage error; in an xdist worker, the error the controller reports (see ``run``)."""
+        if not parallel.is_worker(self.config):
+            raise pytest.UsageError(message) from None
+        self.error = message
+
+    def comparison(self) -> "Comparison | None":
+        """The result compared with the baseline (once); None without --memaudit-compare."""
+        if self.baseline is None:
+            return None
+        result = self.run()
+        if self._comparison is None and self.error is None:
+            from .compare import compare
+            from .errors import AuditError
+
+            try:
+                self._comparison = compare(result, self.baseline, self.baseline_label, self.thresholds)
+            except AuditError as exc:
+                self._cannot_run(f"memaudit: cannot compare with the baseline: {exc}")
+        if self.error is not None:
+            pytest.fail(self.error, pytrace=False)
+        return self._comparison
+
+    def rise_figures(self, layer: str) -> dict:
+        """The layer's ``<figure>_rise`` figures for the compare gates (none without a baseline)."""
+        comparison = self.comparison()
+        change = None if comparison is None else comparison.layer(layer)
+        return {} if change is None else change.rise_figures()
 
     def writes_outputs(self) -> bool:
         """Whether this process writes the outputs: it has a result and, in an xdist worker, ran the
@@ -181,7 +247,8 @@ class AuditSession:
             return None
         from .terminal import render_summary
 
-        return {"summary": None if self.outputs is None else render_summary(self.result, markup=markup),
+        return {"summary": None if self.outputs is None else render_summary(self.result, markup=markup,
+                                                                            comparison=self._comparison),
                 "written": [] if self.outputs is None else self.outputs.written,
                 "errors": [] if self.outputs is None else self.outputs.errors, "error": self.error}
 
@@ -219,6 +286,7 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
     from .errors import ConfigError
 
     try:
+        load_baseline_inputs(config, state)
         if any(config.getoption("memaudit_" + suffix.replace("-", "_")) is not None for suffix, _, _ in OPTIONS):
             from .config import check_image_fits
 
@@ -229,6 +297,60 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
             check_output_locations(config)
     except ConfigError as exc:
         raise pytest.UsageError(f"memaudit: {exc}") from None
+
+
+def load_baseline_inputs(config: pytest.Config, state: AuditSession) -> None:
+    """--memaudit-from, --memaudit-save, --memaudit-compare(-fail): the finished audit and the baseline
+    loaded, names and gates checked; a ConfigError says what is wrong."""
+    from .errors import ConfigError
+
+    base = config.invocation_params.dir
+    stored = config.getoption("memaudit_from")
+    if stored:
+        given = [f"--memaudit-{suffix}" for suffix, _, _ in OPTIONS
+                 if config.getoption("memaudit_" + suffix.replace("-", "_")) is not None]
+        if given:
+            raise ConfigError(f"--memaudit-from loads a finished audit, whose settings are fixed: "
+                              f"{', '.join(given)} would change nothing; leave {'it' if len(given) == 1 else 'them'} out")
+        from .results import read_results
+
+        state.stored_path = base / stored
+        state.stored = read_results(state.stored_path)
+        for layer in state.stored.layers:  # gates are applied again, as the audit file says now
+            layer.thresholds = layer.outcome = None
+    name = config.getoption("memaudit_save")
+    if name:
+        from .baselines import check_name
+
+        check_name(name)
+    reference = config.getoption("memaudit_compare")
+    if compare_fail_options(config) and not reference:
+        raise ConfigError("--memaudit-compare-fail gates the rise over a baseline: name one with --memaudit-compare "
+                          "NAME|PATH|latest")
+    if reference:
+        from .baselines import find_baseline
+        from .results import read_results
+
+        path = find_baseline(reference, config.rootpath, base, state.load_settings().model)
+        state.baseline = read_results(path)
+        state.baseline_label = reference if reference.endswith(".json") else f"{reference} ({path})"
+
+
+def compare_fail_options(config: pytest.Config) -> list[tuple[str, str, dict]]:
+    """--memaudit-compare-fail values as (layer or '*', compare gate key, what it sets)."""
+    from .config import parse_compare_option
+
+    return [parse_compare_option(text) for text in config.getoption("memaudit_compare_fail")]
+
+
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """--memaudit-list-saved: the table of saved runs, then exit 0 (as --fixtures lists fixtures)."""
+    if not config.getoption("memaudit_list_saved"):
+        return None
+    from .baselines import format_saved, saved_runs
+
+    sys.stdout.write(format_saved(config.rootpath, saved_runs(config.rootpath)))
+    return 0
 
 
 def _given(config: pytest.Config, name: str) -> bool:
@@ -256,36 +378,66 @@ class AuditYamlFile(pytest.File):
         try:
             settings = state.load_settings()
             from .config import load_audit_file
+            from .gates import without_rise_gates
 
             audit = load_audit_file(self.path)
-            spec = audit.model_spec(settings.model)
+            spec = audit.model_spec(settings.model) if state.stored is None else stored_model_spec(audit, state.stored)
             overrides = state.threshold_overrides()
             thresholds = audit.thresholds_for(spec, overrides)
+            if state.baseline is None:  # compare gates apply to a run compared with a baseline
+                thresholds = {name: without_rise_gates(limits) for name, limits in thresholds.items()}
             audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
-        self._check_gates_can_be_evaluated(settings, spec, thresholds)
+        self._check_gates_can_be_evaluated(state, settings, spec, thresholds)
         state.multiple_testing = audit.multiple_testing
         if state.spec is None:
             state.spec = spec
         elif state.spec != spec:
             raise self.CollectError(f"memaudit: {self.path} declares model {spec.name} differently from another audit file")
+        state.thresholds.update(thresholds)
         for layer in spec.layers:
             yield LayerItem.from_parent(self, name=layer.name, layer=layer, thresholds=thresholds[layer.name])
 
-    def _check_gates_can_be_evaluated(self, settings, spec, thresholds) -> None:
-        """A gate whose figure this audit will not have is an error now, not a silent pass later."""
+    def _check_gates_can_be_evaluated(self, state: AuditSession, settings, spec, thresholds) -> None:
+        """A gate whose figure this audit (or the stored one, or the baseline) will not have is an error now,
+        not a silent pass later."""
         from .config import audit_has
-        from .gates import missing_figures
+        from .gates import figures_had, missing_figures, rises_had
 
-        has = audit_has(settings, spec)
+        has = audit_has(settings, spec) if state.stored is None else figures_had(state.stored)
+        if state.baseline is not None:
+            has |= rises_had(has, figures_had(state.baseline))
         missing = {key: need for layer in spec.layers for key, need in missing_figures(thresholds[layer.name], has)}
         if missing:
             lines = [f"{key} needs {need}" for key, need in missing.items()]
+            audit = "this audit" if state.stored is None else f"the stored audit {state.stored_path}"
+            provide = "Provide what they need" if state.stored is None else "Audit again with what they need"
             raise self.CollectError(
-                f"memaudit: {self.path}: gates this audit cannot evaluate: {'; '.join(lines)}. Provide what they "
-                f"need, or turn them off (e.g. --memaudit-threshold {next(iter(missing))}=off)."
+                f"memaudit: {self.path}: gates {audit} cannot evaluate: {'; '.join(lines)}. {provide}, or turn them "
+                f"off (e.g. --memaudit-threshold {next(iter(missing))}=off)."
             )
+
+
+def stored_model_spec(audit: "AuditFile", stored: "AuditResult") -> "ModelSpec":
+    """The model of a stored audit, with the layers it audited: as the audit file or the built-in registry
+    declares it, or (a model declared nowhere now) as the stored layers say. ConfigError when a stored
+    layer is not the declared model's."""
+    from dataclasses import replace
+
+    from .errors import ConfigError
+    from .models import LayerSpec, ModelSpec
+
+    audited = [LayerSpec(layer.name, layer.module) for layer in stored.layers]
+    try:
+        spec = audit.model_spec(stored.model)
+    except ConfigError:
+        return ModelSpec(stored.model, tuple(audited), build=None)
+    foreign = [f"{layer.name} ({layer.module})" for layer in audited if layer not in spec.layers]
+    if foreign:
+        raise ConfigError(f"the stored audit's layer(s) {', '.join(foreign)} are not layers of model {spec.name} as "
+                          f"declared now ({', '.join(layer.name for layer in spec.layers)})")
+    return replace(spec, layers=tuple(layer for layer in spec.layers if layer in audited))
 
 
 class LayerGateFailure(Exception):
@@ -311,6 +463,7 @@ class LayerItem(pytest.Item):
         result = state.run()
         layer = result.layer(self.layer.name)
         figures = layer_figures(layer, fraction_above_level(self.thresholds), state.adjusted_p()[layer.name])
+        figures |= state.rise_figures(layer.name)
         outcome = evaluate(layer.name, figures, self.thresholds)
         layer.thresholds, layer.outcome = self.thresholds, outcome
         self.user_properties += [(f"memaudit_{name}", round(figure.value, 6))
@@ -338,8 +491,23 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if not items or session.config.option.collectonly:
         return
     state.wanted_layers = {item.layer.name for item in items}
+    check_baseline_architecture(state)
     if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
         state.run()
+
+
+def check_baseline_architecture(state: AuditSession) -> None:
+    """A baseline of another model or without the selected layers is a usage error, found before compute."""
+    if state.baseline is None:
+        return
+    from .compare import check_architecture
+    from .errors import ConfigError
+
+    layers = [(layer.name, layer.module) for layer in state.spec.layers if layer.name in state.wanted_layers]
+    try:
+        check_architecture(state.spec.name, layers, state.baseline, state.baseline_label)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"memaudit: cannot compare with the baseline: {exc}") from None
 
 
 @pytest.fixture(scope="session")
@@ -414,11 +582,37 @@ def write_outputs(state: AuditSession) -> "OutputLog":
 
     log = OutputLog()
     html_path, json_path = report_paths(state.config)
+    document = results_document(state)
     if json_path:
-        log.write("results", json_path, lambda: write_json_atomic(json_path, state.result.to_json()))
+        log.write("results", json_path, lambda: write_json_atomic(json_path, document))
     if html_path:
         log.write("report", html_path, lambda: write_report(state, html_path, log))
+    save_run(state, document, log)
     return log
+
+
+def results_document(state: AuditSession) -> dict[str, Any]:
+    """The results JSON: the result and, when compared with a baseline, the comparison."""
+    document = state.result.to_json()
+    if state._comparison is not None:
+        document["comparison"] = state._comparison.to_json()
+    return document
+
+
+def save_run(state: AuditSession, document: dict[str, Any], log: "OutputLog") -> None:
+    """--memaudit-save NAME / --memaudit-autosave: the results as a new entry under .memaudit/ in the rootdir."""
+    name = state.config.getoption("memaudit_save")
+    if not name and not state.config.getoption("memaudit_autosave"):
+        return
+    from .baselines import AUTOSAVE_NAME, STORE, new_entry
+    from .results import write_json_atomic
+
+    root = state.config.rootpath
+    try:
+        path = new_entry(root, document, name or AUTOSAVE_NAME)
+    except OSError:  # the store cannot even be looked into: the write below says why
+        path = root / STORE / f"{name or AUTOSAVE_NAME}.json"
+    log.write("saved run", path, lambda: write_json_atomic(path, document))
 
 
 def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
@@ -428,12 +622,29 @@ def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
 
     gallery = gallery_mode(state.config)
     images = None
-    if gallery == "images":
+    if gallery == "images" and state.stored is not None:
+        images = stored_thumbnails(state, log)
+    elif gallery == "images":
         from .audit import open_images
 
         images = log.make("thumbnails", state.result.data_source, lambda: ImageSetThumbnails(
             open_images(state.settings, state.spec, state.result.settings["image_size"])))
-    return write_html(path, state.result, images, gallery)
+    return write_html(path, state.result, images, gallery, state._comparison)
+
+
+def stored_thumbnails(state: AuditSession, log: "OutputLog"):
+    """Thumbnails of a stored audit's images, decoded again where they still are; else None (names only,
+    which the log says: a job that gates stored results often has no copy of the images)."""
+    from .audit import open_images
+    from .outputs import failure_reason
+    from .report import ImageSetThumbnails
+
+    try:
+        return ImageSetThumbnails(open_images(state.settings, state.spec, state.result.settings["image_size"]))
+    except Exception as exc:  # noqa: BLE001 (any reason the images cannot be had leaves names only)
+        log.written.append(f"the report shows image names only: the audited images ({state.result.data_source}) "
+                           f"cannot be read here: {failure_reason(exc)}")
+        return None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
