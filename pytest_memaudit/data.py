@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from .characteristics import image_characteristics
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
@@ -352,10 +353,11 @@ class ImageBatch:
     positions: list[int]
     images: torch.Tensor
     skipped: list[tuple[int, str]]
+    characteristics: dict[str, np.ndarray] | None = None  # per image, when the loader was asked for them
 
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader's pinning thread when ``pin_memory`` is on."""
-        return ImageBatch(self.positions, self.images.pin_memory(), self.skipped)
+        return ImageBatch(self.positions, self.images.pin_memory(), self.skipped, self.characteristics)
 
 
 @dataclass
@@ -427,15 +429,17 @@ class ImageSet(Dataset):
             return position, None, exc.reason
 
     def iter_batches(
-        self, images_per_batch: int, workers: int, *, pin_memory: bool = False
+        self, images_per_batch: int, workers: int, *, pin_memory: bool = False, characteristics: bool = False
     ) -> Iterator[ImageBatch]:
-        """Batches of consecutive data points in order; ``workers`` = 0 decodes in process."""
+        """Batches of consecutive data points in order; ``workers`` = 0 decodes in process.
+        ``characteristics``: also measure each decoded image (``characteristics.py``), in the
+        worker that decoded it."""
         loader = DataLoader(
             self,
             batch_size=images_per_batch,
             shuffle=False,
             num_workers=workers,
-            collate_fn=functools.partial(_collate, size=self.size),
+            collate_fn=functools.partial(_collate, size=self.size, characteristics=characteristics),
             pin_memory=pin_memory,
             persistent_workers=False,
             prefetch_factor=2 if workers > 0 else None,
@@ -443,7 +447,8 @@ class ImageSet(Dataset):
         yield from loader
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]], size: int) -> ImageBatch:
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]], size: int,
+             characteristics: bool = False) -> ImageBatch:
     loaded = [(position, image) for position, image, _ in items if image is not None]
     skipped = [(position, reason) for position, image, reason in items if image is None]
     if loaded:
@@ -451,4 +456,5 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]], size: int
         images = torch.from_numpy(np.stack([image.numpy() for _, image in loaded]))
     else:
         images = torch.empty((0, 3, size, size), dtype=torch.uint8)
-    return ImageBatch([position for position, _ in loaded], images, skipped)
+    measured = image_characteristics(images) if characteristics else None
+    return ImageBatch([position for position, _ in loaded], images, skipped, measured)
