@@ -75,7 +75,32 @@ def run_audit(
     progress: ProgressCallback | None = None,
 ) -> AuditResult:
     """Audit ``layers`` (display names or module paths; None: all) of the model ``settings`` name."""
+    return _audit(settings, model, layers, progress)[0]
+
+
+def run_series(
+    settings: RunSettings,
+    checkpoints: Sequence[str],
+    model: ModelSpec | None = None,
+    layers: Sequence[str] | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[AuditResult]:
+    """Audit several checkpoints of one model in one pass, one result each, in the order given: every
+    checkpoint is one more subject fed the same decoded and augmented views. The random control
+    (which does not depend on the weights) and the planted control (built on the first checkpoint:
+    it says what this data and these views can detect) are audited once and shared."""
+    return _audit(settings, model, layers, progress, checkpoints)
+
+
+def _audit(
+    settings: RunSettings,
+    model: ModelSpec | None = None,
+    layers: Sequence[str] | None = None,
+    progress: ProgressCallback | None = None,
+    checkpoints: Sequence[str] | None = None,
+) -> list[AuditResult]:
     started = time.perf_counter()
+    settings = replace(settings, checkpoint=checkpoints[0]) if checkpoints else settings
     spec = model or get_model_spec(settings.model)
     selected = select_layers(spec, layers)
     device = resolve_device(settings.device)
@@ -89,10 +114,11 @@ def run_audit(
     notes = list(images.notes) + precision_notes(precision, device)
     source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
 
-    checkpoint = spec.locate(settings.checkpoint)
+    checkpoint, *later = [spec.locate(given) for given in checkpoints or [settings.checkpoint]]
     with user_code(f"building model {spec.name}"):
         model_net = prepare(spec.build(checkpoint), device)
     subjects = [Subject("model", model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
+    subjects += series_subjects(spec, later, device)
     if "random" in controls:
         control_net = prepare(random_weights_copy(model_net, settings.seed), device)
         subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
@@ -192,12 +218,7 @@ def run_audit(
     )
     if "control" in finished:
         control_layers, control_contrast, control_loo = finished["control"]
-        for layer, control_layer in zip(result.layers, control_layers):
-            layer.control_mean = control_layer.stats.mean_unitmem
-            layer.control_excess = jackknife_interval(
-                layer.stats.mean_unitmem - control_layer.stats.mean_unitmem,
-                model_loo[layer.name] - control_loo[layer.name],
-            )
+        attach_control(result.layers, model_loo, control_layers, control_loo)
         result.control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
                                        None if control_contrast is None else control_contrast.overall)
     if "planted" in finished:
@@ -214,7 +235,43 @@ def run_audit(
                 f"{settings.planted_strength:g}: this audit may miss memorization of that strength "
                 "(audit more views or data points)"
             )
-    return result
+    return [result, *(series_result(result, finished, f"model:{i}", path, given)
+                      for i, (path, given) in enumerate(zip(later, (checkpoints or [])[1:]), 1))]
+
+
+def series_subjects(spec: ModelSpec, checkpoints: Sequence[Path | None], device: torch.device) -> list[Subject]:
+    """One more model subject per later checkpoint of a series: ``model:1``, ``model:2``, ..."""
+    subjects = []
+    for i, checkpoint in enumerate(checkpoints, 1):
+        with user_code(f"building model {spec.name} from {checkpoint}"):
+            net = prepare(spec.build(checkpoint), device)
+        subjects.append(Subject(f"model:{i}", net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
+    return subjects
+
+
+def series_result(first: AuditResult, finished: dict, role: str, checkpoint: Path | None, given: str) -> AuditResult:
+    """The result of a later checkpoint of a series: its own layers and membership, the pass's data,
+    timing and notes, the random control compared with its own layers, the planted control shared."""
+    layers, contrast, leave_out = finished[role]
+    if "control" in finished:
+        control_layers, _, control_loo = finished["control"]
+        attach_control(layers, leave_out, control_layers, control_loo)
+    return replace(
+        first, layers=layers, settings=first.settings | {"checkpoint": given}, checkpoint=checkpoint_record(checkpoint),
+        membership=None if contrast is None else contrast.overall, notes=list(first.notes),
+        argmax_counts=None if contrast is None else _per_data_point(contrast, len(first.samples)),
+    )
+
+
+def attach_control(layers: list[LayerResult], leave_out: dict[str, np.ndarray], control_layers: list[LayerResult],
+                   control_leave_out: dict[str, np.ndarray]) -> None:
+    """Each layer's random-control mean, and its excess over it with the paired jackknife interval."""
+    for layer, control_layer in zip(layers, control_layers):
+        layer.control_mean = control_layer.stats.mean_unitmem
+        layer.control_excess = jackknife_interval(
+            layer.stats.mean_unitmem - control_layer.stats.mean_unitmem,
+            leave_out[layer.name] - control_leave_out[layer.name],
+        )
 
 
 def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings, point_labels: np.ndarray,

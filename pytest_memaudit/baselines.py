@@ -50,12 +50,14 @@ def check_name(name: str) -> str:
 
 
 def new_entry(root: Path, document: dict[str, Any], name: str, now: datetime | None = None) -> Path:
-    """Where a results document is saved as NAME: a new entry under ``root/.memaudit`` (an entry saved
-    in the same second is not replaced: the later one takes the next free second)."""
+    """Where a results document is saved as NAME (checked by ``check_name``): a new entry under
+    ``root/.memaudit`` (an entry saved in the same second is not replaced: the later one takes the next
+    free second)."""
     when = (now or datetime.now(timezone.utc)).replace(microsecond=0)
     sha = ((document.get("checkpoint") or {}).get("sha256") or "none")[:SHA_CHARS]
     folder = root / STORE / _safe(document["model"])
-    path = folder / f"{when:{_TIME}}_{sha}_{check_name(name)}.json"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a checkpoint's label in NAME.<checkpoint> may hold others
+    path = folder / f"{when:{_TIME}}_{sha}_{name}.json"
     while path.exists():
         when += timedelta(seconds=1)
         path = folder / f"{when:{_TIME}}_{sha}_{name}.json"

@@ -22,7 +22,9 @@ entry, then ``--memaudit-threshold`` on the command line.
 from __future__ import annotations
 
 import difflib
+import glob
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -122,6 +124,34 @@ def make_settings(**values: Any) -> RunSettings:
         raise ConfigError(f"--memaudit-device must be auto, cpu, cuda or cuda:N (N: a GPU number, 0 the first), "
                           f"got {quote(given['device'])}")
     return RunSettings(**given)
+
+
+def checkpoint_series(given: list[str], base: Path) -> dict[str, str]:
+    """--memaudit-checkpoint values (globs expanded, relative to ``base``) by label, the file name without
+    its extension, in natural order of the labels (step-2 before step-10). ConfigError for a glob that
+    matches nothing and for two files with one label."""
+    paths = []
+    for text in given:
+        if not any(char in text for char in "*?["):
+            paths.append(text)
+            continue
+        found = sorted(glob.glob(text if os.path.isabs(text) else str(base / text)))
+        if not found:
+            raise ConfigError(f"--memaudit-checkpoint {quote(text)} matches no file (relative to {base})")
+        paths += found
+    series: dict[str, str] = {}
+    for path in paths:
+        label = Path(path).stem
+        if label in series and os.path.abspath(series[label]) != os.path.abspath(path):
+            raise ConfigError(f"--memaudit-checkpoint: {series[label]} and {path} are both named {label}; the tests of a "
+                              "checkpoint series are named by file name, so give the files different names")
+        series[label] = path
+    return dict(sorted(series.items(), key=lambda item: natural_key(item[0])))
+
+
+def natural_key(text: str) -> list:
+    """Sorts numbers in names by value: step-2 before step-10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", text)]
 
 
 def settings_from_record(record: dict[str, Any]) -> RunSettings:

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 OPTIONS: list[tuple[str, Any, str]] = [
     ("model", str, "encoder to audit: demo (default), var_d16, or a model declared in the audit YAML"),
     ("checkpoint", str, "checkpoint file of the model (var_d16: vae_ch160v4096z32.pth); also found via "
-     "$MEMAUDIT_CHECKPOINT or the Hugging Face cache"),
+     "$MEMAUDIT_CHECKPOINT or the Hugging Face cache. Given several times, or as a quoted glob (ckpts/step-*.pth): "
+     "a series of checkpoints audited on the same views, tests named layer[checkpoint]"),
     ("data", str, "directory of images (flat or class subfolders; jpg, png, webp, bmp), or 'builtin' for "
      "the generated set (default: the model's own default set)"),
     ("samples", int, "number of data points: a seeded random subset of the directory (default: all; "
@@ -57,6 +58,7 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("permutations", int, "label permutations of the membership test (default 10000)"),
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32")}
+REPEATABLE = ("checkpoint",)  # given several times (or as a glob), --memaudit-checkpoint audits a checkpoint series
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
 STORE_HINT = ".memaudit/"  # as pytest_memaudit.baselines.STORE, without importing it
 DEFAULT_REPORT_DIR = "memaudit-report"  # under the invocation directory: report.html and results.json
@@ -69,6 +71,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for suffix, kind, help_text in OPTIONS:
         dest = "memaudit_" + suffix.replace("-", "_")
         group.addoption(f"--memaudit-{suffix}", dest=dest, type=kind, default=None,
+                        action="append" if suffix in REPEATABLE else "store",
                         choices=CHOICES.get(suffix), metavar=None if suffix in CHOICES else suffix.split("-")[-1].upper(),
                         help=help_text)
         parser.addini(dest, f"default for --memaudit-{suffix}", default=None)
@@ -124,23 +127,27 @@ class AuditSession:
     result: "AuditResult | None" = None
     wanted_layers: set[str] = field(default_factory=set)
     multiple_testing: str = "holm"
-    _adjusted_p: dict | None = None
+    _adjusted_p: dict = field(default_factory=dict)
     outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
     session: pytest.Session | None = None
     error: str | None = None  # why the audit cannot run, in an xdist worker (elsewhere: a UsageError)
     worker_reports: list[dict[str, Any]] = field(default_factory=list)  # in the xdist controller
-    stored: "AuditResult | None" = None  # --memaudit-from: the finished audit to gate
+    stored: "dict[str | None, AuditResult] | None" = None  # --memaudit-from: the finished audit(s) to gate
     stored_path: Path | None = None
     baseline: "AuditResult | None" = None  # --memaudit-compare: the run to compare with
     baseline_label: str | None = None
+    compare_previous: bool = False  # --memaudit-compare previous: each checkpoint of a series with the one before
     thresholds: dict[str, dict] = field(default_factory=dict)  # each collected layer's
-    _comparison: "Comparison | None" = None
+    series: dict[str, str] | None = None  # a checkpoint series: label -> checkpoint path, in series order
+    wanted_checkpoints: set[str] = field(default_factory=set)
+    runs: "dict[str | None, AuditResult]" = field(default_factory=dict)  # results by checkpoint label (None: one run)
+    _comparisons: dict = field(default_factory=dict)
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None and self.stored is not None:
             from .config import settings_from_record
 
-            self.settings = settings_from_record(self.stored.settings)
+            self.settings = settings_from_record(next(iter(self.stored.values())).settings)
         if self.settings is None:
             from .config import make_settings
 
@@ -151,8 +158,21 @@ class AuditSession:
                 if value is None:
                     value = self.config.getini(dest)
                 values[dest.removeprefix("memaudit_")] = value if value not in ("", None) else None
+            values["checkpoint"] = self.load_checkpoints(values["checkpoint"])
             self.settings = make_settings(**values)
         return self.settings
+
+    def load_checkpoints(self, given: "list[str] | str | None") -> str | None:
+        """--memaudit-checkpoint, given several times or as a glob: a series of two or more checkpoints sets
+        ``series``; the first (or only) checkpoint is returned."""
+        if not given:
+            return None
+        from .config import checkpoint_series
+
+        paths = checkpoint_series([given] if isinstance(given, str) else given, self.config.invocation_params.dir)
+        if len(paths) > 1:
+            self.series = paths
+        return next(iter(paths.values()))
 
     def threshold_overrides(self) -> dict[str, dict[str, float | None]]:
         from .config import parse_threshold_option
@@ -165,13 +185,18 @@ class AuditSession:
             overrides.setdefault(layer, {})[key] = value
         return overrides
 
-    def adjusted_p(self) -> dict[str, dict[str, float]]:
-        """The result's p-value figures per layer, corrected across its layers (once)."""
-        if self._adjusted_p is None:
+    def adjusted_p(self, checkpoint: str | None = None) -> dict[str, dict[str, float]]:
+        """A result's p-value figures per layer, corrected across its layers (once)."""
+        if checkpoint not in self._adjusted_p:
             from .gates import adjusted_p_values
 
-            self._adjusted_p = adjusted_p_values(self.run(), self.multiple_testing)
-        return self._adjusted_p
+            self._adjusted_p[checkpoint] = adjusted_p_values(self.result_for(checkpoint), self.multiple_testing)
+        return self._adjusted_p[checkpoint]
+
+    def result_for(self, checkpoint: str | None = None) -> "AuditResult":
+        """The result of one checkpoint of a series (None: of the one run)."""
+        self.run()
+        return self.runs[checkpoint]
 
     def run(self) -> "AuditResult":
         """Compute the audit for every wanted layer (once); AuditError -> pytest.UsageError.
@@ -180,10 +205,10 @@ class AuditSession:
         with the message, the worker stops, and the controller reports the error (exit status 4).
         """
         if self.result is None and self.error is None and self.stored is not None:
-            self.result = self.stored.select_layers(self.wanted_layers)
-            self.result.multiple_testing = self.multiple_testing
+            self._set_runs({label: stored.select_layers(self.wanted_layers) for label, stored in self.stored.items()
+                            if label in self.audited_checkpoints()})
         if self.result is None and self.error is None:
-            from .audit import run_audit
+            from .audit import run_audit, run_series
             from .errors import AuditError
 
             layers = [layer.name for layer in self.spec.layers if layer.name in self.wanted_layers]
@@ -192,9 +217,13 @@ class AuditSession:
 
                 check_image_fits(self.settings)
                 check_output_locations(self.config)
+                labels = self.audited_checkpoints()
                 with _progress(self.config) as progress:
-                    self.result = run_audit(self.settings, self.spec, layers, progress)
-                self.result.multiple_testing = self.multiple_testing
+                    if self.series:
+                        paths = [self.series[label] for label in labels]
+                        self._set_runs(dict(zip(labels, run_series(self.settings, paths, self.spec, layers, progress))))
+                    else:
+                        self._set_runs({None: run_audit(self.settings, self.spec, layers, progress)})
             except AuditError as exc:
                 self._cannot_run(f"memaudit: the audit cannot run: {exc}")
         if self.error is not None:
@@ -203,32 +232,57 @@ class AuditSession:
             pytest.fail(self.error, pytrace=False)
         return self.result
 
+    def audited_checkpoints(self) -> list[str | None]:
+        """The checkpoints of the series with a selected test (all of them for the memaudit_result fixture),
+        in series order; [None] for one run."""
+        labels = list(self.series or self.stored or [None])
+        if labels == [None]:
+            return labels
+        return [label for label in labels if label in self.wanted_checkpoints] or labels
+
+    def _set_runs(self, runs: "dict[str | None, AuditResult]") -> None:
+        for result in runs.values():
+            result.multiple_testing = self.multiple_testing
+        self.runs = runs
+        self.result = list(runs.values())[-1]  # what the summary and report show in full: the last checkpoint
+
     def _cannot_run(self, message: str) -> None:
         """A usage error; in an xdist worker, the error the controller reports (see ``run``)."""
         if not parallel.is_worker(self.config):
             raise pytest.UsageError(message) from None
         self.error = message
 
-    def comparison(self) -> "Comparison | None":
-        """The result compared with the baseline (once); None without --memaudit-compare."""
-        if self.baseline is None:
-            return None
-        result = self.run()
-        if self._comparison is None and self.error is None:
-            from .compare import compare
-            from .errors import AuditError
+    def comparison(self, checkpoint: str | None = None) -> "Comparison | None":
+        """A result compared with its baseline (once): the one --memaudit-compare names, or with
+        ``previous`` the checkpoint before it in the series. None when it has none."""
+        self.run()
+        if checkpoint not in self._comparisons and self.error is None:
+            self._comparisons[checkpoint] = None
+            baseline, label = self.baseline, self.baseline_label
+            if self.compare_previous:
+                labels = list(self.runs)
+                before = labels.index(checkpoint) - 1
+                baseline = self.runs[labels[before]] if before >= 0 else None
+                label = f"the previous checkpoint, {labels[before]}"
+            if baseline is not None:
+                from .compare import compare
+                from .errors import AuditError
 
-            try:
-                self._comparison = compare(result, self.baseline, self.baseline_label, self.thresholds)
-            except AuditError as exc:
-                self._cannot_run(f"memaudit: cannot compare with the baseline: {exc}")
+                try:
+                    self._comparisons[checkpoint] = compare(self.runs[checkpoint], baseline, label, self.thresholds)
+                except AuditError as exc:
+                    self._cannot_run(f"memaudit: cannot compare with the baseline: {exc}")
         if self.error is not None:
             pytest.fail(self.error, pytrace=False)
-        return self._comparison
+        return self._comparisons[checkpoint]
 
-    def rise_figures(self, layer: str) -> dict:
+    def compared(self) -> "dict[str | None, Comparison | None]":
+        """The comparisons made so far (by the layer tests), by checkpoint, without failing."""
+        return {checkpoint: self._comparisons.get(checkpoint) for checkpoint in self.runs}
+
+    def rise_figures(self, layer: str, checkpoint: str | None = None) -> dict:
         """The layer's ``<figure>_rise`` figures for the compare gates (none without a baseline)."""
-        comparison = self.comparison()
+        comparison = self.comparison(checkpoint) if self.baseline is not None or self.compare_previous else None
         change = None if comparison is None else comparison.layer(layer)
         return {} if change is None else change.rise_figures()
 
@@ -239,16 +293,15 @@ class AuditSession:
             return False
         if not parallel.is_worker(self.config) or not self.wanted_layers:
             return True
-        return any(layer.outcome is not None for layer in self.result.layers)
+        return any(layer.outcome is not None for result in self.runs.values() for layer in result.layers)
 
     def report(self, markup: bool) -> dict[str, Any] | None:
         """What this process has to show at the end: the summary, the output lines, the error."""
         if self.outputs is None and self.error is None:
             return None
-        from .terminal import render_summary
+        from .terminal import render_series_summary
 
-        return {"summary": None if self.outputs is None else render_summary(self.result, markup=markup,
-                                                                            comparison=self._comparison),
+        return {"summary": None if self.outputs is None else render_series_summary(self.runs, self.compared(), markup),
                 "written": [] if self.outputs is None else self.outputs.written,
                 "errors": [] if self.outputs is None else self.outputs.errors, "error": self.error}
 
@@ -312,12 +365,13 @@ def load_baseline_inputs(config: pytest.Config, state: AuditSession) -> None:
         if given:
             raise ConfigError(f"--memaudit-from loads a finished audit, whose settings are fixed: "
                               f"{', '.join(given)} would change nothing; leave {'it' if len(given) == 1 else 'them'} out")
-        from .results import read_results
+        from .results import read_runs
 
         state.stored_path = base / stored
-        state.stored = read_results(state.stored_path)
-        for layer in state.stored.layers:  # gates are applied again, as the audit file says now
-            layer.thresholds = layer.outcome = None
+        state.stored = read_runs(state.stored_path)
+        for result in state.stored.values():
+            for layer in result.layers:  # gates are applied again, as the audit file says now
+                layer.thresholds = layer.outcome = None
     name = config.getoption("memaudit_save")
     if name:
         from .baselines import check_name
@@ -327,7 +381,14 @@ def load_baseline_inputs(config: pytest.Config, state: AuditSession) -> None:
     if compare_fail_options(config) and not reference:
         raise ConfigError("--memaudit-compare-fail gates the rise over a baseline: name one with --memaudit-compare "
                           "NAME|PATH|latest")
-    if reference:
+    if reference == "previous":
+        state.load_settings()
+        if not state.series and None in (state.stored or {None: None}):
+            raise ConfigError("--memaudit-compare previous compares each checkpoint of a series with the one before it: "
+                              "give --memaudit-checkpoint several times or as a glob (to compare with the newest saved "
+                              "run, use --memaudit-compare latest)")
+        state.compare_previous = True
+    elif reference:
         from .baselines import find_baseline
         from .results import read_results
 
@@ -381,10 +442,11 @@ class AuditYamlFile(pytest.File):
             from .gates import without_rise_gates
 
             audit = load_audit_file(self.path)
-            spec = audit.model_spec(settings.model) if state.stored is None else stored_model_spec(audit, state.stored)
+            spec = (audit.model_spec(settings.model) if state.stored is None
+                    else stored_model_spec(audit, next(iter(state.stored.values()))))
             overrides = state.threshold_overrides()
             thresholds = audit.thresholds_for(spec, overrides)
-            if state.baseline is None:  # compare gates apply to a run compared with a baseline
+            if state.baseline is None and not state.compare_previous:  # compare gates need something to compare with
                 thresholds = {name: without_rise_gates(limits) for name, limits in thresholds.items()}
             audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
@@ -397,7 +459,10 @@ class AuditYamlFile(pytest.File):
             raise self.CollectError(f"memaudit: {self.path} declares model {spec.name} differently from another audit file")
         state.thresholds.update(thresholds)
         for layer in spec.layers:
-            yield LayerItem.from_parent(self, name=layer.name, layer=layer, thresholds=thresholds[layer.name])
+            for checkpoint in list(state.series or state.stored or [None]):  # [None]: one run
+                name = layer.name if checkpoint is None else f"{layer.name}[{checkpoint}]"
+                yield LayerItem.from_parent(self, name=name, layer=layer, thresholds=thresholds[layer.name],
+                                            checkpoint=checkpoint)
 
     def _check_gates_can_be_evaluated(self, state: AuditSession, settings, spec, thresholds) -> None:
         """A gate whose figure this audit (or the stored one, or the baseline) will not have is an error now,
@@ -405,9 +470,9 @@ class AuditYamlFile(pytest.File):
         from .config import audit_has
         from .gates import figures_had, missing_figures, rises_had
 
-        has = audit_has(settings, spec) if state.stored is None else figures_had(state.stored)
-        if state.baseline is not None:
-            has |= rises_had(has, figures_had(state.baseline))
+        has = audit_has(settings, spec) if state.stored is None else figures_had(next(iter(state.stored.values())))
+        if state.baseline is not None or state.compare_previous:
+            has |= rises_had(has, has if state.baseline is None else figures_had(state.baseline))
         missing = {key: need for layer in spec.layers for key, need in missing_figures(thresholds[layer.name], has)}
         if missing:
             lines = [f"{key} needs {need}" for key, need in missing.items()]
@@ -447,10 +512,11 @@ class LayerGateFailure(Exception):
 class LayerItem(pytest.Item):
     """One audited layer: passes when every figure is within its thresholds."""
 
-    def __init__(self, *, layer: "LayerSpec", thresholds: dict, **kwargs):
+    def __init__(self, *, layer: "LayerSpec", thresholds: dict, checkpoint: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.layer = layer
         self.thresholds = thresholds
+        self.checkpoint = checkpoint  # its label in a checkpoint series; None: the one audited checkpoint
 
     def runtest(self) -> None:
         import math
@@ -460,10 +526,10 @@ class LayerItem(pytest.Item):
         from .gates import evaluate, fraction_above_level, layer_figures
 
         state = self.config.stash[audit_session_key]
-        result = state.run()
+        result = state.result_for(self.checkpoint)
         layer = result.layer(self.layer.name)
-        figures = layer_figures(layer, fraction_above_level(self.thresholds), state.adjusted_p()[layer.name])
-        figures |= state.rise_figures(layer.name)
+        figures = layer_figures(layer, fraction_above_level(self.thresholds), state.adjusted_p(self.checkpoint)[layer.name])
+        figures |= state.rise_figures(layer.name, self.checkpoint)
         outcome = evaluate(layer.name, figures, self.thresholds)
         layer.thresholds, layer.outcome = self.thresholds, outcome
         self.user_properties += [(f"memaudit_{name}", round(figure.value, 6))
@@ -480,7 +546,8 @@ class LayerItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.path, None, f"memaudit layer {self.layer.name} ({self.layer.module})"
+        where = "" if self.checkpoint is None else f" of checkpoint {self.checkpoint}"
+        return self.path, None, f"memaudit layer {self.layer.name} ({self.layer.module}){where}"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -491,6 +558,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if not items or session.config.option.collectonly:
         return
     state.wanted_layers = {item.layer.name for item in items}
+    state.wanted_checkpoints = {item.checkpoint for item in items if item.checkpoint is not None}
     check_baseline_architecture(state)
     if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
         state.run()
@@ -592,27 +660,43 @@ def write_outputs(state: AuditSession) -> "OutputLog":
 
 
 def results_document(state: AuditSession) -> dict[str, Any]:
-    """The results JSON: the result and, when compared with a baseline, the comparison."""
-    document = state.result.to_json()
-    if state._comparison is not None:
-        document["comparison"] = state._comparison.to_json()
-    return document
+    """The results JSON: the result and, when compared with a baseline, the comparison; for a checkpoint
+    series, each checkpoint's, in series order."""
+    documents = run_documents(state)
+    if list(documents) == [None]:
+        return documents[None]
+    from .results import series_document
+
+    return series_document(list(documents.items()))
+
+
+def run_documents(state: AuditSession) -> dict[str | None, dict[str, Any]]:
+    documents = {}
+    for checkpoint, comparison in state.compared().items():
+        documents[checkpoint] = state.runs[checkpoint].to_json()
+        if comparison is not None:
+            documents[checkpoint]["comparison"] = comparison.to_json()
+    return documents
 
 
 def save_run(state: AuditSession, document: dict[str, Any], log: "OutputLog") -> None:
-    """--memaudit-save NAME / --memaudit-autosave: the results as a new entry under .memaudit/ in the rootdir."""
+    """--memaudit-save NAME / --memaudit-autosave: the results as a new entry under .memaudit/ in the rootdir;
+    each checkpoint of a series as its own entry, NAME.<checkpoint>."""
     name = state.config.getoption("memaudit_save")
     if not name and not state.config.getoption("memaudit_autosave"):
         return
     from .baselines import AUTOSAVE_NAME, STORE, new_entry
     from .results import write_json_atomic
 
-    root = state.config.rootpath
-    try:
-        path = new_entry(root, document, name or AUTOSAVE_NAME)
-    except OSError:  # the store cannot even be looked into: the write below says why
-        path = root / STORE / f"{name or AUTOSAVE_NAME}.json"
-    log.write("saved run", path, lambda: write_json_atomic(path, document))
+    root, name = state.config.rootpath, name or AUTOSAVE_NAME
+    runs = zip(document["series"], document["runs"]) if "series" in document else [(None, document)]
+    for checkpoint, run in runs:
+        entry = name if checkpoint is None else f"{name}.{checkpoint}"
+        try:
+            path = new_entry(root, run, entry)
+        except OSError:  # the store cannot even be looked into: the write below says why
+            path = root / STORE / f"{entry}.json"
+        log.write("saved run", path, lambda: write_json_atomic(path, run))
 
 
 def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
@@ -629,7 +713,8 @@ def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
 
         images = log.make("thumbnails", state.result.data_source, lambda: ImageSetThumbnails(
             open_images(state.settings, state.spec, state.result.settings["image_size"])))
-    return write_html(path, state.result, images, gallery, state._comparison)
+    series = list(state.runs.items()) if state.series or (state.stored and None not in state.stored) else None
+    return write_html(path, state.result, images, gallery, state.compared().get(list(state.runs)[-1]), series)
 
 
 def stored_thumbnails(state: AuditSession, log: "OutputLog"):

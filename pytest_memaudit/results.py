@@ -359,7 +359,19 @@ def _planted_from_json(data: dict | None, samples: list[str]) -> PlantedResult |
 
 def read_results(path: str | Path) -> AuditResult:
     """The result a results file holds, checked: a file that is missing, not JSON (truncated), not a
-    memaudit results file, of another schema version, or incomplete is a ConfigError saying which."""
+    memaudit results file, of another schema version, incomplete, or a checkpoint series is a
+    ConfigError saying which."""
+    runs = read_runs(path)
+    if None not in runs:
+        raise ConfigError(f"{path} holds a checkpoint series ({', '.join(runs)}), not one run: compare with one "
+                          "checkpoint's results (--memaudit-json of a run of it, or a saved run)")
+    return runs[None]
+
+
+def read_runs(path: str | Path) -> dict[str | None, AuditResult]:
+    """The results a results file holds: ``{None: result}`` for one run, or each checkpoint's result
+    by its label, in series order, for a checkpoint series (``series_document``). Checked as
+    ``read_results`` says."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -374,7 +386,20 @@ def read_results(path: str | Path) -> AuditResult:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}): a truncated "
                           "or damaged results file? Write it again (--memaudit-json PATH)") from None
-    return result_from_document(document, str(path))
+    if isinstance(document, dict) and {"schema_version", "series", "runs"} <= document.keys():
+        _check_version(document, str(path))
+        labels, runs = document["series"], document["runs"]
+        if not (isinstance(labels, list) and isinstance(runs, list) and len(labels) == len(runs) == len(set(labels))
+                and all(isinstance(label, str) for label in labels)):
+            raise ConfigError(f"{path} is an incomplete or damaged checkpoint series; write it again")
+        return {label: result_from_document(run, f"{path} (checkpoint {label})") for label, run in zip(labels, runs)}
+    return {None: result_from_document(document, str(path))}
+
+
+def series_document(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The results file of a checkpoint series: each checkpoint's results document, by label, in order."""
+    return {"schema_version": SCHEMA_VERSION, "series": [label for label, _ in runs],
+            "runs": [document | {"series_label": label} for label, document in runs]}
 
 
 def result_from_document(document: Any, where: str) -> AuditResult:
@@ -382,6 +407,17 @@ def result_from_document(document: Any, where: str) -> AuditResult:
     if not isinstance(document, dict) or not {"schema_version", "layers", "samples"} <= document.keys():
         raise ConfigError(f"{where} is not a pytest-memaudit results file (it lacks schema_version, samples or "
                           "layers); pass the results.json an audit wrote")
+    _check_version(document, where)
+    try:
+        result = AuditResult.from_json(document)
+        _check_shapes(result)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        problem = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(f"{where} is an incomplete or damaged results file ({problem}); write it again") from None
+    return result
+
+
+def _check_version(document: dict[str, Any], where: str) -> None:
     version = document["schema_version"]
     if not isinstance(version, int) or isinstance(version, bool):
         raise ConfigError(f"{where} is not a pytest-memaudit results file (schema_version {version!r})")
@@ -391,13 +427,6 @@ def result_from_document(document: Any, where: str) -> AuditResult:
     if version < SCHEMA_VERSION:
         raise ConfigError(f"{where} has results schema {version}, from an older pytest-memaudit that did not store what "
                           f"gating and the report need (schema {SCHEMA_VERSION}): audit the checkpoint again")
-    try:
-        result = AuditResult.from_json(document)
-        _check_shapes(result)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        problem = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
-        raise ConfigError(f"{where} is an incomplete or damaged results file ({problem}); write it again") from None
-    return result
 
 
 def _check_shapes(result: AuditResult) -> None:

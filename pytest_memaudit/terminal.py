@@ -83,6 +83,38 @@ def render_summary(result: AuditResult, markup: bool = False, comparison: Compar
     return buffer.getvalue()
 
 
+def render_series_summary(runs: dict[str | None, AuditResult], comparisons: dict[str | None, Comparison | None],
+                          markup: bool = False) -> str:
+    """One run's summary (``render_summary``); for a checkpoint series, a table of every layer's mean
+    UnitMem and gate at each checkpoint, then the last checkpoint's summary."""
+    labels = list(runs)
+    last = labels[-1]
+    if labels == [None]:
+        return render_summary(runs[None], markup, comparisons.get(None))
+    table = Table(title=None, show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("layer", no_wrap=True)
+    for label in labels:
+        table.add_column(label, justify="right", no_wrap=True)
+    for layer in runs[last].layers:
+        cells = []
+        for label in labels:
+            found = runs[label].layer(layer.name)
+            delta = "" if comparisons.get(label) is None else f" ({_delta_cell(comparisons[label], layer.name)})"
+            status = "" if found.outcome is None or found.outcome.status in ("passed", "not gated") else (
+                f" [{'red' if found.outcome.status == 'failed' else 'yellow'}]{found.outcome.status}[/]")
+            cells.append(_fmt(found.stats.mean_unitmem) + delta + status)
+        table.add_row(layer.name, *cells)
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=markup, no_color=not markup, width=1000, highlight=False,
+                      soft_wrap=True)
+    console.print(f"checkpoint series: mean UnitMem per layer at each of {len(labels)} checkpoints, natural order"
+                  + (" (in brackets: the change from the baseline; * beyond noise)" if any(comparisons.values()) else ""),
+                  markup=False)
+    console.print(table)
+    console.print(f"the last checkpoint, {last}, in full:", markup=False)
+    return buffer.getvalue() + render_summary(runs[last], markup, comparisons.get(last))
+
+
 def _delta_cell(comparison: Comparison, layer: str) -> str:
     change = comparison.layer(layer)
     change = None if change is None else change.changes.get("mean_unitmem")

@@ -141,6 +141,10 @@ def test_a_changed_layer_moves_alone_and_its_compare_gate_fails_it(project):
     assert changes["head"]["mean_unitmem"]["beyond_noise"] is True
     assert [layer["outcome"] for layer in current["layers"]] == ["passed", "passed", "failed"]
     page = Page((project.path / "memaudit-report" / "report.html").read_text())
+    stem, head = page.tables["compare"][0][0], page.tables["compare"][2][0]
+    assert stem[1].startswith(f"{baseline['layers'][0]['mean_unitmem']:.3f} → {current['layers'][0]['mean_unitmem']:.3f}"
+                              " (+0.000 [")
+    assert head[1].startswith(f"{before:.3f} → {after:.3f} (▲ {after - before:+.3f} [")
     risers = page.tables["risers"]
     assert risers and {cells[0] for cells, _ in risers} == {"head"}
     assert "Unit identity" in page.text and "descends from" in page.text

@@ -31,7 +31,7 @@ def compare_section(result: AuditResult, comparison: Comparison, gallery: Galler
                 continue
             interval = change.interval
             cells.append({
-                "values": f"{fmt(change.baseline)} → {fmt(change.current)}",
+                "both": f"{fmt(change.baseline)} → {fmt(change.current)}",
                 "delta": fmt(change.delta, "+.3f"),
                 "interval": None if interval is None else f"[{fmt(interval.low, '+.3f')}, {fmt(interval.high, '+.3f')}]",
                 "moved": bool(change.beyond_noise),

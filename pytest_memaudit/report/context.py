@@ -20,6 +20,7 @@ from . import figures
 from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section
 from .format import fmt, fmt_interval, fmt_p
+from .series import series_section
 from .thumbnails import Gallery
 
 TABLE1_UNITS = 20
@@ -27,7 +28,8 @@ FIGURE3_UNITS = 10
 PICKED_SHOWN = 12  # data points shown per group in Figure 4
 
 
-def report_context(result: AuditResult, gallery: Gallery, comparison: Comparison | None = None) -> dict[str, Any]:
+def report_context(result: AuditResult, gallery: Gallery, comparison: Comparison | None = None,
+                   series: list[tuple[str, AuditResult]] | None = None) -> dict[str, Any]:
     """Everything the report template renders; thumbnails are collected as rows are built."""
     values = [layer.values.unitmem for layer in result.layers]
     all_values = np.concatenate(values)
@@ -78,6 +80,7 @@ def report_context(result: AuditResult, gallery: Gallery, comparison: Comparison
         "histogram": figures.histogram(all_values, float(all_values.mean())),
         "depth": depth_figure(result),
         "compare": None if comparison is None else compare_section(result, comparison, gallery),
+        "series": None if series is None else series_section(series),
     }
     context["thumbnails"] = gallery.stylesheet()  # last: after every row has asked for its images
     return context
