@@ -110,3 +110,56 @@ def test_series_usage_errors(series, extra, message):
     result = audit(series, *extra)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: memaudit: {message}"])
+
+
+# --- the library: run_series against one run_audit per checkpoint ---------------------------
+
+
+def test_run_series_gives_each_checkpoint_what_its_own_audit_gives(tmp_path):
+    import numpy as np
+    import torch
+
+    from pytest_memaudit.audit import run_audit, run_series
+    from pytest_memaudit.config import make_settings
+    from pytest_memaudit.models import LayerSpec, ModelSpec
+    from test_baselines import tiny_make
+
+    def build(checkpoint):
+        net = tiny_make()
+        net.load_state_dict(torch.load(checkpoint, weights_only=True))
+        return net
+
+    net = tiny_make()
+    torch.save(net.state_dict(), tmp_path / "a.pt")
+    with torch.no_grad():
+        net.head.weight.mul_(-3)
+    torch.save(net.state_dict(), tmp_path / "b.pt")
+    spec = ModelSpec("tiny", tuple(LayerSpec(name, name) for name in LAYERS), build=build, default_image_size=16)
+    settings = make_settings(model="tiny", data="builtin", samples=6, augmentations=2, holdout="builtin",
+                             permutations=100, planted_units=2, device="cpu")
+    paths = [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+    series = run_series(settings, paths, spec)
+    for path, result in zip(paths, series):
+        alone = run_audit(make_settings(**(settings.as_dict() | {"checkpoint": path})), spec)
+        assert result.checkpoint == alone.checkpoint and result.settings["checkpoint"] == path
+        assert result.samples == alone.samples and result.labels == alone.labels
+        assert result.membership == alone.membership and result.argmax_counts == alone.argmax_counts
+        for mine, theirs in zip(result.layers, alone.layers):
+            assert np.array_equal(mine.values.unitmem, theirs.values.unitmem)
+            assert mine.control_excess == theirs.control_excess and mine.membership == theirs.membership
+            assert mine.intervals == theirs.intervals
+    assert series[1].planted is series[0].planted  # one planted control, on the first checkpoint
+    assert series[0].control is series[1].control  # one random control: it does not depend on the weights
+
+
+def test_depth_plot_spans_negative_values():
+    from pytest_memaudit.report import figures
+
+    plot = figures.depth_plot(["a", "b", "c"], [figures.Line("x", "trained", [-0.12, 0.0, 0.31])])
+    labels = [float(label) for _, label in plot.y_ticks]
+    assert labels[0] <= -0.12 and labels[-1] >= 0.31 and 0.0 in labels
+    y_of = dict(zip(labels, (y for y, _ in plot.y_ticks)))
+    (_, y_low, _), (_, y_zero, _), (_, y_high, _) = plot.series[0].points
+    assert y_zero == pytest.approx(y_of[0.0])  # 0 sits on its tick, between the others
+    assert y_high < y_zero < y_low
+    assert y_low == pytest.approx(y_of[0.0] + 0.12 * (y_of[labels[0]] - y_of[0.0]) / -labels[0])
