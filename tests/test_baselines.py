@@ -331,3 +331,12 @@ def test_compare_fail_needs_a_baseline_and_a_known_figure(project):
     result = audit(project, "--memaudit-compare", "base.json", "--memaudit-compare-fail", "membership_p:0.02")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*no compare gate for 'membership_p'. A p-value's change is no effect size*"])
+
+
+def test_compare_gate_on_what_the_baseline_lacks_is_a_collection_error(project):
+    assert audit(project, "--memaudit-json", "base.json").ret == 0  # no held-out images
+    (project.path / "audits" / "memaudit.yaml").write_text(GATES + MODEL + "compare: {membership_excess: 0.03}\n")
+    result = audit(project, "--memaudit-compare", "base.json")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*gates this audit cannot evaluate: membership_excess_rise_max needs held-out images "
+                                 "in this run and in the baseline*"])
