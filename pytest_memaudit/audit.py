@@ -34,7 +34,7 @@ from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
 from .labelled import LabelledImages, labelled_images
 from .membership import Contrast, membership_contrast
-from .models import LayerSpec, ModelSpec, get_model_spec
+from .models import InputContract, LayerSpec, ModelSpec, get_model_spec
 from .planted import PlantedUnit, choose_plants, planted_copy, thumbnails
 from .planted import evaluate as evaluate_planted
 from .results import AuditResult, LayerResult, SubjectResult
@@ -43,7 +43,8 @@ from .stats import jackknife_interval, layer_stats, spread_figures
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
-# Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in.
+# Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in, for models
+# whose input contract says they support it (InputContract.channels_last).
 MEMORY_FORMAT = torch.channels_last
 
 
@@ -116,11 +117,11 @@ def _audit(
 
     checkpoint, *later = [spec.locate(given) for given in checkpoints or [settings.checkpoint]]
     with user_code(f"building model {spec.name}"):
-        model_net = prepare(spec.build(checkpoint), device)
+        model_net = prepare(spec.build(checkpoint), device, spec.input_contract)
     subjects = [Subject("model", model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
     subjects += series_subjects(spec, later, device)
     if "random" in controls:
-        control_net = prepare(random_weights_copy(model_net, settings.seed), device)
+        control_net = prepare(random_weights_copy(model_net, settings.seed), device, spec.input_contract)
         subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
     if "planted" in (settings.control or "") and not images.count(PLANTED):  # asked for, not the default
         notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
@@ -137,7 +138,8 @@ def _audit(
         with torch.inference_mode(), selected_device(device), precision_mode(precision, device), \
                 reuse_freed_memory(device), terminate_as_interrupt():
             if images.count(PLANTED) and "planted" in controls:
-                plants, planted_net = build_planted(model_net, selected, images, settings, device, forward)
+                plants, planted_net = build_planted(model_net, selected, images, settings, spec.input_contract, device,
+                                                    forward)
                 subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
             for subject in subjects:
                 subject.recorder = LayerRecorder(subject.net, selected)
@@ -151,14 +153,13 @@ def _audit(
                         checker.add(batch.positions, batch.images)
                     pixels = batch.images.to(device, non_blocking=True).float().div_(255)
                     seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
-                    batch_views = augment_views(pixels, settings.augmentations, seeds).contiguous(
-                        memory_format=MEMORY_FORMAT
-                    )
+                    batch_views = model_views(pixels, settings.augmentations, seeds, spec.input_contract)
                     index = torch.arange(len(samples), len(samples) + n, device=device)
                     label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
                     group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
                     for subject in subjects:
-                        with timer, user_code(f"the forward pass of {spec.name} ({subject.role})"):
+                        with timer, user_code(f"the forward pass of {spec.name} ({subject.role}) on views of shape "
+                                                   f"{tuple(batch_views.shape)}"):
                             outputs = forward(subject.net, subject.recorder, batch_views)
                         if not subject.states:
                             subject.states = new_states(outputs, settings, len(images), device, median_budget)
@@ -170,6 +171,7 @@ def _audit(
                 if progress:
                     progress(len(samples) + len(skipped), len(images))
         check_read(images, read, skipped, source)
+        selected = subjects[0].recorder.ordered(selected)  # forward order, as the first batch ran it
         point_labels = images.labels[read]
         point_groups = images.groups[read]
         finished = {subject.role: finalize(subject, selected, settings, point_labels, point_groups)
@@ -191,6 +193,7 @@ def _audit(
         "workers": workers,
         "control": ",".join(controls) or "none",
         "views_per_image": views,
+        "input": spec.input_contract.describe(),
     }
     planted_ids = set(images.canaries)
     layers_out, model_contrast, model_loo = finished["model"]
@@ -244,7 +247,7 @@ def series_subjects(spec: ModelSpec, checkpoints: Sequence[Path | None], device:
     subjects = []
     for i, checkpoint in enumerate(checkpoints, 1):
         with user_code(f"building model {spec.name} from {checkpoint}"):
-            net = prepare(spec.build(checkpoint), device)
+            net = prepare(spec.build(checkpoint), device, spec.input_contract)
         subjects.append(Subject(f"model:{i}", net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
     return subjects
 
@@ -295,7 +298,7 @@ def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSetti
         }
         leave_out_means[layer.name] = np.array([row["mean_unitmem"] if row else np.nan for row in rows])
         results.append(LayerResult(layer.name, layer.module, values, layer_stats(values.unitmem, values.dead),
-                                   intervals))
+                                   intervals, unit_axis=subject.recorder.axes.get(layer.name)))
     contrast = membership_contrast(
         {layer.name: subject.states[layer.name] for layer in selected}, point_labels, point_groups,
         subject.members, subject.holdout, permutations=settings.permutations, seed=settings.seed,
@@ -354,7 +357,7 @@ class OverlapCheck:
 
 
 def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,
-                  settings: RunSettings, device: torch.device, forward: AdaptiveForward
+                  settings: RunSettings, contract: InputContract, device: torch.device, forward: AdaptiveForward
                   ) -> tuple[list[PlantedUnit], torch.nn.Module]:
     """The planted control: the planted images' views (the implants' references), the model's
     mean |activation| per unit over them (the implants' scale), then the planted copy."""
@@ -369,13 +372,14 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
         return [], model_net
     x = torch.stack(pixels).to(device).float().div_(255)
     seeds = [view_seed(settings.seed, images.ids[position]) for position in kept]
-    planted_views = augment_views(x, settings.augmentations, seeds).contiguous(memory_format=MEMORY_FORMAT)
+    planted_views = model_views(x, settings.augmentations, seeds, contract)  # what the implants see
     prototypes = thumbnails(planted_views).view(len(kept), max(settings.augmentations, 1), -1)
     with LayerRecorder(model_net, selected) as recorder:
         outputs = forward(model_net, recorder, planted_views)
-    scales = {layer.name: outputs[layer.name].double().mean(dim=0).cpu().numpy() for layer in selected}
+    scales = {name: values.double().mean(dim=0).cpu().numpy() for name, values in outputs.items()}  # forward order
     plants = choose_plants(scales, kept, settings.planted_strength, settings.seed)
-    net = planted_copy(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)})
+    net = planted_copy(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)},
+                       recorder.axes)
     return plants, net
 
 
@@ -397,6 +401,12 @@ def open_images(settings: RunSettings, spec: ModelSpec, image_size: int, planted
 
 
 def member_images(settings: RunSettings, spec: ModelSpec, image_size: int) -> ImageSet:
+    if settings.data is None and spec.requires_data:
+        raise DataError(
+            f"model {spec.name} is audited on images of its training data: give them with --memaudit-data DIR "
+            "(or --memaudit-data builtin to audit it on generated images, which says nothing about what it "
+            "memorized of its own training set)"
+        )
     if settings.data is None and spec.default_data is not None:
         images = spec.default_data(image_size, settings.seed)
         return images if settings.samples is None else images.sample(settings.samples, settings.seed)
@@ -433,8 +443,26 @@ def default_workers(images: ImageSet) -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def prepare(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    return net.eval().requires_grad_(False).to(device, memory_format=MEMORY_FORMAT)
+def memory_format(contract: InputContract) -> torch.memory_format:
+    return MEMORY_FORMAT if contract.channels_last else torch.contiguous_format
+
+
+def prepare(net: torch.nn.Module, device: torch.device, contract: InputContract) -> torch.nn.Module:
+    with user_code("moving the model to its device"):
+        return net.eval().requires_grad_(False).to(device, memory_format=memory_format(contract))
+
+
+def model_views(pixels: torch.Tensor, augmentations: int, seeds: Sequence[int], contract: InputContract) -> torch.Tensor:
+    """The views of ``pixels`` (n, 3, H, W) in [0, 1] as the model takes them: augmented (in [-1, 1]),
+    mapped to its input range or normalization, in its memory layout. Every subject (the model and
+    its controls) gets these same tensors."""
+    views = augment_views(pixels, augmentations, seeds)
+    affine = contract.affine()
+    if affine is not None:
+        scale, shift = (torch.tensor(values, dtype=views.dtype, device=views.device).view(1, -1, 1, 1)
+                        for values in affine)
+        views = views.mul_(scale).add_(shift)
+    return views.contiguous(memory_format=memory_format(contract))
 
 
 class AdaptiveForward:
@@ -532,6 +560,8 @@ def view_seed(seed: int, image_id: str) -> int:
 def checkpoint_record(path: Path | None) -> dict | None:
     if path is None:
         return None
+    if path.is_dir():  # a user model's checkpoint folder: its factory reads what it needs
+        return {"path": str(path), "sha256": None, "bytes": None}
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

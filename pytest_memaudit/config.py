@@ -36,7 +36,8 @@ from . import hardware, yamlsafe
 from .errors import ConfigError
 from .gates import (COMPARED, GATES, INTERVAL_FIGURES, LIMITS, MULTIPLE_TESTING, P_VALUE_FIGURES, SETTINGS, SEVERITIES,
                     THRESHOLD_KEYS, WHEN, Gate)
-from .models import BUILTIN_MODELS, ModelSpec, get_model_spec, user_model_spec
+from .models import (
+    BUILTIN_MODELS, TOKEN_CHOICES, UNIT_LAYOUTS, InputContract, LayerSpec, ModelSpec, get_model_spec, user_model_spec)
 from .yamlsafe import quote, shorten
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
@@ -195,7 +196,9 @@ def _binary_size(count: int) -> str:
 _TOP_KEYS = ("version", "thresholds", "layers", "models", "multiple_testing", "allow_no_gates", "compare")
 _GATE_FIELDS = ("limit", "when", "severity")
 Partial = dict[str, Any]  # what one level of configuration sets of a threshold: some of a Gate's fields, or "value"
-_MODEL_KEYS = ("factory", "audited_layers", "image_size", "description", "thresholds", "layers")
+_MODEL_KEYS = ("factory", "audited_layers", "image_size", "description", "thresholds", "layers", "checkpoint",
+               "input_range", "normalize", "channels_last")
+_LAYER_KEYS = ("module", "name", "units", "units_axis", "tokens", "output", "call")
 
 
 @dataclass
@@ -215,6 +218,11 @@ class AuditFile:
 
     def model_spec(self, name: str) -> ModelSpec:
         return get_model_spec(name, self.user_models)
+
+    def applies_to(self, model: str) -> bool:
+        """A file that declares models of its own (a factory) is about them and the models it names
+        under ``models:``; a file that declares none is about every model."""
+        return not self.user_models or model in self.model_thresholds
 
     def thresholds_for(
         self, model: ModelSpec, overrides: dict[str, dict[str, Partial]] | None = None
@@ -276,6 +284,39 @@ def _unknown_layer_message(path, where, name, model: ModelSpec) -> str:
     )
 
 
+@dataclass
+class AuditCatalog:
+    """The audit files of a session and the models they declare, each declared once."""
+
+    files: dict[Path, AuditFile] = field(default_factory=dict)
+    models: dict[str, ModelSpec] = field(default_factory=dict)  # user models, by name
+    declared_in: dict[str, Path] = field(default_factory=dict)
+
+    def add(self, audit: AuditFile) -> None:
+        """Register ``audit`` and its models; ConfigError when another file declares one differently."""
+        for name, spec in audit.user_models.items():
+            other = self.declared_in.get(name)
+            if other is not None and other != audit.path and self.models[name] != spec:
+                raise ConfigError(
+                    f"model {name!r} is declared differently in {other} and in {audit.path}: declare it in one file "
+                    "(the others may still set its thresholds under models:), or the same way in both"
+                )
+            self.models.setdefault(name, spec)
+            self.declared_in.setdefault(name, audit.path)
+        self.files[audit.path] = audit
+
+    def model_spec(self, name: str) -> ModelSpec:
+        return get_model_spec(name, self.models)
+
+
+def load_catalog(paths: list[Path]) -> AuditCatalog:
+    """The catalog of the audit files at ``paths``; every problem is a ConfigError naming a file."""
+    catalog = AuditCatalog()
+    for path in paths:
+        catalog.add(load_audit_file(path))
+    return catalog
+
+
 def load_audit_file(path: str | Path) -> AuditFile:
     """Parse and validate an audit YAML file; every problem is a ConfigError naming the file."""
     path = Path(path)
@@ -329,22 +370,88 @@ def _user_model(path, where, name, entry) -> ModelSpec:
     if not isinstance(layers, list) or not layers:
         raise ConfigError(
             f"{path}: {where}: audited_layers must be a non-empty list of module paths "
-            "(as model.named_modules() writes them), or of {name: ..., module: ...} mappings"
+            "(as model.named_modules() writes them, or pytest --memaudit-list-layers), or of mappings with a "
+            f"module and any of {', '.join(_LAYER_KEYS[1:])}"
         )
-    for item in layers:
-        ok = isinstance(item, str) or (
-            isinstance(item, dict) and set(item) == {"name", "module"}
-            and all(isinstance(value, str) for value in item.values())
-        )
-        if not ok:
-            raise ConfigError(f"{path}: {where}: audited_layers entry {quote(item)} is not a module path or a "
-                              "{name, module} mapping")
-    _check_layers_unambiguous(path, where, [(item, item) if isinstance(item, str) else (item["name"], item["module"])
-                                            for item in layers])
+    specs = [_layer_spec(path, f"{where}: audited_layers", item) for item in layers]
+    _check_layers_unambiguous(path, where, [(spec.name, spec.module) for spec in specs])
     image_size = entry.get("image_size", 256)
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 16:
-        raise ConfigError(f"{path}: {where}: image_size must be a whole number of at least 16, got {quote(image_size)}")
-    return user_model_spec(name, {**entry, "layers": layers}, str(path))
+        raise ConfigError(f"{path}: {where}: image_size must be a whole number of at least 16, got {image_size!r}")
+    checkpoint = entry.get("checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint.strip()):
+        raise ConfigError(f"{path}: {where}: checkpoint must be a path (relative to the YAML's folder), got {checkpoint!r}")
+    values = {**entry, "layers": tuple(specs), "input": _input_contract(path, where, entry)}
+    return user_model_spec(name, values, str(path))
+
+
+def _layer_spec(path, where, item) -> LayerSpec:
+    """An audited_layers entry: a module path, or a mapping with ``module`` and optional keys."""
+    if isinstance(item, str) and item:
+        return LayerSpec(item, item)
+    if not isinstance(item, dict) or not isinstance(item.get("module"), str) or not item["module"]:
+        raise ConfigError(f"{path}: {where}: entry {item!r} is not a module path or a mapping with a module")
+    where = f"{where}: {item['module']}"
+    _check_keys(path, where, item, _LAYER_KEYS)
+    name = item.get("name", item["module"])
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: {where}: name must be a non-empty string, got {name!r}")
+    if "units" in item and "units_axis" in item:
+        raise ConfigError(f"{path}: {where}: give units or units_axis, not both")
+    units = item.get("units")
+    if units is not None and units not in UNIT_LAYOUTS:
+        raise ConfigError(f"{path}: {where}: units must be one of {', '.join(UNIT_LAYOUTS)}, got {units!r} "
+                          "(or give the axis number as units_axis)")
+    if "units_axis" in item:
+        units = item["units_axis"]
+        if not _whole(units) or units == 0:
+            raise ConfigError(f"{path}: {where}: units_axis must be the number of the output's unit axis (0 is the "
+                              f"batch; -1 the last), got {units!r}")
+    tokens = item.get("tokens", "all")
+    if tokens not in TOKEN_CHOICES:
+        raise ConfigError(f"{path}: {where}: tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}")
+    output = item.get("output")
+    if output is not None and not (isinstance(output, str) or (_whole(output) and output >= 0)):
+        raise ConfigError(f"{path}: {where}: output must be a part's index (0, 1, ...) or key, got {output!r}")
+    call = item.get("call")
+    if call is not None and call != "all" and not (_whole(call) and call >= 0):
+        raise ConfigError(f"{path}: {where}: call must be a call's number (0 is the first) or 'all', got {call!r}")
+    return LayerSpec(name, item["module"], units=units, tokens=tokens, output=output, call=call)
+
+
+def _input_contract(path, where, entry) -> InputContract:
+    """``input_range: [low, high]`` or ``normalize: {mean, std}`` (one of them), and ``channels_last``."""
+    channels_last = entry.get("channels_last", False)
+    if not isinstance(channels_last, bool):
+        raise ConfigError(f"{path}: {where}: channels_last must be true or false, got {channels_last!r}")
+    if "input_range" in entry and "normalize" in entry:
+        raise ConfigError(f"{path}: {where}: give input_range or normalize, not both (normalize applies to images "
+                          "in [0, 1])")
+    normalize = entry.get("normalize")
+    if normalize is not None:
+        _expect_mapping(path, f"{where}: normalize", normalize)
+        _check_keys(path, f"{where}: normalize", normalize, ("mean", "std"))
+        mean, std = normalize.get("mean"), normalize.get("std")
+        for key, values in (("mean", mean), ("std", std)):
+            if not (isinstance(values, list) and len(values) == 3 and all(_number(v) for v in values)):
+                raise ConfigError(f"{path}: {where}: normalize: {key} must be 3 numbers (R, G, B), got {values!r}")
+        if any(v <= 0 for v in std):
+            raise ConfigError(f"{path}: {where}: normalize: std must be positive, got {std!r}")
+        return InputContract(mean=tuple(map(float, mean)), std=tuple(map(float, std)), channels_last=channels_last)
+    value_range = entry.get("input_range", [-1, 1])
+    if not (isinstance(value_range, list) and len(value_range) == 2 and all(_number(v) for v in value_range)
+            and value_range[0] < value_range[1]):
+        raise ConfigError(f"{path}: {where}: input_range must be [low, high] with low < high, e.g. [-1, 1] or "
+                          f"[0, 1], got {value_range!r}")
+    return InputContract(value_range=(float(value_range[0]), float(value_range[1])), channels_last=channels_last)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_layers_unambiguous(path, where, layers: list[tuple[str, str]]) -> None:

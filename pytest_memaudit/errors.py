@@ -44,5 +44,7 @@ def user_code(what: str) -> Iterator[None]:
         if len(cause) > CAUSE_CHARS:
             cause = cause[: CAUSE_CHARS - 3] + "..."
         raise AuditError(f"{what} failed with {cause}") from exc
+
+
 class MemauditWarning(UserWarning):
     """A gate of severity ``warn`` was crossed, or the audit has something to say that does not fail it."""

@@ -260,6 +260,27 @@ def evaluate(layer: str, figures: dict[str, Figure], thresholds: dict[str, Gate 
     return GateOutcome(layer, tuple(checks))
 
 
+def evaluate_layer(layer: LayerResult, thresholds: dict[str, Gate | float], adjusted_p: dict[str, float],
+                   rises: dict[str, Figure] | None = None) -> tuple[GateOutcome, dict[str, Figure]]:
+    """``layer``'s outcome under its ``thresholds`` (kept on the layer, for the JSON and the report),
+    and the figures it was judged on; ``adjusted_p`` as ``adjusted_p_values`` gives it; ``rises``: its
+    ``<figure>_rise`` figures, when compared with a baseline (``compare.LayerChange.rise_figures``)."""
+    figures = layer_figures(layer, fraction_above_level(thresholds), adjusted_p) | (rises or {})
+    outcome = evaluate(layer.name, figures, thresholds)
+    layer.thresholds, layer.outcome = thresholds, outcome
+    return outcome, figures
+
+
+def evaluate_result(result: AuditResult, thresholds: dict[str, dict[str, Gate | float]],
+                    multiple_testing: str = "holm") -> dict[str, GateOutcome]:
+    """Gate an audit without pytest: each layer of ``result`` that ``thresholds`` (layer name ->
+    its thresholds, as ``config.AuditFile.thresholds_for`` gives them) names, with p-values
+    corrected across the result's layers. The outcomes are also kept on the layers."""
+    adjusted = adjusted_p_values(result, multiple_testing)
+    return {layer.name: evaluate_layer(layer, thresholds[layer.name], adjusted[layer.name])[0]
+            for layer in result.layers if layer.name in thresholds}
+
+
 def missing_figures(thresholds: dict[str, Gate | float], has: set[str]) -> list[tuple[str, str]]:
     """(key, what it needs) for every gate with a limit whose figure this audit will not have."""
     return [

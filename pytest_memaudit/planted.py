@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import unit_axis
+from .hooks import UnitAxis, output_part, with_part
 from .membership import Membership
 from .models import LayerSpec
 from .unitmem import UnitMemValues
@@ -127,38 +127,46 @@ def thumbnails(views: torch.Tensor) -> torch.Tensor:
 
 class Implant:
     """The planted units' hooks on ``net``: a pre-hook matches each input view against the
-    planted images' views, and a hook per planted layer adds the planted response."""
+    planted images' views, and a hook per planted layer adds the planted response to the tensor
+    that layer's recorder measures (its ``output:`` part, at its ``call:``), along its unit axis
+    as the model's recorder settled it (``axes``)."""
 
     def __init__(self, net: nn.Module, plants: Sequence[PlantedUnit], layers: Sequence[LayerSpec],
-                 prototypes: torch.Tensor, image_slots: dict[int, int]):
+                 prototypes: torch.Tensor, image_slots: dict[int, int], axes: dict[str, UnitAxis]):
         self.prototypes = prototypes  # (images, views, features)
         self._match_weights: torch.Tensor | None = None
+        self._calls: dict[str, int] = {}
         modules = dict(net.named_modules())
-        module_of = {layer.name: layer.module for layer in layers}
+        by_name = {layer.name: layer for layer in layers}
         self._handles = [net.register_forward_pre_hook(self._match)]
         for name in dict.fromkeys(plant.layer for plant in plants):
             mine = [p for p in plants if p.layer == name]
             units = torch.tensor([p.unit for p in mine])
             slots = torch.tensor([image_slots[p.image] for p in mine])
             amounts = torch.tensor([(p.strength - 1) * p.scale for p in mine])
-            hook = self._respond(units, slots, amounts)
-            self._handles.append(modules[module_of[name]].register_forward_hook(hook, prepend=True))
+            hook = self._respond(by_name[name], axes[name].axis, units, slots, amounts)
+            self._handles.append(modules[by_name[name].module].register_forward_hook(hook, prepend=True))
 
     def _match(self, module, args):
+        self._calls.clear()
         views = thumbnails(args[0])
         prototypes = self.prototypes.to(views.device)
         cosine = torch.einsum("bd,ivd->biv", views, prototypes).amax(dim=2)
         self._match_weights = ((cosine - (1 - MATCH_TOLERANCE)) / (MATCH_TOLERANCE / 2)).clamp(0, 1)
 
-    def _respond(self, units: torch.Tensor, slots: torch.Tensor, amounts: torch.Tensor):
+    def _respond(self, layer: LayerSpec, axis: int, units: torch.Tensor, slots: torch.Tensor, amounts: torch.Tensor):
         def hook(module, inputs, output):
+            call = self._calls.get(layer.name, 0)
+            self._calls[layer.name] = call + 1
+            if layer.call not in (None, "all") and call != layer.call:
+                return None
+            tensor = output_part(output, layer)
             weights = self._match_weights
-            axis = unit_axis(output)
-            delta = torch.zeros(output.shape[0], output.shape[axis], device=output.device)
-            delta[:, units.to(output.device)] = weights[:, slots.to(weights.device)] * amounts.to(weights.device)
-            shape = [output.shape[0]] + [1] * (output.dim() - 1)
-            shape[axis] = output.shape[axis]
-            return output + delta.view(shape).to(output.dtype)
+            delta = torch.zeros(tensor.shape[0], tensor.shape[axis], device=tensor.device)
+            delta[:, units.to(tensor.device)] = weights[:, slots.to(weights.device)] * amounts.to(weights.device)
+            shape = [tensor.shape[0]] + [1] * (tensor.dim() - 1)
+            shape[axis] = tensor.shape[axis]
+            return with_part(output, layer, tensor + delta.view(shape).to(tensor.dtype))
 
         return hook
 
@@ -169,10 +177,11 @@ class Implant:
 
 
 def planted_copy(model: nn.Module, plants: Sequence[PlantedUnit], layers: Sequence[LayerSpec],
-                 prototypes: torch.Tensor, image_slots: dict[int, int]) -> nn.Module:
-    """A copy of ``model`` with the implants attached (they live as long as the copy)."""
+                 prototypes: torch.Tensor, image_slots: dict[int, int], axes: dict[str, UnitAxis]) -> nn.Module:
+    """A copy of ``model`` with the implants attached (they live as long as the copy); ``axes``:
+    each layer's unit axis, as the model's recorder settled it."""
     net = copy.deepcopy(model)
-    net._memaudit_implant = Implant(net, plants, layers, prototypes, image_slots)
+    net._memaudit_implant = Implant(net, plants, layers, prototypes, image_slots, axes)
     return net
 
 

@@ -7,8 +7,9 @@ plugin costs nothing to pytest runs that collect no audit file.
 from __future__ import annotations
 
 import fnmatch
+import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from . import parallel
 
 if TYPE_CHECKING:
     from .compare import Comparison
-    from .config import AuditFile, RunSettings
+    from .config import AuditCatalog, AuditFile, RunSettings
     from .gates import GateOutcome
     from .models import LayerSpec, ModelSpec
     from .outputs import OutputLog
@@ -92,6 +93,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("memaudit_gallery", "default for --memaudit-gallery", default=None)
     parser.addini("memaudit_files", "glob patterns of audit YAML files", type="args",
                   default=DEFAULT_FILE_PATTERNS)
+    group.addoption("--memaudit-list-layers", dest="memaudit_list_layers", action="store_true", default=False,
+                    help="print the audited model's modules in forward order (output shape, unit axis, units, calls) "
+                         "from one forward pass, and exit")
     add_baseline_options(group)
 
 
@@ -142,6 +146,9 @@ class AuditSession:
     wanted_checkpoints: set[str] = field(default_factory=set)
     runs: "dict[str | None, AuditResult]" = field(default_factory=dict)  # results by checkpoint label (None: one run)
     _comparisons: dict = field(default_factory=dict)
+    catalog: "AuditCatalog | None" = None
+    _user_net: Any = None  # a user model, built at collection to check its layer names; the audit reuses it
+    build_error: str | None = None  # why that build failed (a usage error once collection is done)
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None and self.stored is not None:
@@ -173,6 +180,53 @@ class AuditSession:
         if len(paths) > 1:
             self.series = paths
         return next(iter(paths.values()))
+
+    def load_catalog(self) -> "AuditCatalog":
+        """The audit files under the collected paths and the models they declare (read once)."""
+        if self.catalog is None:
+            from .config import load_catalog
+
+            self.catalog = load_catalog(audit_files(self.config, collected_paths(self.config)))
+        return self.catalog
+
+    def audit_file(self, path: Path) -> "AuditFile":
+        """The catalog's reading of ``path`` (added to it if the search for audit files missed it)."""
+        catalog = self.load_catalog()
+        path = path.resolve()
+        if path not in catalog.files:
+            from .config import load_audit_file
+
+            catalog.add(load_audit_file(path))
+        return catalog.files[path]
+
+    def resolve_spec(self) -> "ModelSpec":
+        """The audited model: built in, or declared in an audit file under the collected paths, or
+        else anywhere under the rootdir (a test file of one's own, run alone). ConfigError if none."""
+        if self.spec is None:
+            from .config import load_catalog
+            from .models import BUILTIN_MODELS
+
+            name = self.load_settings().model
+            catalog = self.load_catalog()
+            if name not in catalog.models and name not in BUILTIN_MODELS:
+                found = [path for path in audit_files(self.config, [self.config.rootpath])
+                         if path not in catalog.files]
+                declaring = load_catalog(found)
+                if name in declaring.models:
+                    catalog = declaring
+            self.spec = catalog.model_spec(name)
+        return self.spec
+
+    def user_model(self, spec: "ModelSpec"):
+        """A user model, built once (None when that failed: ``build_error`` says why)."""
+        if self._user_net is None and self.build_error is None:
+            from .errors import AuditError
+
+            try:
+                self._user_net = spec.build(spec.locate(self.load_settings().checkpoint))
+            except AuditError as exc:
+                self.build_error = str(exc)
+        return self._user_net
 
     def threshold_overrides(self) -> dict[str, dict[str, float | None]]:
         from .config import parse_threshold_option
@@ -212,6 +266,11 @@ class AuditSession:
             from .errors import AuditError
 
             layers = [layer.name for layer in self.spec.layers if layer.name in self.wanted_layers]
+            spec = self.spec
+            if self._user_net is not None:  # built at collection, from the (first) checkpoint
+                built_from, build = spec.locate(self.settings.checkpoint), spec.build
+                spec = replace(spec, build=lambda checkpoint: self._user_net if checkpoint == built_from
+                               else build(checkpoint))
             try:
                 from .config import check_image_fits
 
@@ -221,9 +280,9 @@ class AuditSession:
                 with _progress(self.config) as progress:
                     if self.series:
                         paths = [self.series[label] for label in labels]
-                        self._set_runs(dict(zip(labels, run_series(self.settings, paths, self.spec, layers, progress))))
+                        self._set_runs(dict(zip(labels, run_series(self.settings, paths, spec, layers, progress))))
                     else:
-                        self._set_runs({None: run_audit(self.settings, self.spec, layers, progress)})
+                        self._set_runs({None: run_audit(self.settings, spec, layers, progress)})
             except AuditError as exc:
                 self._cannot_run(f"memaudit: the audit cannot run: {exc}")
         if self.error is not None:
@@ -404,10 +463,8 @@ def compare_fail_options(config: pytest.Config) -> list[tuple[str, str, dict]]:
     return [parse_compare_option(text) for text in config.getoption("memaudit_compare_fail")]
 
 
-def pytest_cmdline_main(config: pytest.Config) -> int | None:
+def list_saved(config: pytest.Config) -> int:
     """--memaudit-list-saved: the table of saved runs, then exit 0 (as --fixtures lists fixtures)."""
-    if not config.getoption("memaudit_list_saved"):
-        return None
     from .baselines import format_saved, saved_runs
 
     sys.stdout.write(format_saved(config.rootpath, saved_runs(config.rootpath)))
@@ -430,7 +487,9 @@ def is_audit_file(path: str, config: pytest.Config) -> bool:
 
 
 class AuditYamlFile(pytest.File):
-    """An audit YAML file: collects one LayerItem per layer of the audited model."""
+    """An audit YAML file: collects one LayerItem per layer of the audited model, or, when the
+    file is about other models (it declares models of its own, not the audited one), one skipped
+    item per model it declares."""
 
     def collect(self):
         from .errors import ConfigError
@@ -438,12 +497,20 @@ class AuditYamlFile(pytest.File):
         state = self.config.stash[audit_session_key]
         try:
             settings = state.load_settings()
-            from .config import load_audit_file
+            audit = state.audit_file(self.path)
+            spec = (state.load_catalog().model_spec(settings.model) if state.stored is None
+                    else stored_model_spec(state.load_catalog(), next(iter(state.stored.values()))))
+        except ConfigError as exc:
+            raise self.CollectError(f"memaudit: {exc}") from None
+        if not audit.applies_to(spec.name):
+            for name in audit.user_models:
+                reason = (f"memaudit: {self.path.name} is about model {name}; this run audits {spec.name} "
+                          f"(--memaudit-model {name} audits it)")
+                yield OtherModelItem.from_parent(self, name=name, reason=reason)
+            return
+        try:
             from .gates import without_rise_gates
 
-            audit = load_audit_file(self.path)
-            spec = (audit.model_spec(settings.model) if state.stored is None
-                    else stored_model_spec(audit, next(iter(state.stored.values()))))
             overrides = state.threshold_overrides()
             thresholds = audit.thresholds_for(spec, overrides)
             if state.baseline is None and not state.compare_previous:  # compare gates need something to compare with
@@ -452,17 +519,33 @@ class AuditYamlFile(pytest.File):
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
         self._check_gates_can_be_evaluated(state, settings, spec, thresholds)
+        if spec.factory is not None and state.stored is None:
+            self._check_user_layers(state, spec)
         state.multiple_testing = audit.multiple_testing
-        if state.spec is None:
-            state.spec = spec
-        elif state.spec != spec:
-            raise self.CollectError(f"memaudit: {self.path} declares model {spec.name} differently from another audit file")
+        state.spec = spec
         state.thresholds.update(thresholds)
         for layer in spec.layers:
             for checkpoint in list(state.series or state.stored or [None]):  # [None]: one run
                 name = layer.name if checkpoint is None else f"{layer.name}[{checkpoint}]"
                 yield LayerItem.from_parent(self, name=name, layer=layer, thresholds=thresholds[layer.name],
                                             checkpoint=checkpoint)
+
+    def _check_user_layers(self, state: AuditSession, spec: "ModelSpec") -> None:
+        """A user model is built now (once) so that a misspelled module path is a collection error;
+        a model that cannot be built is a usage error when collection is done."""
+        net = state.user_model(spec)
+        if net is None:
+            return
+        from .errors import AuditError
+        from .hooks import find_module
+
+        modules = dict(net.named_modules())
+        for layer in spec.layers:
+            try:
+                find_module(net, layer, modules)
+            except AuditError as exc:
+                where = state.load_catalog().declared_in.get(spec.name, self.path)
+                raise self.CollectError(f"memaudit: {where}: models: {spec.name}: audited_layers: {exc}") from None
 
     def _check_gates_can_be_evaluated(self, state: AuditSession, settings, spec, thresholds) -> None:
         """A gate whose figure this audit (or the stored one, or the baseline) will not have is an error now,
@@ -484,25 +567,40 @@ class AuditYamlFile(pytest.File):
             )
 
 
-def stored_model_spec(audit: "AuditFile", stored: "AuditResult") -> "ModelSpec":
-    """The model of a stored audit, with the layers it audited: as the audit file or the built-in registry
-    declares it, or (a model declared nowhere now) as the stored layers say. ConfigError when a stored
+class OtherModelItem(pytest.Item):
+    """A model that an audit file declares and this run does not audit: skipped, with the reason."""
+
+    def __init__(self, *, reason: str, **kwargs):
+        super().__init__(**kwargs)
+        self.add_marker(pytest.mark.skip(reason=reason))
+
+    def runtest(self) -> None:  # never runs: skipped
+        pass
+
+    def reportinfo(self):
+        return self.path, 0, f"memaudit model {self.name}"  # a skip report needs a line
+
+
+def stored_model_spec(catalog: "AuditCatalog", stored: "AuditResult") -> "ModelSpec":
+    """The model of a stored audit, with the layers it audited: as the audit files or the built-in registry
+    declare it, or (a model declared nowhere now) as the stored layers say. ConfigError when a stored
     layer is not the declared model's."""
     from dataclasses import replace
 
     from .errors import ConfigError
     from .models import LayerSpec, ModelSpec
 
-    audited = [LayerSpec(layer.name, layer.module) for layer in stored.layers]
+    audited = [(layer.name, layer.module) for layer in stored.layers]
     try:
-        spec = audit.model_spec(stored.model)
+        spec = catalog.model_spec(stored.model)
     except ConfigError:
-        return ModelSpec(stored.model, tuple(audited), build=None)
-    foreign = [f"{layer.name} ({layer.module})" for layer in audited if layer not in spec.layers]
+        return ModelSpec(stored.model, tuple(LayerSpec(name, module) for name, module in audited), build=None)
+    declared = {(layer.name, layer.module) for layer in spec.layers}
+    foreign = [f"{name} ({module})" for name, module in audited if (name, module) not in declared]
     if foreign:
         raise ConfigError(f"the stored audit's layer(s) {', '.join(foreign)} are not layers of model {spec.name} as "
                           f"declared now ({', '.join(layer.name for layer in spec.layers)})")
-    return replace(spec, layers=tuple(layer for layer in spec.layers if layer in audited))
+    return replace(spec, layers=tuple(layer for layer in spec.layers if (layer.name, layer.module) in audited))
 
 
 class LayerGateFailure(Exception):
@@ -523,15 +621,13 @@ class LayerItem(pytest.Item):
         import warnings
 
         from .errors import MemauditWarning
-        from .gates import evaluate, fraction_above_level, layer_figures
+        from .gates import evaluate_layer
 
         state = self.config.stash[audit_session_key]
         result = state.result_for(self.checkpoint)
         layer = result.layer(self.layer.name)
-        figures = layer_figures(layer, fraction_above_level(self.thresholds), state.adjusted_p(self.checkpoint)[layer.name])
-        figures |= state.rise_figures(layer.name, self.checkpoint)
-        outcome = evaluate(layer.name, figures, self.thresholds)
-        layer.thresholds, layer.outcome = self.thresholds, outcome
+        outcome, figures = evaluate_layer(layer, self.thresholds, state.adjusted_p(self.checkpoint)[layer.name],
+                                          state.rise_figures(layer.name, self.checkpoint))
         self.user_properties += [(f"memaudit_{name}", round(figure.value, 6))
                                  for name, figure in figures.items() if math.isfinite(figure.value)]
         if outcome.warnings:
@@ -551,13 +647,30 @@ class LayerItem(pytest.Item):
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Run the audit once, after -k/-m deselection, for exactly the selected layers."""
+    """Run the audit once, after -k/-m deselection: for exactly the selected layers, or for every
+    layer when a selected test uses the ``memaudit_result`` fixture."""
     state = session.config.stash[audit_session_key]
     state.session = session
-    items = [item for item in session.items if isinstance(item, LayerItem)]
-    if not items or session.config.option.collectonly:
+    if state.build_error is not None:
+        message = f"memaudit: the audit cannot run: {state.build_error}"
+        if not parallel.is_worker(session.config):
+            raise pytest.UsageError(message)
+        state.error = message  # the worker's first layer test fails with it; the controller exits 4
         return
-    state.wanted_layers = {item.layer.name for item in items}
+    items = [item for item in session.items if isinstance(item, LayerItem)]
+    for_fixture = any(FIXTURE in getattr(item, "fixturenames", ()) for item in session.items)
+    if session.config.option.collectonly or not (items or for_fixture):
+        return
+    if for_fixture:
+        from .errors import ConfigError
+
+        try:
+            spec = state.resolve_spec()
+        except ConfigError:
+            return  # the fixture skips, saying why
+        state.wanted_layers = {layer.name for layer in spec.layers}
+    else:
+        state.wanted_layers = {item.layer.name for item in items}
     state.wanted_checkpoints = {item.checkpoint for item in items if item.checkpoint is not None}
     check_baseline_architecture(state)
     if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
@@ -578,18 +691,81 @@ def check_baseline_architecture(state: AuditSession) -> None:
         raise pytest.UsageError(f"memaudit: cannot compare with the baseline: {exc}") from None
 
 
+FIXTURE = "memaudit_result"
+
+
 @pytest.fixture(scope="session")
 def memaudit_result(pytestconfig: pytest.Config) -> "AuditResult":
-    """The session's AuditResult (computed for every layer if no layer test asked first)."""
+    """The session's AuditResult, of every layer of the audited model (computed once, when
+    collection is done). Skips when no audited model can be found; errors (without a traceback)
+    when its audit cannot run."""
     state = pytestconfig.stash[audit_session_key]
     if state.result is None:
-        state.load_settings()
-        if state.spec is None:
-            from .models import get_model_spec
+        from .errors import ConfigError
 
-            state.spec = get_model_spec(state.settings.model)
+        try:
+            state.resolve_spec()
+        except ConfigError as exc:
+            pytest.skip(f"memaudit: {exc}")
         state.wanted_layers = {layer.name for layer in state.spec.layers}
-    return state.run()
+        try:
+            state.run()
+        except pytest.UsageError as exc:
+            pytest.fail(str(exc), pytrace=False)
+    return state.result
+
+
+def pytest_cmdline_main(config: pytest.Config):
+    """``--memaudit-list-layers``: print the audited model's modules and exit, like ``--fixtures``;
+    ``--memaudit-list-saved``: the same with the saved runs (``list_saved``)."""
+    if config.getoption("memaudit_list_saved"):
+        return list_saved(config)
+    if not config.getoption("memaudit_list_layers"):
+        return None
+    from .discovery import layer_table
+    from .errors import AuditError
+
+    state = AuditSession(config)
+    try:
+        spec = state.resolve_spec()
+        sys.stdout.write(layer_table(spec, state.load_settings()))
+    except AuditError as exc:
+        raise pytest.UsageError(f"memaudit: {exc}") from None
+    return 0
+
+
+def collected_paths(config: pytest.Config) -> list[Path]:
+    """The paths given on the command line (or testpaths), without ``::`` selections."""
+    paths = []
+    for arg in config.args:
+        path = Path(arg.split("::")[0])
+        path = path if path.is_absolute() else config.invocation_params.dir / path
+        if path.exists():
+            paths.append(path.resolve())
+    return paths
+
+
+def audit_files(config: pytest.Config, roots: list[Path]) -> list[Path]:
+    """Every audit file (``memaudit_files`` patterns) at or under ``roots``, skipping the folders
+    pytest does not recurse into (``norecursedirs``, ``--ignore``)."""
+    patterns = config.getini("memaudit_files")
+    skip_dirs = config.getini("norecursedirs")
+    ignored = {(config.invocation_params.dir / path).resolve() for path in config.getoption("ignore") or ()}
+
+    def wanted(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+    found: dict[Path, None] = {}
+    for root in roots:
+        if root.is_file():
+            if wanted(root.name):
+                found[root] = None
+            continue
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, p) for p in skip_dirs)
+                             and (Path(folder) / d).resolve() not in ignored)
+            found.update((Path(folder, name).resolve(), None) for name in sorted(files) if wanted(name))
+    return list(found)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -734,6 +910,7 @@ def stored_thumbnails(state: AuditSession, log: "OutputLog"):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = config.stash.get(audit_session_key, None)
+    shown_errors = set()  # xdist workers that could not audit report the same error: say it once
     for report in state.reports(markup=terminalreporter.hasmarkup) if state else ():
         if report["summary"] is not None:
             terminalreporter.section("memaudit summary")
@@ -742,7 +919,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             terminalreporter.write_line(f"memaudit: {line}")
         for line in report["errors"]:
             terminalreporter.write_line(f"memaudit: ERROR: {line}", red=True, bold=True)
-        if report["error"]:
+        if report["error"] and report["error"] not in shown_errors:
+            shown_errors.add(report["error"])
             terminalreporter.write_line(f"ERROR: {report['error']}", red=True, bold=True)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .gates import Check, Gate, GateOutcome, as_json
+from .hooks import UnitAxis
 from .membership import Membership
 from .planted import PlantedResult, PlantedUnit, PlantedUnitResult
 from .stats import Interval, LayerStats, depth_correlation
@@ -34,6 +35,7 @@ class LayerResult:
     control_excess: Interval | None = None  # mean UnitMem minus control_mean, paired jackknife
     thresholds: dict[str, Gate | float] | None = None
     outcome: GateOutcome | None = None
+    unit_axis: UnitAxis | None = None  # the axis of the layer's output that holds its units, and how it was found
 
     @property
     def channels(self) -> int:
@@ -190,7 +192,7 @@ def _find_layer(layers: list[LayerResult], name: str) -> LayerResult:
     for layer in layers:
         if name in (layer.name, layer.module):
             return layer
-    raise KeyError(name)
+    raise KeyError(f"{name!r} is not an audited layer of this result; its layers: {', '.join(l.name for l in layers)}")
 
 
 # --- JSON of the parts ----------------------------------------------------------------------
@@ -202,6 +204,8 @@ def _layer_json(layer: LayerResult) -> dict[str, Any]:
         "name": layer.name,
         "module": layer.module,
         "channels": layer.channels,
+        "unit_axis": None if layer.unit_axis is None else {
+            "axis": layer.unit_axis.axis, "shape": list(layer.unit_axis.shape), "source": layer.unit_axis.source},
         "unitmem": _floats(layer.values.unitmem),
         "max_sample": layer.values.max_sample.tolist(),
         "mu_max": _floats(layer.values.mu_max),
@@ -236,6 +240,7 @@ def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
     stats = LayerStats(**{f.name: _float(entry[f.name]) if f.type != "int" else int(entry[f.name])
                           for f in fields(LayerStats)})
     thresholds = entry.get("thresholds")
+    axis = entry.get("unit_axis")
     layer = LayerResult(
         name=entry["name"],
         module=entry["module"],
@@ -248,6 +253,7 @@ def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
         thresholds=None if thresholds is None else {
             key: Gate(**value) if isinstance(value, dict) else value for key, value in thresholds.items()
         },
+        unit_axis=None if axis is None else UnitAxis(axis["axis"], tuple(axis["shape"]), axis["source"]),
     )
     if entry.get("checks") is not None:
         layer.outcome = GateOutcome(layer.name, tuple(_check_from_json(item) for item in entry["checks"]))

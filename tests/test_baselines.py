@@ -72,7 +72,7 @@ def project(pytester):
 
 def audit(pytester, *extra, checkpoint="a.pt"):
     return pytester.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-checkpoint", checkpoint,
-                              "--memaudit-samples", "8", "--memaudit-augmentations", "0", "--memaudit-control", "none",
+                              "--memaudit-data", "builtin", "--memaudit-samples", "8", "--memaudit-augmentations", "0", "--memaudit-control", "none",
                               "--memaudit-holdout", "none", *QUICK, *extra)
 
 

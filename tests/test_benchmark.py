@@ -116,9 +116,10 @@ def test_other_runtime_errors_are_not_retried(monkeypatch):
         raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED (injected)")
 
     monkeypatch.setattr(Tiny, "forward", forward)
-    with pytest.raises(AuditError, match="forward pass of tiny .* RuntimeError: .*EXECUTION_FAILED"):
+    with pytest.raises(AuditError, match="forward pass of tiny .* RuntimeError: .*EXECUTION_FAILED") as info:
         audit()
     assert passes == [12]
+    assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error, kept as the cause
 
 
 def test_bfloat16_on_the_cpu_is_close_to_float32_and_recorded():

@@ -67,6 +67,25 @@ def test_empty_file_means_no_thresholds(tmp_path):
         ("thresholds: {fraction_above_level: null}", r"fraction_above_level must be a number"),
         ("multiple_testing: bonferroni", r"multiple_testing must be one of holm, none"),
         ("thresholds: {membership_excess_max: -1.5}", r"membership_excess_max = -1.5 is outside \[-1, 1\]"),
+        *[(f"models: {{mine: {{factory: 'a:b', {entry}}}}}", message) for entry, message in [
+            ("audited_layers: [{module: x, units: rows}]",
+             r"audited_layers: x: units must be one of channels_first, channels_last, tokens, got 'rows'"),
+            ("audited_layers: [{module: x, units: tokens, units_axis: 2}]", r"give units or units_axis, not both"),
+            ("audited_layers: [{module: x, units_axis: 0}]", r"units_axis must be the number .* \(0 is the batch"),
+            ("audited_layers: [{module: x, tokens: first}]", r"tokens must be one of all, cls, patches"),
+            ("audited_layers: [{module: x, call: -1}]", r"call must be a call's number \(0 is the first\) or 'all'"),
+            ("audited_layers: [{module: x, output: [0]}]", r"output must be a part's index \(0, 1, ...\) or key"),
+            ("audited_layers: [{module: x, unit: channels_last}]", r"audited_layers: x: unknown key 'unit'. Did you mean 'units'"),
+            ("audited_layers: [{name: y}]", r"entry \{'name': 'y'\} is not a module path or a mapping with a module"),
+            ("audited_layers: [x, {name: x, module: y}]", r"audited_layers: 'x' is listed twice \(entries 1 and 2\)"),
+            ("audited_layers: [x], input_range: [1, 0]", r"input_range must be \[low, high\] with low < high"),
+            ("audited_layers: [x], normalize: {mean: [0.5, 0.5], std: [1, 1, 1]}", r"normalize: mean must be 3 numbers"),
+            ("audited_layers: [x], normalize: {mean: [0, 0, 0], std: [1, 0, 1]}", r"normalize: std must be positive"),
+            ("audited_layers: [x], input_range: [0, 1], normalize: {mean: [0, 0, 0], std: [1, 1, 1]}",
+             r"give input_range or normalize, not both"),
+            ("audited_layers: [x], channels_last: yes please", r"channels_last must be true or false"),
+            ("audited_layers: [x], checkpoint: 3", r"checkpoint must be a path"),
+        ]],
     ],
 )
 def test_bad_files_name_the_file_and_problem(tmp_path, text, expected):
@@ -97,6 +116,35 @@ models:
     assert audit.thresholds_for(spec)["block.one"]["gap_min"].limit == 0.3
     with pytest.raises(ConfigError, match=r"unknown model 'mien'. Did you mean 'mine'"):
         audit.model_spec("mien")
+
+
+def test_user_model_keys(tmp_path):
+    from pytest_memaudit.models import InputContract, LayerSpec
+
+    audit = load_audit_file(write(tmp_path, """
+models:
+  mine:
+    factory: mypkg.enc:build
+    checkpoint: weights/mine.pt
+    normalize: {mean: [0.5, 0.25, 0.125], std: [0.5, 0.5, 0.25]}
+    audited_layers:
+      - stem
+      - {name: attn, module: blocks.0.attn, output: 0, call: all, units: tokens, tokens: cls}
+      - {module: blocks.1, units_axis: -1, call: 1, output: features}
+"""))
+    spec = audit.model_spec("mine")
+    assert spec.layers == (LayerSpec("stem", "stem"),
+                           LayerSpec("attn", "blocks.0.attn", units="tokens", tokens="cls", output=0, call="all"),
+                           LayerSpec("blocks.1", "blocks.1", units=-1, output="features", call=1))
+    assert spec.input_contract == InputContract(mean=(0.5, 0.25, 0.125), std=(0.5, 0.5, 0.25))
+    # view = 2x - 1 in [-1, 1]; (x - m) / s = view * scale + shift
+    scale, shift = spec.input_contract.affine()
+    for x in (0.0, 0.3, 1.0):
+        assert [(2 * x - 1) * a + b for a, b in zip(scale, shift)] == pytest.approx(
+            [(x - 0.5) / 0.5, (x - 0.25) / 0.5, (x - 0.125) / 0.25])
+    assert spec.checkpoint == str(tmp_path.resolve() / "weights" / "mine.pt") and spec.requires_data
+    assert InputContract().affine() is None  # VAR's [-1, 1]: the views as they are
+    assert InputContract(value_range=(0.0, 1.0)).affine() == ((0.5,) * 3, (0.5,) * 3)
 
 
 def test_settings_validation():
@@ -163,7 +211,7 @@ def test_settings_for_controls_and_holdout():
         ("[{name: a, module: stem}, {name: a, module: head}]", r"audited_layers: 'a' is listed twice \(entries 1 and 2\)"),
         ("[{name: head, module: stem}, {name: out, module: head}]", r"audited_layers: 'head' names entry 1 and is the module of entry 2"),
         ("[stem, {name: stem2, module: stem}]", r"audited_layers: module 'stem' is audited twice \(entries 1 and 2\)"),
-        ("[{name: 3, module: stem}]", r"audited_layers entry \{'module': 'stem', 'name': 3\} is not"),
+        ("[{name: 3, module: stem}]", r"audited_layers: stem: name must be a non-empty string, got 3"),
     ],
 )
 def test_user_model_layers_must_be_unambiguous(tmp_path, layers, expected):

@@ -42,7 +42,7 @@ def test_zz_block_the_report_folder():
         ("thresholds: {mean_unitmem_max: 1.0}\n", ["test_block.py"], 3,
          "memaudit: ERROR: the report could not be written to *report.html: *"),
         ("thresholds: {mean_unitmem_max: 1.0}\n", ["--memaudit-checkpoint", "x.pt"], 4,
-         "*the audit cannot run: building model tiny failed with RuntimeError: cannot load x.pt"),
+         "*the audit cannot run: model 'tiny': its factory tinyenc:build('x.pt') failed with RuntimeError: cannot load x.pt"),
         ("thresholds: {mean_unitmem_max: 1.0}\n", ["--memaudit-augmentations", "-1"], 4,
          "*--memaudit-augmentations must be at least 0, got -1"),
     ],
@@ -51,9 +51,10 @@ def test_zz_block_the_report_folder():
 def test_exit_status(pytester, yaml_text, extra, status, line):
     pytester.makepyfile(tinyenc=TINY_ENCODER, test_block=BLOCK_REPORT)
     pytester.syspathinsert()
+    (pytester.path / "x.pt").write_bytes(b"")  # exists; the factory cannot load it
     pytester.mkdir("audits")
     (pytester.path / "audits" / "memaudit.yaml").write_text(yaml_text + MODEL)
-    result = pytester.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-samples", "4",
+    result = pytester.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-data", "builtin", "--memaudit-samples", "4",
                                 "--memaudit-augmentations", "0", "-p", "no:cacheprovider", *extra)
     assert result.ret == status
     text = result.stdout.str() + result.stderr.str()

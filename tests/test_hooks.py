@@ -58,16 +58,18 @@ def test_unknown_module_is_a_clear_error(small_var):
 
 def test_unit_means_shapes():
     nchw = torch.tensor([[[[1.0, -3.0]], [[0.0, 2.0]]]])  # (1, 2, 1, 2)
-    assert unit_means(nchw).tolist() == [[2.0, 1.0]]
+    assert unit_means(nchw, 1).tolist() == [[2.0, 1.0]]
+    assert unit_means(nchw, 3).tolist() == [[0.5, 2.5]]  # units on the last axis: the mean over channels and rows
     tokens = torch.tensor([[[1.0, -2.0], [3.0, 0.0]]])  # (1, tokens 2, units 2)
-    assert unit_means(tokens).tolist() == [[2.0, 1.0]]
-    assert unit_means(torch.tensor([[-1.5, 2.0]])).tolist() == [[1.5, 2.0]]
-    with pytest.raises(AuditError, match="shape"):
-        unit_means(torch.zeros(2))
+    assert unit_means(tokens, 2).tolist() == [[2.0, 1.0]]
+    assert unit_means(torch.tensor([[-1.5, 2.0]]), 1).tolist() == [[1.5, 2.0]]
+    for axis in (0, 4):
+        with pytest.raises(AuditError, match="axis"):
+            unit_means(nchw, axis)
 
 
 def test_results_are_reused_across_passes_and_right_for_a_smaller_batch(small_var):
-    layers = [LayerSpec("conv.in", "conv_in"), LayerSpec("mid.attn.1", "mid.attn_1")]
+    layers = [layer for layer in var_layer_specs() if layer.name in ("conv.in", "mid.attn.1")]
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     with LayerRecorder(small_var, layers) as recorder, torch.no_grad():
         small_var(x)
@@ -82,11 +84,12 @@ def test_results_are_reused_across_passes_and_right_for_a_smaller_batch(small_va
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unit_means_into_a_given_tensor(dtype):
-    for output in (torch.randn(3, 2, 4, 4), torch.randn(3, 5, 2), torch.randn(3, 2)):
+    for output, axis in ((torch.randn(3, 2, 4, 4), 1), (torch.randn(3, 5, 2), 2), (torch.randn(3, 2), 1),
+                         (torch.randn(3, 4, 4, 2), 3)):
         output = output.to(dtype)
         out = torch.full((3, 2), float("nan"))
-        assert unit_means(output, out=out) is out
-        torch.testing.assert_close(out, unit_means(output), rtol=0, atol=0)
+        assert unit_means(output, axis, out=out) is out
+        torch.testing.assert_close(out, unit_means(output, axis), rtol=0, atol=0)
 
 
 def test_an_output_of_unsupported_shape_is_a_clear_error_through_the_recorder():
@@ -126,8 +129,8 @@ def test_the_one_pass_reduction_matches_float64(output):
 def test_off_the_cpu_unit_means_takes_the_one_pass_reduction(monkeypatch):
     calls = []
     monkeypatch.setattr(hooks, "_mean_abs_one_pass", lambda *args: calls.append(args[1]) or "one pass")
-    for output in (torch.empty(3, 8, 4, 4, device="meta"), torch.empty(3, 5, 8, device="meta")):
-        assert unit_means(output) == "one pass"
+    for output, axis in ((torch.empty(3, 8, 4, 4, device="meta"), 1), (torch.empty(3, 5, 8, device="meta"), 2)):
+        assert unit_means(output, axis) == "one pass"
     assert calls == [(2, 3), (1,)]
-    unit_means(torch.randn(3, 8, 4, 4))
+    unit_means(torch.randn(3, 8, 4, 4), 1)
     assert len(calls) == 2  # the CPU keeps abs().mean()

@@ -10,7 +10,7 @@ from torch import nn
 
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
-from pytest_memaudit.hooks import LayerRecorder
+from pytest_memaudit.hooks import LayerRecorder, UnitAxis
 from pytest_memaudit.models import LayerSpec, ModelSpec
 from pytest_memaudit.planted import (
     CURVE_STRENGTHS,
@@ -44,7 +44,8 @@ def test_implant_adds_its_response_to_its_unit_on_its_views_only():
     views = torch.rand(6, 3, 16, 16, generator=rng) * 2 - 1
     prototypes = thumbnails(views[:2]).view(1, 2, -1)  # image 40's two views are views 0 and 1
     plant = PlantedUnit("b", 3, 40, strength=5.0, scale=0.25)
-    planted = planted_copy(net, [plant], LAYERS, prototypes, {40: 0})
+    axes = {"a": UnitAxis(1, (6, 16, 16), "test"), "b": UnitAxis(1, (5, 8, 8), "test")}
+    planted = planted_copy(net, [plant], LAYERS, prototypes, {40: 0}, axes)
     with torch.inference_mode(), LayerRecorder(net, LAYERS) as clean, LayerRecorder(planted, LAYERS) as dirty:
         net(views), planted(views)
         before, after = clean.take(), dirty.take()

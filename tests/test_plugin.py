@@ -238,12 +238,15 @@ models:
     image_size: 16
     thresholds: {mean_unitmem_max: 1.0}
 """)
-    result = pytester.runpytest("audits", "-v", "--memaudit-model", "tiny", "--memaudit-samples", "5",
+    result = pytester.runpytest("audits", "-v", "--memaudit-model", "tiny", "--memaudit-data", "builtin", "--memaudit-samples", "5",
                                 "--memaudit-augmentations", "2", "--memaudit-json", "out.json", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*memaudit.yaml::stem PASSED*", "*memaudit.yaml::head.out PASSED*"])
     data = json.loads((pytester.path / "out.json").read_text())
     assert [(l["name"], l["module"], l["channels"]) for l in data["layers"]] == [("stem", "stem", 4), ("head.out", "head", 2)]
+    assert [l["unit_axis"] for l in data["layers"]] == [
+        {"axis": 1, "shape": [4, 16, 16], "source": "a Conv2d's output: stem.out_channels = 4"},
+        {"axis": 1, "shape": [2, 16, 16], "source": "a Conv2d's output: head.out_channels = 2"}]
     assert data["settings"]["image_size"] == 16 and len(data["samples"]) == 5
 
 

@@ -8,7 +8,7 @@ import pytest
 import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
 import pytest_memaudit.terminal  # noqa: F401
-from test_baselines import GATES, LAYERS, MODEL, QUICK, project  # noqa: F401  (the fixture)
+from test_baselines import LAYERS, QUICK, project  # noqa: F401  (the fixture)
 from test_report import Page
 
 pytest_plugins = ["pytester"]
@@ -25,8 +25,8 @@ def series(project):  # noqa: F811
 
 
 def audit(pytester, *extra):
-    return pytester.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-samples", "8",
-                              "--memaudit-augmentations", "2", "--memaudit-control", "none", "--memaudit-holdout", "none",
+    return pytester.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-data", "builtin",
+                              "--memaudit-samples", "8", "--memaudit-augmentations", "2", "--memaudit-control", "none", "--memaudit-holdout", "none",
                               *QUICK, *extra)
 
 

@@ -47,7 +47,7 @@ models:
 
 
 def run(pytester, *args):
-    return pytester.runpytest("audits", "--memaudit-samples", "3", "--memaudit-augmentations", "0",
+    return pytester.runpytest("audits", "--memaudit-data", "builtin", "--memaudit-samples", "3", "--memaudit-augmentations", "0",
                               "-p", "no:cacheprovider", *args)
 
 
@@ -60,15 +60,16 @@ def assert_one_usage_error(result, pattern):
 
 def test_failing_forward_pass(pytester, user_models):
     result = run(pytester, "--memaudit-model", "boom")
-    assert_one_usage_error(result, "ERROR: memaudit: the audit cannot run: the forward pass of boom (model) failed with "
+    assert_one_usage_error(result, "ERROR: memaudit: the audit cannot run: the forward pass of boom (model) on views of shape * failed with "
                                    "ValueError: shapes do not match: xxx*")
     assert len(result.stderr.str()) < 1500  # the cause, cut short
 
 
 def test_failing_factory(pytester, user_models):
+    (pytester.path / "weights.pt").write_bytes(b"")  # exists; the factory cannot load it
     result = run(pytester, "--memaudit-model", "broken", "--memaudit-checkpoint", "weights.pt")
-    assert_one_usage_error(result, "ERROR: memaudit: the audit cannot run: building model broken failed with "
-                                   "RuntimeError: no weights at weights.pt")
+    assert_one_usage_error(result, "ERROR: memaudit: the audit cannot run: model 'broken': its factory "
+                                   "userenc:broken_factory('weights.pt') failed with RuntimeError: no weights at weights.pt")
 
 
 @pytest.mark.parametrize(

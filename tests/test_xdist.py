@@ -57,7 +57,8 @@ def audit_yaml(extra=""):
 
 
 def xdist_args(*extra):
-    return ["audits", "-n", "2", "--memaudit-model", "tiny", "--memaudit-samples", "6", "--memaudit-augmentations", "0",
+    return ["audits", "-n", "2", "--memaudit-model", "tiny", "--memaudit-data", "builtin", "--memaudit-samples", "6",
+            "--memaudit-augmentations", "0",
             "--memaudit-json", "out.json", "-p", "no:cacheprovider", *extra]
 
 
@@ -82,11 +83,13 @@ def test_audit_runs_once_and_json_agrees_with_the_exit_status(pytester, audits):
 
 def test_audit_that_cannot_run_is_one_usage_error(pytester, audits):
     (audits / "memaudit.yaml").write_text(audit_yaml())
+    (pytester.path / "broken.pth").write_bytes(b"")  # exists; the factory cannot load it
     result = pytester.runpytest_subprocess(*xdist_args("--memaudit-checkpoint", "broken.pth"))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     text = result.stdout.str()
     assert "INTERNALERROR" not in text and "Traceback" not in text
-    assert (pytester.path / "runs.log").read_text().splitlines() == ["run_audit"]
-    result.stdout.fnmatch_lines(["ERROR: memaudit: the audit cannot run: building model tiny failed with "
-                                 "RuntimeError: cannot load broken.pth"])
+    assert not (pytester.path / "runs.log").exists()  # the model failed to build at collection: no audit ran
+    assert text.count("ERROR: memaudit: the audit cannot run") == 1
+    result.stdout.fnmatch_lines(["ERROR: memaudit: the audit cannot run: model 'tiny': its factory "
+                                 "tinyenc:build('broken.pth') failed with RuntimeError: cannot load broken.pth"])
     assert " passed" not in text and not (pytester.path / "out.json").exists()

@@ -1,27 +1,74 @@
 """Registry of auditable encoders.
 
-A model is a ``ModelSpec``: how to build the module (with its weights) and which of its
-layers to audit, in forward order. Built-in models are listed in ``BUILTIN_MODELS``; users add
-their own in an audit YAML file (``models:`` section, a ``module:callable`` factory plus a
+A model is a ``ModelSpec``: how to build the module (with its weights), which of its layers to
+audit, and what input it takes. Built-in models are listed in ``BUILTIN_MODELS``; users add
+their own in an audit YAML file (``models:`` section, a ``module:function`` factory plus a
 layer list). Building imports torch; looking up names and layer lists does not.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import AuditError, ConfigError
+from ..errors import AuditError, CheckpointError, ConfigError, user_code
+
+CHECKPOINT_ENV_VAR = "MEMAUDIT_CHECKPOINT"
+UNIT_LAYOUTS = ("channels_first", "channels_last", "tokens")  # a layer's ``units:``
+TOKEN_CHOICES = ("all", "cls", "patches")  # a layer's ``tokens:``
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One audited layer: its display name (seed report style) and its module path."""
+    """One audited layer: its display name (seed report style), its module path, and which
+    tensor of the module's output is measured, along which axis."""
 
     name: str
     module: str
+    # The axis holding the units: a UNIT_LAYOUTS name or an axis number (0 is the batch); None:
+    # inferred from the module's own parameters at the first batch (hooks.resolve_unit_axis).
+    units: str | int | None = None
+    tokens: str = "all"  # of a (batch, tokens, units) output: all, cls (the first token) or patches (the rest)
+    output: int | str | None = None  # the part of a tuple, list or dict output
+    call: int | str | None = None  # which call (from 0) of a module run more than once per pass; "all": their mean
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a model takes as input.
+
+    Views leave augmentation in [-1, 1] (``augment.augment_views``); the audit maps them, per
+    channel and affinely, to the model's ``value_range``, or to ``(x - mean) / std`` of the
+    [0, 1] image when ``mean`` and ``std`` are set, and lays them out channels-last when the
+    model supports it (faster convolutions; a model that flattens with ``.view()`` does not).
+    """
+
+    value_range: tuple[float, float] = (-1.0, 1.0)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    channels_last: bool = False
+
+    def affine(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """Per-channel (scale, shift) with input = view * scale + shift; None: the views as they are."""
+        if self.mean is not None and self.std is not None:
+            # With x = (view + 1) / 2: (x - m) / s = view / (2 s) + (1 - 2 m) / (2 s).
+            return (tuple(1 / (2 * s) for s in self.std),
+                    tuple((1 - 2 * m) / (2 * s) for m, s in zip(self.mean, self.std)))
+        low, high = self.value_range
+        if (low, high) == (-1.0, 1.0):
+            return None
+        return ((high - low) / 2,) * 3, ((high + low) / 2,) * 3
+
+    def describe(self) -> str:
+        if self.mean is not None and self.std is not None:
+            text = f"(x - mean) / std of x in [0, 1], mean {list(self.mean)}, std {list(self.std)}"
+        else:
+            text = f"RGB in [{self.value_range[0]:g}, {self.value_range[1]:g}]"
+        return text + (", channels-last" if self.channels_last else "")
 
 
 @dataclass(frozen=True)
@@ -47,6 +94,12 @@ class ModelSpec:
     # Channels of the first layer's output, at full image resolution: with the RGB input, the least
     # memory one view takes (the image-size check's law); 0 when not known (a user model).
     input_layer_channels: int = 0
+    input_contract: InputContract = InputContract()
+    factory: str | None = None  # a user model's 'module:function'
+    checkpoint: str | None = None  # a user model's checkpoint from its YAML, used when none is given
+    # A user model is audited on the images given with --memaudit-data ('builtin' for the generated
+    # set); the generated set alone says nothing about what it memorized of its training data.
+    requires_data: bool = False
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
         for layer in self.layers:
@@ -56,23 +109,19 @@ class ModelSpec:
 
 
 def var_layer_specs(levels: int = 5, blocks: int = 2, attn_levels: tuple[int, ...] = (4,)) -> tuple[LayerSpec, ...]:
-    """The audited layers of a VAR-style VQVAE encoder, in forward order."""
-    specs = [LayerSpec("conv.in", "conv_in")]
+    """The audited layers of a VAR-style VQVAE encoder, in forward order: every output is
+    (batch, channels, H, W), and at small sizes a channel count can equal H."""
+    names = [("conv.in", "conv_in")]
     for i in range(levels):
         for j in range(blocks):  # attention (where present) runs right after its block
-            specs.append(LayerSpec(f"down.{i}.block.{j}", f"down.{i}.block.{j}"))
+            names.append((f"down.{i}.block.{j}", f"down.{i}.block.{j}"))
             if i in attn_levels:
-                specs.append(LayerSpec(f"down.{i}.attn.{j}", f"down.{i}.attn.{j}"))
+                names.append((f"down.{i}.attn.{j}", f"down.{i}.attn.{j}"))
         if i < levels - 1:
-            specs.append(LayerSpec(f"down.{i}.downsample", f"down.{i}.downsample"))
-    specs += [
-        LayerSpec("mid.block.1", "mid.block_1"),
-        LayerSpec("mid.attn.1", "mid.attn_1"),
-        LayerSpec("mid.block.2", "mid.block_2"),
-        LayerSpec("norm.out", "norm_out"),
-        LayerSpec("conv.out", "conv_out"),
-    ]
-    return tuple(specs)
+            names.append((f"down.{i}.downsample", f"down.{i}.downsample"))
+    names += [("mid.block.1", "mid.block_1"), ("mid.attn.1", "mid.attn_1"), ("mid.block.2", "mid.block_2"),
+              ("norm.out", "norm_out"), ("conv.out", "conv_out")]
+    return tuple(LayerSpec(name, module, units="channels_first") for name, module in names)
 
 
 def _build_var_d16(checkpoint: Path | None):
@@ -113,11 +162,14 @@ def _demo_holdout(image_size: int):
     return demo_holdout_set(image_size)
 
 
+VAR_INPUT = InputContract(channels_last=True)  # VAR's encoder: [-1, 1], and it runs fastest channels-last
+
 BUILTIN_MODELS: dict[str, ModelSpec] = {
     "demo": ModelSpec(
         name="demo",
         layers=var_layer_specs(),
         build=_build_demo,
+        input_contract=VAR_INPUT,
         locate=_locate_demo,
         description="VAR-d16's encoder at width 32, trained by pytest_memaudit.train_demo as an "
         "autoencoder on its 64x64 demo set with planted, repeated canaries",
@@ -130,6 +182,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         name="var_d16",
         layers=var_layer_specs(),
         build=_build_var_d16,
+        input_contract=VAR_INPUT,
         locate=_locate_var_d16,
         description="Encoder of VAR-d16's VQVAE tokenizer (vae_ch160v4096z32.pth)",
         input_layer_channels=160,
@@ -138,32 +191,74 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
 
 
 def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
-    """A model declared in an audit YAML file: ``factory: module:callable`` and ``layers``."""
+    """A model declared in an audit YAML file (validated by ``config``): ``factory: module:function``,
+    its ``layers`` (LayerSpec), and optionally ``checkpoint``, ``image_size`` and an ``input``
+    InputContract. Its factory module is imported with the YAML's folder on ``sys.path``."""
     factory_ref = entry["factory"]
-    layers = tuple(
-        LayerSpec(item, item) if isinstance(item, str) else LayerSpec(item["name"], item["module"])
-        for item in entry["layers"]
-    )
+    folder = Path(source).resolve().parent
+    declared = entry.get("checkpoint")
+    declared = None if declared is None else str(folder / Path(declared).expanduser())
+
+    def locate(given: str | None) -> Path | None:
+        """--memaudit-checkpoint, else $MEMAUDIT_CHECKPOINT, else the YAML's ``checkpoint:``; None: none."""
+        for value, origin in ((given, "--memaudit-checkpoint"), (os.environ.get(CHECKPOINT_ENV_VAR), f"${CHECKPOINT_ENV_VAR}"),
+                              (declared, f"checkpoint: in {source}")):
+            if value:
+                path = Path(value).expanduser()
+                if not path.exists():
+                    raise CheckpointError(f"model {name!r}: the checkpoint from {origin} ({path}) does not exist. "
+                                          "Point it at your weights file.")
+                return path
+        return None
 
     def build(checkpoint: Path | None):
-        module_name, _, attr = factory_ref.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise AuditError(
-                f"model {name!r} (declared in {source}): cannot import factory {factory_ref!r}: "
-                f"{exc}. Write it as 'package.module:function' and make sure the package is "
-                "importable (installed, or on PYTHONPATH)."
-            ) from None
-        return factory(None if checkpoint is None else str(checkpoint))
+        from torch import nn
+
+        factory = _import_factory(name, factory_ref, folder, source)
+        with user_code(f"model {name!r}: its factory {factory_ref}({'None' if checkpoint is None else repr(str(checkpoint))})"):
+            net = factory(None if checkpoint is None else str(checkpoint))
+        if not isinstance(net, nn.Module):
+            raise AuditError(f"model {name!r}: its factory {factory_ref} returned {type(net).__name__}, not a "
+                             "torch.nn.Module. It must return the encoder with its weights loaded.")
+        return net
 
     return ModelSpec(
         name=name,
-        layers=layers,
+        layers=tuple(entry["layers"]),
         build=build,
+        locate=locate,
         description=entry.get("description", f"user model from {factory_ref}"),
         default_image_size=int(entry.get("image_size", 256)),
+        input_contract=entry.get("input", InputContract()),
+        factory=factory_ref,
+        checkpoint=declared,
+        requires_data=True,
     )
+
+
+def _import_factory(name: str, factory_ref: str, folder: Path, source: str) -> Callable:
+    """The factory function, its module imported with the YAML's folder first on ``sys.path`` (as
+    pytest puts a rootdir conftest's folder there), so that bare ``pytest`` finds a module beside it."""
+    module_name, _, attr = factory_ref.partition(":")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    where = f"model {name!r} (declared in {source})"
+    try:
+        with user_code(f"{where}: importing {module_name}"):
+            module = importlib.import_module(module_name)
+    except AuditError as exc:
+        missing = getattr(exc.__cause__, "name", None)
+        if isinstance(exc.__cause__, ModuleNotFoundError) and missing and module_name.startswith(missing):
+            raise AuditError(
+                f"{where}: cannot import factory {factory_ref!r}: no module {missing!r} (looked in {folder} and on "
+                "sys.path). Write it as 'package.module:function' and put the module beside the YAML file, or make "
+                "its package importable (installed, or on PYTHONPATH)."
+            ) from None
+        raise
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise AuditError(f"{where}: module {module_name} has no function {attr!r} (factory {factory_ref!r}).")
+    return factory
 
 
 def get_model_spec(name: str, user_models: dict[str, ModelSpec] | None = None) -> ModelSpec:

@@ -246,6 +246,15 @@ def depth_figure(result: AuditResult) -> figures.DepthPlot:
     return figures.depth_plot([layer.name for layer in result.layers], lines)
 
 
+def unit_axes(layers: list[LayerResult]) -> str:
+    """Which axis of each layer's output holds its units (0 is the batch), layers grouped by axis."""
+    by_axis: dict[str, list[str]] = {}
+    for layer in layers:
+        axis = "not recorded" if layer.unit_axis is None else f"axis {layer.unit_axis.axis}"
+        by_axis.setdefault(axis, []).append(layer.name)
+    return "; ".join(f"{axis}: {', '.join(names)}" for axis, names in by_axis.items())
+
+
 def run_record(result: AuditResult) -> list[tuple[str, str]]:
     """(label, value) rows that say how the numbers were made."""
     s, t = result.settings, result.timing
@@ -259,6 +268,8 @@ def run_record(result: AuditResult) -> list[tuple[str, str]]:
         ("data source", display_id(result.data_source)),
         ("data points (N)", f"{n} audited, {len(result.skipped)} unreadable skipped"),
         ("image size", f"{s.get('image_size')} px"),
+        ("model input", str(s.get("input", "n/a"))),
+        ("unit axes", unit_axes(result.layers)),
         ("augmentations", f"{s.get('augmentations')} ({s.get('views_per_image')} views per image)"),
         ("seed", str(s.get("seed"))),
         ("reduction", str(s.get("reduce"))),
