@@ -360,7 +360,8 @@ class AuditSession:
             return None
         from .terminal import render_series_summary
 
-        return {"summary": None if self.outputs is None else render_series_summary(self.runs, self.compared(), markup),
+        summary = None if self.outputs is None else render_series_summary(self.runs, self.compared(), markup)
+        return {"summary": summary,
                 "written": [] if self.outputs is None else self.outputs.written,
                 "errors": [] if self.outputs is None else self.outputs.errors, "error": self.error}
 
@@ -458,9 +459,12 @@ def load_baseline_inputs(config: pytest.Config, state: AuditSession) -> None:
 
 def compare_fail_options(config: pytest.Config) -> list[tuple[str, str, dict]]:
     """--memaudit-compare-fail values as (layer or '*', compare gate key, what it sets)."""
+    given = config.getoption("memaudit_compare_fail")
+    if not given:
+        return []  # without importing config (numpy, yaml): the plugin stays free in runs that audit nothing
     from .config import parse_compare_option
 
-    return [parse_compare_option(text) for text in config.getoption("memaudit_compare_fail")]
+    return [parse_compare_option(text) for text in given]
 
 
 def list_saved(config: pytest.Config) -> int:

@@ -72,8 +72,8 @@ def project(pytester):
 
 def audit(pytester, *extra, checkpoint="a.pt"):
     return pytester.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-checkpoint", checkpoint,
-                              "--memaudit-data", "builtin", "--memaudit-samples", "8", "--memaudit-augmentations", "0", "--memaudit-control", "none",
-                              "--memaudit-holdout", "none", *QUICK, *extra)
+                              "--memaudit-data", "builtin", "--memaudit-samples", "8", "--memaudit-augmentations", "0",
+                              "--memaudit-control", "none", "--memaudit-holdout", "none", *QUICK, *extra)
 
 
 def results(pytester, path="memaudit-report/results.json"):

@@ -26,8 +26,8 @@ def series(project):  # noqa: F811
 
 def audit(pytester, *extra):
     return pytester.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-data", "builtin",
-                              "--memaudit-samples", "8", "--memaudit-augmentations", "2", "--memaudit-control", "none", "--memaudit-holdout", "none",
-                              *QUICK, *extra)
+                              "--memaudit-samples", "8", "--memaudit-augmentations", "2", "--memaudit-control", "none",
+                              "--memaudit-holdout", "none", *QUICK, *extra)
 
 
 def test_three_checkpoints_give_three_tests_per_layer_and_one_report(series, monkeypatch):
