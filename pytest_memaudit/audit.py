@@ -27,7 +27,7 @@ from .augment import augment_views
 from .config import RunSettings, control_roles
 from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
-from .datapoints import score_data_points, what_gets_memorized
+from .datapoints import DataPoints, score_data_points, what_gets_memorized
 from .device import ForwardTimer, check_precision, faster_layout, is_out_of_memory, precision_mode, resolve_device, selected_device
 from .errors import AuditError, DataError, user_code
 from .hardware import precision_notes
@@ -77,7 +77,32 @@ def run_audit(
     progress: ProgressCallback | None = None,
 ) -> AuditResult:
     """Audit ``layers`` (display names or module paths; None: all) of the model ``settings`` name."""
+    return _audit(settings, model, layers, progress)[0]
+
+
+def run_series(
+    settings: RunSettings,
+    checkpoints: Sequence[str],
+    model: ModelSpec | None = None,
+    layers: Sequence[str] | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[AuditResult]:
+    """Audit several checkpoints of one model in one pass, one result each, in the order given: every
+    checkpoint is one more subject fed the same decoded and augmented views. The random control
+    (which does not depend on the weights) and the planted control (built on the first checkpoint:
+    it says what this data and these views can detect) are audited once and shared."""
+    return _audit(settings, model, layers, progress, checkpoints)
+
+
+def _audit(
+    settings: RunSettings,
+    model: ModelSpec | None = None,
+    layers: Sequence[str] | None = None,
+    progress: ProgressCallback | None = None,
+    checkpoints: Sequence[str] | None = None,
+) -> list[AuditResult]:
     started = time.perf_counter()
+    settings = replace(settings, checkpoint=checkpoints[0]) if checkpoints else settings
     spec = model or get_model_spec(settings.model)
     selected = select_layers(spec, layers)
     device = resolve_device(settings.device)
@@ -95,7 +120,7 @@ def run_audit(
     notes = list(images.notes) + precision_notes(precision, device)
     source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
 
-    checkpoint = spec.locate(settings.checkpoint)
+    checkpoint, *later = [spec.locate(given) for given in checkpoints or [settings.checkpoint]]
     layout = memory_format(spec.input_contract)
     with user_code(f"building model {spec.name}"):
         model_net = prepare(spec.build(checkpoint), device, layout)
@@ -106,6 +131,7 @@ def run_audit(
                      "the faster for a forward pass: " + ", ".join(f"{name} {1000 * s:.1f} ms"
                                                                     for name, s in seconds.items()))
     subjects = [Subject("model", model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
+    subjects += series_subjects(spec, later, device, layout)
     if "random" in controls:
         control_net = prepare(random_weights_copy(model_net, settings.seed), device, layout)
         subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
@@ -171,10 +197,13 @@ def run_audit(
         point_groups = images.groups[read]
         finished = {subject.role: finalize(subject, selected, settings, point_labels, point_groups)
                     for subject in subjects}
-        points = score_data_points({layer.name: subjects[0].states[layer.name] for layer in selected},
-                                   {layer.name: layer.values.unitmem for layer in finished["model"][0]},
-                                   list(range(len(LABELS))), len(samples))
-        points.characteristics = {name: np.concatenate([batch[name] for batch in measured]) for name in measured[0]}
+        characteristics = {name: np.concatenate([batch[name] for batch in measured]) for name in measured[0]}
+        points = {
+            subject.role: score_data_points({layer.name: subject.states[layer.name] for layer in selected},
+                                            {layer.name: layer.values.unitmem for layer in finished[subject.role][0]},
+                                            list(range(len(LABELS))), len(samples), characteristics)
+            for subject in subjects if subject.role == "model" or subject.role.startswith("model:")
+        }
     finally:
         for subject in subjects:
             if subject.recorder:
@@ -217,18 +246,13 @@ def run_audit(
         canaries=[sample for sample in samples if sample in planted_ids],
         holdout_source=images.holdout_description,
         membership=None if model_contrast is None else model_contrast.overall,
-        memorized=what_gets_memorized(points, [LABELS[code] for code in point_labels.tolist()], samples,
+        memorized=what_gets_memorized(points["model"], [LABELS[code] for code in point_labels.tolist()], samples,
                                       np.concatenate(embedding) if embedding else None, embedding_layer, settings.seed,
                                       folders=images.root is not None),
     )
     if "control" in finished:
         control_layers, control_contrast, control_loo = finished["control"]
-        for layer, control_layer in zip(result.layers, control_layers):
-            layer.control_mean = control_layer.stats.mean_unitmem
-            layer.control_excess = jackknife_interval(
-                layer.stats.mean_unitmem - control_layer.stats.mean_unitmem,
-                model_loo[layer.name] - control_loo[layer.name],
-            )
+        attach_control(result.layers, model_loo, control_layers, control_loo)
         result.control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
                                        None if control_contrast is None else control_contrast.overall)
     if "planted" in finished:
@@ -245,7 +269,47 @@ def run_audit(
                 f"{settings.planted_strength:g}: this audit may miss memorization of that strength "
                 "(audit more views or data points)"
             )
-    return result
+    return [result, *(series_result(result, finished, f"model:{i}", path, given, points[f"model:{i}"], settings.seed)
+                      for i, (path, given) in enumerate(zip(later, (checkpoints or [])[1:]), 1))]
+
+
+def series_subjects(spec: ModelSpec, checkpoints: Sequence[Path | None], device: torch.device,
+                    layout: torch.memory_format) -> list[Subject]:
+    """One more model subject per later checkpoint of a series: ``model:1``, ``model:2``, ..."""
+    subjects = []
+    for i, checkpoint in enumerate(checkpoints, 1):
+        with user_code(f"building model {spec.name} from {checkpoint}"):
+            net = prepare(spec.build(checkpoint), device, layout)
+        subjects.append(Subject(f"model:{i}", net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
+    return subjects
+
+
+def series_result(first: AuditResult, finished: dict, role: str, checkpoint: Path | None, given: str,
+                  points: DataPoints, seed: int) -> AuditResult:
+    """The result of a later checkpoint of a series: its own layers, membership and data point scores
+    (no clusters), the pass's data, timing and notes, the random control compared with its own layers,
+    the planted control shared."""
+    layers, contrast, leave_out = finished[role]
+    if "control" in finished:
+        control_layers, _, control_loo = finished["control"]
+        attach_control(layers, leave_out, control_layers, control_loo)
+    return replace(
+        first, layers=layers, settings=first.settings | {"checkpoint": given}, checkpoint=checkpoint_record(checkpoint),
+        membership=None if contrast is None else contrast.overall, notes=list(first.notes),
+        memorized=what_gets_memorized(points, first.labels, first.samples, None, "", seed,
+                                      folders=first.memorized.classes is not None),
+    )
+
+
+def attach_control(layers: list[LayerResult], leave_out: dict[str, np.ndarray], control_layers: list[LayerResult],
+                   control_leave_out: dict[str, np.ndarray]) -> None:
+    """Each layer's random-control mean, and its excess over it with the paired jackknife interval."""
+    for layer, control_layer in zip(layers, control_layers):
+        layer.control_mean = control_layer.stats.mean_unitmem
+        layer.control_excess = jackknife_interval(
+            layer.stats.mean_unitmem - control_layer.stats.mean_unitmem,
+            leave_out[layer.name] - control_leave_out[layer.name],
+        )
 
 
 def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings, point_labels: np.ndarray,

@@ -22,7 +22,9 @@ entry, then ``--memaudit-threshold`` on the command line.
 from __future__ import annotations
 
 import difflib
+import glob
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,7 +34,8 @@ import yaml
 
 from . import hardware, yamlsafe
 from .errors import ConfigError
-from .gates import INTERVAL_FIGURES, LIMITS, MULTIPLE_TESTING, SETTINGS, SEVERITIES, THRESHOLD_KEYS, WHEN, Gate
+from .gates import (COMPARED, GATES, INTERVAL_FIGURES, LIMITS, MULTIPLE_TESTING, P_VALUE_FIGURES, SETTINGS, SEVERITIES,
+                    THRESHOLD_KEYS, WHEN, Gate)
 from .models import (
     BUILTIN_MODELS, TOKEN_CHOICES, UNIT_LAYOUTS, InputContract, LayerSpec, ModelSpec, get_model_spec, user_model_spec)
 from .yamlsafe import quote, shorten
@@ -125,6 +128,41 @@ def make_settings(**values: Any) -> RunSettings:
     return RunSettings(**given)
 
 
+def checkpoint_series(given: list[str], base: Path) -> dict[str, str]:
+    """--memaudit-checkpoint values (globs expanded, relative to ``base``) by label, the file name without
+    its extension, in natural order of the labels (step-2 before step-10). ConfigError for a glob that
+    matches nothing and for two files with one label."""
+    paths = []
+    for text in given:
+        if not any(char in text for char in "*?["):
+            paths.append(text)
+            continue
+        found = sorted(glob.glob(text if os.path.isabs(text) else str(base / text)))
+        if not found:
+            raise ConfigError(f"--memaudit-checkpoint {quote(text)} matches no file (relative to {base})")
+        paths += found
+    series: dict[str, str] = {}
+    for path in paths:
+        label = Path(path).stem
+        if label in series and os.path.abspath(series[label]) != os.path.abspath(path):
+            raise ConfigError(f"--memaudit-checkpoint: {series[label]} and {path} are both named {label}; the tests of a "
+                              "checkpoint series are named by file name, so give the files different names")
+        series[label] = path
+    return dict(sorted(series.items(), key=lambda item: natural_key(item[0])))
+
+
+def natural_key(text: str) -> list:
+    """Sorts numbers in names by value: step-2 before step-10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", text)]
+
+
+def settings_from_record(record: dict[str, Any]) -> RunSettings:
+    """The settings a finished audit ran with, from its results' ``settings`` (resolved values: the
+    image size, batch size, device and controls it used)."""
+    known = {f.name for f in fields(RunSettings)}
+    return RunSettings(**{key: value for key, value in record.items() if key in known})
+
+
 def check_image_fits(settings: RunSettings) -> None:
     """ConfigError when one view at ``settings.image_size`` cannot fit in the machine's memory.
 
@@ -156,7 +194,7 @@ def _binary_size(count: int) -> str:
 
 # ---------------------------------------------------------------------------- audit files
 
-_TOP_KEYS = ("version", "thresholds", "layers", "models", "multiple_testing", "allow_no_gates")
+_TOP_KEYS = ("version", "thresholds", "layers", "models", "multiple_testing", "allow_no_gates", "compare")
 _GATE_FIELDS = ("limit", "when", "severity")
 Partial = dict[str, Any]  # what one level of configuration sets of a threshold: some of a Gate's fields, or "value"
 _MODEL_KEYS = ("factory", "audited_layers", "image_size", "description", "thresholds", "layers", "checkpoint",
@@ -174,6 +212,8 @@ class AuditFile:
     model_thresholds: dict[str, dict[str, Partial]] = field(default_factory=dict)
     model_layers: dict[str, dict[str, dict[str, Partial]]] = field(default_factory=dict)
     user_models: dict[str, ModelSpec] = field(default_factory=dict)
+    compare: dict[str, Partial] = field(default_factory=dict)  # compare gates (<figure>_rise_max), every layer
+    compare_layers: dict[str, dict[str, Partial]] = field(default_factory=dict)  # ... per layer
     multiple_testing: str = "holm"  # how p-value gates are corrected across the audited layers
     allow_no_gates: bool = False  # an audit that gates nothing is a measurement, not a mistake
 
@@ -189,29 +229,32 @@ class AuditFile:
         self, model: ModelSpec, overrides: dict[str, dict[str, Partial]] | None = None
     ) -> dict[str, dict[str, Gate | float]]:
         """Thresholds of every layer of ``model`` (keyed by display name): a Gate per limit key,
-        the level for ``fraction_above_level``. Each level of configuration sets only the fields
-        it names (a bare number sets a gate's limit and keeps its ``when`` and ``severity``).
+        the level for ``fraction_above_level``, and a Gate per compare gate that some level sets.
+        Each level of configuration sets only the fields it names (a bare number sets a gate's
+        limit and keeps its ``when`` and ``severity``). The ``compare:`` block and its ``layers``
+        are levels beside ``thresholds`` and ``layers`` (their keys are the compare gates').
 
         ``overrides`` (from the command line) maps ``"*"`` or a layer name to threshold values.
         Raises ConfigError for layer names the model does not have.
         """
         overrides = overrides or {}
-        layer_blocks = [("layers", self.layers), (f"models: {model.name}: layers", self.model_layers.get(model.name, {}))]
+        layer_blocks = [("layers", self.layers), (f"models: {model.name}: layers", self.model_layers.get(model.name, {})),
+                        ("compare: layers", self.compare_layers)]
         for where, block in [*layer_blocks, ("--memaudit-threshold", {k: v for k, v in overrides.items() if k != "*"})]:
             for name in block:
                 if model.layer(name) is None:
                     raise ConfigError(_unknown_layer_message(self.path, where, name, model))
         result = {}
         for layer in model.layers:
-            levels = [self.thresholds, self.model_thresholds.get(model.name, {})]
+            levels = [self.thresholds, self.model_thresholds.get(model.name, {}), self.compare]
             levels += [block.get(name, {}) for _, block in layer_blocks for name in (layer.module, layer.name)]
             levels += [overrides.get(name, {}) for name in ("*", layer.module, layer.name)]
             merged = {key: default.as_dict() if isinstance(default, Gate) else {"value": default}
                       for key, default in DEFAULT_THRESHOLDS.items()}
             for level in levels:
                 for key, partial in level.items():
-                    merged[key].update(partial)
-            result[layer.name] = {key: Gate(**fields) if key in LIMITS else fields["value"]
+                    merged.setdefault(key, Gate(None).as_dict()).update(partial)
+            result[layer.name] = {key: Gate(**fields) if key in GATES else fields["value"]
                                   for key, fields in merged.items()}
         return result
 
@@ -305,6 +348,7 @@ def load_audit_file(path: str | Path) -> AuditFile:
     if not isinstance(audit.allow_no_gates, bool):
         raise ConfigError(f"{path}: allow_no_gates must be true or false, got {quote(audit.allow_no_gates)}")
     audit.thresholds = _threshold_block(path, "thresholds", document.get("thresholds"))
+    audit.compare, audit.compare_layers = _compare_block(path, "compare", document.get("compare"))
     audit.layers = _layer_block(path, "layers", document.get("layers"))
     models = document.get("models") or {}
     _expect_mapping(path, "models", models)
@@ -484,6 +528,99 @@ def threshold_value(where: str, key: str, value: Any) -> float | None:
         meaning = SETTINGS.get(key) or LIMITS[key][1]
         raise ConfigError(f"{where} = {value:g} is outside [{low:g}, 1] ({meaning})")
     return value
+
+
+def _compare_block(path, where, block) -> tuple[dict[str, Partial], dict[str, dict[str, Partial]]]:
+    """The ``compare:`` block: compare gates by figure for every layer, and ``layers:`` overrides."""
+    if block is None:
+        return {}, {}
+    _expect_mapping(path, where, block)
+    _check_keys(path, where, block, (*COMPARED, "layers"))
+    gates = {f"{figure}_rise_max": compare_entry(f"{path}: {where}: {figure}", figure, value)
+             for figure, value in block.items() if figure != "layers"}
+    layers = block.get("layers") or {}
+    _expect_mapping(path, f"{where}: layers", layers)
+    per_layer = {}
+    for name, entry in layers.items():
+        inner = f"{where}: layers: {shorten(str(name))}"
+        _expect_mapping(path, inner, entry)
+        _check_keys(path, inner, entry, tuple(COMPARED))
+        per_layer[str(name)] = {f"{figure}_rise_max": compare_entry(f"{path}: {inner}: {figure}", figure, value)
+                                for figure, value in entry.items()}
+    return gates, per_layer
+
+
+def compare_entry(where: str, figure: str, value: Any) -> Partial:
+    """What a compare gate entry sets: a limit (``compare_limit``), or a mapping of ``limit``, ``when``
+    (``significant``: only a rise beyond noise) and ``severity``."""
+    if not isinstance(value, dict):
+        return compare_limit(where, figure, value)
+    unknown = [field_ for field_ in value if field_ not in _GATE_FIELDS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; a compare gate has {', '.join(_GATE_FIELDS)}")
+    partial: Partial = compare_limit(f"{where}: limit", figure, value["limit"]) if "limit" in value else {}
+    if "when" in value:
+        if value["when"] not in WHEN:
+            raise ConfigError(f"{where}: when must be one of {', '.join(WHEN)}, got {quote(value['when'])}")
+        partial["when"] = value["when"]
+    if "severity" in value:
+        if value["severity"] not in SEVERITIES:
+            raise ConfigError(f"{where}: severity must be one of {', '.join(SEVERITIES)}, got {quote(value['severity'])}")
+        partial["severity"] = value["severity"]
+    return partial
+
+
+def compare_limit(where: str, figure: str, value: Any) -> Partial:
+    """A compare gate's limit: a number (the largest rise allowed), ``'N%'`` (N percent of the baseline's
+    value) or None (off)."""
+    if value is None:
+        return {"limit": None, "relative": False}
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            fraction = float(value.strip()[:-1]) / 100
+        except ValueError:
+            fraction = math.nan
+        if not (math.isfinite(fraction) and fraction >= 0):
+            raise ConfigError(f"{where}: {quote(value)} is not a percentage (write e.g. 10%)")
+        return {"limit": fraction, "relative": True}
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number (the largest rise allowed), a percentage of the baseline's value "
+                          f"such as 10%, or null to turn it off; got {quote(value)}")
+    highest = 2.0 if figure in ("membership_excess", "excess_over_control") else 1.0
+    value = float(value)
+    if math.isnan(value) or not 0 <= value <= highest:
+        raise ConfigError(f"{where} = {value:g} is outside [0, {highest:g}] (the rise of {COMPARED[figure]})")
+    return {"limit": value, "relative": False}
+
+
+def parse_compare_option(text: str) -> tuple[str, str, Partial]:
+    """``FIGURE:DELTA`` or ``LAYER:FIGURE:DELTA`` from --memaudit-compare-fail -> (layer or '*', gate key, partial).
+    DELTA is an absolute rise (0.02) or a percentage of the baseline's value (10%)."""
+    target, _, delta = text.rpartition(":")
+    layer, _, figure = target.rpartition(":")
+    figure, delta = figure.strip(), delta.strip()
+    if not target or not figure or not delta:
+        raise ConfigError(f"--memaudit-compare-fail {quote(text)}: write FIGURE:DELTA or LAYER:FIGURE:DELTA, "
+                          "e.g. mean_unitmem:0.02 or mean_unitmem:10%")
+    if figure not in COMPARED:
+        if figure in P_VALUE_FIGURES:
+            hint = " A p-value's change is no effect size: gate the rise of membership_excess instead."
+        else:
+            close = difflib.get_close_matches(figure, list(COMPARED), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"--memaudit-compare-fail {quote(text)}: no compare gate for {quote(figure)}.{hint} "
+                          f"Figures: {', '.join(COMPARED)}.")
+    if delta.lower() in ("off", "none", "null"):
+        value: Any = None
+    elif delta.endswith("%"):
+        value = delta
+    else:
+        try:
+            value = float(delta)
+        except ValueError:
+            raise ConfigError(f"--memaudit-compare-fail {quote(text)}: {quote(delta)} is not a number, a percentage "
+                              "(10%) or 'off'") from None
+    return layer.strip() or "*", f"{figure}_rise_max", compare_limit(f"--memaudit-compare-fail {figure}", figure, value)
 
 
 def _layer_block(path, where, block) -> dict[str, dict[str, float | None]]:

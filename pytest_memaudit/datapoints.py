@@ -74,9 +74,9 @@ class Memorized:
 
 
 def score_data_points(states: dict[str, LayerState], unitmem: dict[str, np.ndarray], labels: Sequence[int],
-                      count: int) -> DataPoints:
+                      count: int, characteristics: dict[str, np.ndarray] | None = None) -> DataPoints:
     """The scores of ``count`` data points from each layer's state (read over ``labels``) and the
-    layer's UnitMem."""
+    layer's UnitMem; ``characteristics``: the data points' image characteristics, carried along."""
     score = np.zeros(count)
     argmax_units = np.zeros(count, dtype=np.int64)
     best_rank = np.full(count, np.inf)
@@ -90,7 +90,7 @@ def score_data_points(states: dict[str, LayerState], unitmem: dict[str, np.ndarr
         for rank, row in enumerate(top, 1):
             np.minimum.at(best_rank, row, rank)
     best_rank[np.isinf(best_rank)] = np.nan
-    return DataPoints(score, argmax_units, best_rank, per_layer)
+    return DataPoints(score, argmax_units, best_rank, per_layer, characteristics or {})
 
 
 def characteristic_correlations(points: DataPoints, rows: np.ndarray, seed: int) -> dict[str, CorrelationResult]:

@@ -7,6 +7,10 @@ UnitMem level that the ``fraction_above`` figure counts units above. A gate has 
 its whole 95% interval lies beyond the limit, for figures with an interval) and a ``severity``
 (``fail`` fails the layer's test; ``warn`` only warns). p-value figures are Holm-adjusted across
 the audited layers unless ``multiple_testing`` is ``none``.
+
+Compare gates limit how far a figure rose over a baseline run's: their keys are
+``<figure>_rise_max``, their figures ``<figure>_rise`` (this run's value minus the baseline's),
+and a relative gate's limit is a fraction of the baseline's value.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .stats import fraction_above, holm
+from .stats import Interval, fraction_above, holm
 
 if TYPE_CHECKING:
     from .results import AuditResult, LayerResult
@@ -44,6 +48,23 @@ LIMITS: dict[str, tuple[str, str]] = {
 }
 SETTINGS = {"fraction_above_level": "the UnitMem level that fraction_above counts units above"}
 THRESHOLD_KEYS = tuple(LIMITS) + tuple(SETTINGS)
+# Figures a compare gate may limit the rise of (a rise is a regression), and what they are.
+COMPARED: dict[str, str] = {
+    "membership_excess": "the membership excess (share of units whose argmax is a member minus the members' share)",
+    "excess_over_control": "mean UnitMem minus the random-weights control's",
+    "mean_unitmem": "the layer's mean UnitMem",
+    "median_unitmem": "the layer's median UnitMem",
+    "p90_unitmem": "the layer's 90th-percentile UnitMem",
+    "max_unitmem": "the layer's highest unit UnitMem",
+    "fraction_above": "the share of units above fraction_above_level",
+    "dead_fraction": "the share of dead units",
+    "gap": "top-10% mean minus bottom-10% mean UnitMem",
+}
+RISE_LIMITS: dict[str, tuple[str, str]] = {
+    f"{figure}_rise_max": (f"{figure}_rise", f"rise of {meaning} over the baseline run")
+    for figure, meaning in COMPARED.items()
+}
+GATES = LIMITS | RISE_LIMITS  # every gate key -> (figure, what it limits), in the order failures are reported
 INTERVAL_FIGURES = ("mean_unitmem", "median_unitmem", "p90_unitmem", "gap", "excess_over_control", "membership_excess")
 P_VALUE_FIGURES = ("membership_p", "ttest_p")
 WHEN = ("estimate", "significant")
@@ -53,6 +74,8 @@ NEEDS = {  # figures an audit has only with something extra, and how to get it
     "membership_excess": "held-out images (--memaudit-holdout DIR)",
     "membership_p": "held-out images (--memaudit-holdout DIR)",
     "excess_over_control": "the random-weights control (--memaudit-control random)",
+    "membership_excess_rise": "held-out images in this run and in the baseline",
+    "excess_over_control_rise": "the random-weights control in this run and in the baseline",
 }
 
 
@@ -63,18 +86,23 @@ class Gate:
     limit: float | None
     when: str = "estimate"
     severity: str = "fail"
+    relative: bool = False  # a compare gate's limit as a fraction of the baseline's value
 
     def as_dict(self) -> dict:
-        return {"limit": self.limit, "when": self.when, "severity": self.severity}
+        fields = {"limit": self.limit, "when": self.when, "severity": self.severity}
+        return fields | {"relative": True} if self.relative else fields
 
 
 @dataclass(frozen=True)
 class Figure:
-    """A figure's value and, where it has one, its 95% interval."""
+    """A figure's value and, where it has one, its 95% interval. A rise over a baseline also has the
+    baseline's value, and whether it is beyond noise where no interval says so (None: unknown)."""
 
     value: float
     low: float = math.nan
     high: float = math.nan
+    baseline: float = math.nan
+    beyond_noise: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -88,16 +116,28 @@ class Check:
     severity: str = "fail"
     low: float = math.nan
     high: float = math.nan
+    baseline: float = math.nan  # compare gates: the baseline's value of the figure
+    relative: float | None = None  # a relative compare gate's fraction (``limit`` is then that share of the baseline)
 
     @property
     def message(self) -> str:
         if math.isnan(self.value):
             return f"{self.figure} is undefined (NaN), limit {self.key} = {self.limit:g}"
-        relation = "exceeds" if self.key.endswith("_max") else "is below"
-        text = f"{self.figure} = {self.value:.4g} {relation} {self.key} = {self.limit:g}"
+        if self.key in RISE_LIMITS:
+            figure = self.figure.removesuffix("_rise")
+            limit = (f"{self.relative * 100:g}% of the baseline's {abs(self.baseline):.4g} = {self.limit:.4g}"
+                     if self.relative is not None else f"{self.limit:g}")
+            text = (f"{figure} rose from {self.baseline:.4g} (baseline) to {self.baseline + self.value:.4g} "
+                    f"({self.value:+.4g}), more than {self.key} = {limit}")
+        else:
+            relation = "exceeds" if self.key.endswith("_max") else "is below"
+            text = f"{self.figure} = {self.value:.4g} {relation} {self.key} = {self.limit:g}"
         if self.when == "significant":
             side = "above" if self.key.endswith("_max") else "below"
-            text += f" (its whole 95% interval [{self.low:.4g}, {self.high:.4g}] lies {side} the limit)"
+            if math.isfinite(self.low) and math.isfinite(self.high):
+                text += f" (its whole 95% interval [{self.low:.4g}, {self.high:.4g}] lies {side} the limit)"
+            else:
+                text += " (and the layer's UnitMem distribution shifted beyond noise: Mann-Whitney, Holm-adjusted)"
         return text
 
 
@@ -157,16 +197,22 @@ def layer_figures(layer: LayerResult, level: float, adjusted_p: dict[str, float]
         figures["membership_excess"] = layer.membership.excess
         figures["membership_p"] = layer.membership.p_value
     figures.update(adjusted_p or {})
-    intervals = dict(layer.intervals)
-    if layer.control_excess is not None:
-        intervals["excess_over_control"] = layer.control_excess
-    if layer.membership is not None and layer.membership.excess_interval is not None:
-        intervals["membership_excess"] = layer.membership.excess_interval
+    intervals = layer_intervals(layer)
     return {
         name: Figure(float(value), intervals[name].low, intervals[name].high) if name in intervals
         else Figure(float(value))
         for name, value in figures.items()
     }
+
+
+def layer_intervals(layer: LayerResult) -> dict[str, Interval]:
+    """The jackknife interval of each of a layer's figures that has one."""
+    intervals = dict(layer.intervals)
+    if layer.control_excess is not None:
+        intervals["excess_over_control"] = layer.control_excess
+    if layer.membership is not None and layer.membership.excess_interval is not None:
+        intervals["membership_excess"] = layer.membership.excess_interval
+    return intervals
 
 
 def adjusted_p_values(result: AuditResult, method: str) -> dict[str, dict[str, float]]:
@@ -188,31 +234,38 @@ def _p_value(layer: LayerResult, figure: str) -> float | None:
 
 
 def evaluate(layer: str, figures: dict[str, Figure], thresholds: dict[str, Gate | float]) -> GateOutcome:
-    """Check every gate with a limit whose figure the layer has."""
+    """Check every gate with a limit whose figure the layer has (rise figures: when compared with a
+    baseline). With ``when: significant`` a gate is crossed only when the figure's whole interval lies
+    past the limit, or, without an interval, when the figure is past it and beyond noise."""
     checks = []
-    for key, (figure, _) in LIMITS.items():
+    for key, (figure, _) in GATES.items():
         gate = thresholds.get(key)
         if not isinstance(gate, Gate) or gate.limit is None or figure not in figures:
             continue
         found = figures[figure]
         value = found.value
+        limit = gate.limit * abs(found.baseline) if gate.relative else float(gate.limit)
         is_max = key.endswith("_max")
-        if math.isnan(value):
+        past = value > limit if is_max else value < limit
+        if math.isnan(value) or math.isnan(limit):
             passed = False
+        elif gate.when == "significant" and math.isfinite(found.low) and math.isfinite(found.high):
+            passed = not (found.low > limit if is_max else found.high < limit)
         elif gate.when == "significant":
-            passed = not (found.low > gate.limit if is_max else found.high < gate.limit)
+            passed = not (past and bool(found.beyond_noise))
         else:
-            passed = value <= gate.limit if is_max else value >= gate.limit
-        checks.append(Check(key, figure, value, float(gate.limit), passed, gate.when, gate.severity,
-                            found.low, found.high))
+            passed = not past
+        checks.append(Check(key, figure, value, limit, passed, gate.when, gate.severity, found.low, found.high,
+                            found.baseline, float(gate.limit) if gate.relative else None))
     return GateOutcome(layer, tuple(checks))
 
 
-def evaluate_layer(layer: LayerResult, thresholds: dict[str, Gate | float], adjusted_p: dict[str, float]
-                   ) -> tuple[GateOutcome, dict[str, Figure]]:
+def evaluate_layer(layer: LayerResult, thresholds: dict[str, Gate | float], adjusted_p: dict[str, float],
+                   rises: dict[str, Figure] | None = None) -> tuple[GateOutcome, dict[str, Figure]]:
     """``layer``'s outcome under its ``thresholds`` (kept on the layer, for the JSON and the report),
-    and the figures it was judged on; ``adjusted_p`` as ``adjusted_p_values`` gives it."""
-    figures = layer_figures(layer, fraction_above_level(thresholds), adjusted_p)
+    and the figures it was judged on; ``adjusted_p`` as ``adjusted_p_values`` gives it; ``rises``: its
+    ``<figure>_rise`` figures, when compared with a baseline (``compare.LayerChange.rise_figures``)."""
+    figures = layer_figures(layer, fraction_above_level(thresholds), adjusted_p) | (rises or {})
     outcome = evaluate(layer.name, figures, thresholds)
     layer.thresholds, layer.outcome = thresholds, outcome
     return outcome, figures
@@ -232,7 +285,7 @@ def missing_figures(thresholds: dict[str, Gate | float], has: set[str]) -> list[
     """(key, what it needs) for every gate with a limit whose figure this audit will not have."""
     return [
         (key, NEEDS[figure])
-        for key, (figure, _) in LIMITS.items()
+        for key, (figure, _) in GATES.items()
         if isinstance(thresholds.get(key), Gate) and thresholds[key].limit is not None
         and figure in NEEDS and figure not in has
     ]
@@ -246,3 +299,23 @@ def fraction_above_level(thresholds: dict[str, Gate | float]) -> float:
 def as_json(thresholds: dict[str, Gate | float]) -> dict:
     return {key: value.as_dict() if isinstance(value, Gate) else value for key, value in thresholds.items()}
 
+
+
+def figures_had(result: AuditResult) -> set[str]:
+    """The figures that need something extra (NEEDS) which a finished result has."""
+    has = set()
+    if result.membership is not None or any(layer.membership is not None for layer in result.layers):
+        has |= {"membership_excess", "membership_p"}
+    if any(layer.control_excess is not None for layer in result.layers):
+        has.add("excess_over_control")
+    return has
+
+
+def rises_had(current: set[str], baseline: set[str]) -> set[str]:
+    """The rise figures two runs can be compared on, from the NEEDS-figures each has."""
+    return {f"{figure}_rise" for figure in COMPARED if figure not in NEEDS or figure in current & baseline}
+
+
+def without_rise_gates(thresholds: dict[str, Gate | float]) -> dict[str, Gate | float]:
+    """A layer's thresholds without its compare gates (a run compared with no baseline)."""
+    return {key: value for key, value in thresholds.items() if key not in RISE_LIMITS}

@@ -18,6 +18,7 @@ import pytest
 from . import parallel
 
 if TYPE_CHECKING:
+    from .compare import Comparison
     from .config import AuditCatalog, AuditFile, RunSettings
     from .gates import GateOutcome
     from .models import LayerSpec, ModelSpec
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 OPTIONS: list[tuple[str, Any, str]] = [
     ("model", str, "encoder to audit: demo (default), var_d16, or a model declared in the audit YAML"),
     ("checkpoint", str, "checkpoint file of the model (var_d16: vae_ch160v4096z32.pth); also found via "
-     "$MEMAUDIT_CHECKPOINT or the Hugging Face cache"),
+     "$MEMAUDIT_CHECKPOINT or the Hugging Face cache. Given several times, or as a quoted glob (ckpts/step-*.pth): "
+     "a series of checkpoints audited on the same views, tests named layer[checkpoint]"),
     ("data", str, "directory of images (flat or class subfolders; jpg, png, webp, bmp), or 'builtin' for "
      "the generated set (default: the model's own default set)"),
     ("samples", int, "number of data points: a seeded random subset of the directory (default: all; "
@@ -59,7 +61,9 @@ OPTIONS: list[tuple[str, Any, str]] = [
      "(default: the last audited)"),
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32")}
+REPEATABLE = ("checkpoint",)  # given several times (or as a glob), --memaudit-checkpoint audits a checkpoint series
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
+STORE_HINT = ".memaudit/"  # as pytest_memaudit.baselines.STORE, without importing it
 DEFAULT_REPORT_DIR = "memaudit-report"  # under the invocation directory: report.html and results.json
 OUTPUTS_NOT_WRITTEN = 3  # exit status when every gate passed but an output file could not be written
 GALLERY_MODES = ("images", "names", "none")  # as pytest_memaudit.report.thumbnails, without importing it
@@ -70,6 +74,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for suffix, kind, help_text in OPTIONS:
         dest = "memaudit_" + suffix.replace("-", "_")
         group.addoption(f"--memaudit-{suffix}", dest=dest, type=kind, default=None,
+                        action="append" if suffix in REPEATABLE else "store",
                         choices=CHOICES.get(suffix), metavar=None if suffix in CHOICES else suffix.split("-")[-1].upper(),
                         help=help_text)
         parser.addini(dest, f"default for --memaudit-{suffix}", default=None)
@@ -93,6 +98,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--memaudit-list-layers", dest="memaudit_list_layers", action="store_true", default=False,
                     help="print the audited model's modules in forward order (output shape, unit axis, units, calls) "
                          "from one forward pass, and exit")
+    add_baseline_options(group)
+
+
+def add_baseline_options(group) -> None:
+    """Saved runs, comparison with a baseline, and gating a finished audit (command line only)."""
+    group.addoption("--memaudit-from", dest="memaudit_from", metavar="PATH", default=None,
+                    help="gate and report a finished audit's results.json instead of computing one (no model, no "
+                         "images needed; thumbnails come from the images when they are still there)")
+    group.addoption("--memaudit-save", dest="memaudit_save", metavar="NAME", default=None,
+                    help=f"save this run's results under {STORE_HINT} in the rootdir, named by model, checkpoint "
+                         "sha256 prefix, NAME and date")
+    group.addoption("--memaudit-autosave", dest="memaudit_autosave", action="store_true", default=False,
+                    help=f"save every run's results under {STORE_HINT} (named 'auto' unless --memaudit-save names it)")
+    group.addoption("--memaudit-list-saved", dest="memaudit_list_saved", action="store_true", default=False,
+                    help=f"list the runs saved under {STORE_HINT} and exit")
+    group.addoption("--memaudit-compare", dest="memaudit_compare", metavar="REF", default=None,
+                    help="compare with a baseline: a saved NAME, a results.json PATH, 'latest' (the newest saved run "
+                         "of the model) or, in a checkpoint series, 'previous' (each checkpoint with the one before)")
+    group.addoption("--memaudit-compare-fail", dest="memaudit_compare_fail", action="append", default=[],
+                    metavar="[LAYER:]FIGURE:DELTA",
+                    help="fail a layer whose FIGURE rose over the baseline's by more than DELTA (e.g. "
+                         "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); repeatable; needs "
+                         "--memaudit-compare")
 
 
 @dataclass
@@ -105,16 +133,30 @@ class AuditSession:
     result: "AuditResult | None" = None
     wanted_layers: set[str] = field(default_factory=set)
     multiple_testing: str = "holm"
-    _adjusted_p: dict | None = None
+    _adjusted_p: dict = field(default_factory=dict)
     outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
     session: pytest.Session | None = None
     error: str | None = None  # why the audit cannot run, in an xdist worker (elsewhere: a UsageError)
     worker_reports: list[dict[str, Any]] = field(default_factory=list)  # in the xdist controller
+    stored: "dict[str | None, AuditResult] | None" = None  # --memaudit-from: the finished audit(s) to gate
+    stored_path: Path | None = None
+    baseline: "AuditResult | None" = None  # --memaudit-compare: the run to compare with
+    baseline_label: str | None = None
+    compare_previous: bool = False  # --memaudit-compare previous: each checkpoint of a series with the one before
+    thresholds: dict[str, dict] = field(default_factory=dict)  # each collected layer's
+    series: dict[str, str] | None = None  # a checkpoint series: label -> checkpoint path, in series order
+    wanted_checkpoints: set[str] = field(default_factory=set)
+    runs: "dict[str | None, AuditResult]" = field(default_factory=dict)  # results by checkpoint label (None: one run)
+    _comparisons: dict = field(default_factory=dict)
     catalog: "AuditCatalog | None" = None
     _user_net: Any = None  # a user model, built at collection to check its layer names; the audit reuses it
     build_error: str | None = None  # why that build failed (a usage error once collection is done)
 
     def load_settings(self) -> "RunSettings":
+        if self.settings is None and self.stored is not None:
+            from .config import settings_from_record
+
+            self.settings = settings_from_record(next(iter(self.stored.values())).settings)
         if self.settings is None:
             from .config import make_settings
 
@@ -125,8 +167,21 @@ class AuditSession:
                 if value is None:
                     value = self.config.getini(dest)
                 values[dest.removeprefix("memaudit_")] = value if value not in ("", None) else None
+            values["checkpoint"] = self.load_checkpoints(values["checkpoint"])
             self.settings = make_settings(**values)
         return self.settings
+
+    def load_checkpoints(self, given: "list[str] | str | None") -> str | None:
+        """--memaudit-checkpoint, given several times or as a glob: a series of two or more checkpoints sets
+        ``series``; the first (or only) checkpoint is returned."""
+        if not given:
+            return None
+        from .config import checkpoint_series
+
+        paths = checkpoint_series([given] if isinstance(given, str) else given, self.config.invocation_params.dir)
+        if len(paths) > 1:
+            self.series = paths
+        return next(iter(paths.values()))
 
     def load_catalog(self) -> "AuditCatalog":
         """The audit files under the collected paths and the models they declare (read once)."""
@@ -182,15 +237,22 @@ class AuditSession:
         for text in self.config.getoption("memaudit_threshold"):
             layer, key, value = parse_threshold_option(text)
             overrides.setdefault(layer, {})[key] = value
+        for layer, key, value in compare_fail_options(self.config):
+            overrides.setdefault(layer, {})[key] = value
         return overrides
 
-    def adjusted_p(self) -> dict[str, dict[str, float]]:
-        """The result's p-value figures per layer, corrected across its layers (once)."""
-        if self._adjusted_p is None:
+    def adjusted_p(self, checkpoint: str | None = None) -> dict[str, dict[str, float]]:
+        """A result's p-value figures per layer, corrected across its layers (once)."""
+        if checkpoint not in self._adjusted_p:
             from .gates import adjusted_p_values
 
-            self._adjusted_p = adjusted_p_values(self.run(), self.multiple_testing)
-        return self._adjusted_p
+            self._adjusted_p[checkpoint] = adjusted_p_values(self.result_for(checkpoint), self.multiple_testing)
+        return self._adjusted_p[checkpoint]
+
+    def result_for(self, checkpoint: str | None = None) -> "AuditResult":
+        """The result of one checkpoint of a series (None: of the one run)."""
+        self.run()
+        return self.runs[checkpoint]
 
     def run(self) -> "AuditResult":
         """Compute the audit for every wanted layer (once); AuditError -> pytest.UsageError.
@@ -198,32 +260,92 @@ class AuditSession:
         In an xdist worker a UsageError would only fail the test that asked: instead the test fails
         with the message, the worker stops, and the controller reports the error (exit status 4).
         """
+        if self.result is None and self.error is None and self.stored is not None:
+            self._set_runs({label: stored.select_layers(self.wanted_layers) for label, stored in self.stored.items()
+                            if label in self.audited_checkpoints()})
         if self.result is None and self.error is None:
-            from .audit import run_audit
+            from .audit import run_audit, run_series
             from .errors import AuditError
 
             layers = [layer.name for layer in self.spec.layers if layer.name in self.wanted_layers]
             spec = self.spec
-            if self._user_net is not None:
-                spec = replace(spec, build=lambda checkpoint: self._user_net)
+            if self._user_net is not None:  # built at collection, from the (first) checkpoint
+                built_from, build = spec.locate(self.settings.checkpoint), spec.build
+                spec = replace(spec, build=lambda checkpoint: self._user_net if checkpoint == built_from
+                               else build(checkpoint))
             try:
                 from .config import check_image_fits
 
                 check_image_fits(self.settings)
                 check_output_locations(self.config)
+                labels = self.audited_checkpoints()
                 with _progress(self.config) as progress:
-                    self.result = run_audit(self.settings, spec, layers, progress)
-                self.result.multiple_testing = self.multiple_testing
+                    if self.series:
+                        paths = [self.series[label] for label in labels]
+                        self._set_runs(dict(zip(labels, run_series(self.settings, paths, spec, layers, progress))))
+                    else:
+                        self._set_runs({None: run_audit(self.settings, spec, layers, progress)})
             except AuditError as exc:
-                message = f"memaudit: the audit cannot run: {exc}"
-                if not parallel.is_worker(self.config):
-                    raise pytest.UsageError(message) from None
-                self.error = message
+                self._cannot_run(f"memaudit: the audit cannot run: {exc}")
         if self.error is not None:
             if self.session is not None:
                 self.session.shouldstop = self.error
             pytest.fail(self.error, pytrace=False)
         return self.result
+
+    def audited_checkpoints(self) -> list[str | None]:
+        """The checkpoints of the series with a selected test (all of them for the memaudit_result fixture),
+        in series order; [None] for one run."""
+        labels = list(self.series or self.stored or [None])
+        if labels == [None]:
+            return labels
+        return [label for label in labels if label in self.wanted_checkpoints] or labels
+
+    def _set_runs(self, runs: "dict[str | None, AuditResult]") -> None:
+        for result in runs.values():
+            result.multiple_testing = self.multiple_testing
+        self.runs = runs
+        self.result = list(runs.values())[-1]  # what the summary and report show in full: the last checkpoint
+
+    def _cannot_run(self, message: str) -> None:
+        """A usage error; in an xdist worker, the error the controller reports (see ``run``)."""
+        if not parallel.is_worker(self.config):
+            raise pytest.UsageError(message) from None
+        self.error = message
+
+    def comparison(self, checkpoint: str | None = None) -> "Comparison | None":
+        """A result compared with its baseline (once): the one --memaudit-compare names, or with
+        ``previous`` the checkpoint before it in the series. None when it has none."""
+        self.run()
+        if checkpoint not in self._comparisons and self.error is None:
+            self._comparisons[checkpoint] = None
+            baseline, label = self.baseline, self.baseline_label
+            if self.compare_previous:
+                labels = list(self.runs)
+                before = labels.index(checkpoint) - 1
+                baseline = self.runs[labels[before]] if before >= 0 else None
+                label = f"the previous checkpoint, {labels[before]}"
+            if baseline is not None:
+                from .compare import compare
+                from .errors import AuditError
+
+                try:
+                    self._comparisons[checkpoint] = compare(self.runs[checkpoint], baseline, label, self.thresholds)
+                except AuditError as exc:
+                    self._cannot_run(f"memaudit: cannot compare with the baseline: {exc}")
+        if self.error is not None:
+            pytest.fail(self.error, pytrace=False)
+        return self._comparisons[checkpoint]
+
+    def compared(self) -> "dict[str | None, Comparison | None]":
+        """The comparisons made so far (by the layer tests), by checkpoint, without failing."""
+        return {checkpoint: self._comparisons.get(checkpoint) for checkpoint in self.runs}
+
+    def rise_figures(self, layer: str, checkpoint: str | None = None) -> dict:
+        """The layer's ``<figure>_rise`` figures for the compare gates (none without a baseline)."""
+        comparison = self.comparison(checkpoint) if self.baseline is not None or self.compare_previous else None
+        change = None if comparison is None else comparison.layer(layer)
+        return {} if change is None else change.rise_figures()
 
     def writes_outputs(self) -> bool:
         """Whether this process writes the outputs: it has a result and, in an xdist worker, ran the
@@ -232,15 +354,16 @@ class AuditSession:
             return False
         if not parallel.is_worker(self.config) or not self.wanted_layers:
             return True
-        return any(layer.outcome is not None for layer in self.result.layers)
+        return any(layer.outcome is not None for result in self.runs.values() for layer in result.layers)
 
     def report(self, markup: bool) -> dict[str, Any] | None:
         """What this process has to show at the end: the summary, the output lines, the error."""
         if self.outputs is None and self.error is None:
             return None
-        from .terminal import render_summary
+        from .terminal import render_series_summary
 
-        return {"summary": None if self.outputs is None else render_summary(self.result, markup=markup),
+        summary = None if self.outputs is None else render_series_summary(self.runs, self.compared(), markup)
+        return {"summary": summary,
                 "written": [] if self.outputs is None else self.outputs.written,
                 "errors": [] if self.outputs is None else self.outputs.errors, "error": self.error}
 
@@ -278,6 +401,7 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
     from .errors import ConfigError
 
     try:
+        load_baseline_inputs(config, state)
         if any(config.getoption("memaudit_" + suffix.replace("-", "_")) is not None for suffix, _, _ in OPTIONS):
             from .config import check_image_fits
 
@@ -288,6 +412,69 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
             check_output_locations(config)
     except ConfigError as exc:
         raise pytest.UsageError(f"memaudit: {exc}") from None
+
+
+def load_baseline_inputs(config: pytest.Config, state: AuditSession) -> None:
+    """--memaudit-from, --memaudit-save, --memaudit-compare(-fail): the finished audit and the baseline
+    loaded, names and gates checked; a ConfigError says what is wrong."""
+    from .errors import ConfigError
+
+    base = config.invocation_params.dir
+    stored = config.getoption("memaudit_from")
+    if stored:
+        given = [f"--memaudit-{suffix}" for suffix, _, _ in OPTIONS
+                 if config.getoption("memaudit_" + suffix.replace("-", "_")) is not None]
+        if given:
+            raise ConfigError(f"--memaudit-from loads a finished audit, whose settings are fixed: "
+                              f"{', '.join(given)} would change nothing; leave {'it' if len(given) == 1 else 'them'} out")
+        from .results import read_runs
+
+        state.stored_path = base / stored
+        state.stored = read_runs(state.stored_path)
+        for result in state.stored.values():
+            for layer in result.layers:  # gates are applied again, as the audit file says now
+                layer.thresholds = layer.outcome = None
+    name = config.getoption("memaudit_save")
+    if name:
+        from .baselines import check_name
+
+        check_name(name)
+    reference = config.getoption("memaudit_compare")
+    if compare_fail_options(config) and not reference:
+        raise ConfigError("--memaudit-compare-fail gates the rise over a baseline: name one with --memaudit-compare "
+                          "NAME|PATH|latest")
+    if reference == "previous":
+        state.load_settings()
+        if not state.series and None in (state.stored or {None: None}):
+            raise ConfigError("--memaudit-compare previous compares each checkpoint of a series with the one before it: "
+                              "give --memaudit-checkpoint several times or as a glob (to compare with the newest saved "
+                              "run, use --memaudit-compare latest)")
+        state.compare_previous = True
+    elif reference:
+        from .baselines import find_baseline
+        from .results import read_results
+
+        path = find_baseline(reference, config.rootpath, base, state.load_settings().model)
+        state.baseline = read_results(path)
+        state.baseline_label = reference if reference.endswith(".json") else f"{reference} ({path})"
+
+
+def compare_fail_options(config: pytest.Config) -> list[tuple[str, str, dict]]:
+    """--memaudit-compare-fail values as (layer or '*', compare gate key, what it sets)."""
+    given = config.getoption("memaudit_compare_fail")
+    if not given:
+        return []  # without importing config (numpy, yaml): the plugin stays free in runs that audit nothing
+    from .config import parse_compare_option
+
+    return [parse_compare_option(text) for text in given]
+
+
+def list_saved(config: pytest.Config) -> int:
+    """--memaudit-list-saved: the table of saved runs, then exit 0 (as --fixtures lists fixtures)."""
+    from .baselines import format_saved, saved_runs
+
+    sys.stdout.write(format_saved(config.rootpath, saved_runs(config.rootpath)))
+    return 0
 
 
 def _given(config: pytest.Config, name: str) -> bool:
@@ -317,7 +504,8 @@ class AuditYamlFile(pytest.File):
         try:
             settings = state.load_settings()
             audit = state.audit_file(self.path)
-            spec = state.load_catalog().model_spec(settings.model)
+            spec = (state.load_catalog().model_spec(settings.model) if state.stored is None
+                    else stored_model_spec(state.load_catalog(), next(iter(state.stored.values()))))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
         if not audit.applies_to(spec.name):
@@ -327,18 +515,26 @@ class AuditYamlFile(pytest.File):
                 yield OtherModelItem.from_parent(self, name=name, reason=reason)
             return
         try:
+            from .gates import without_rise_gates
+
             overrides = state.threshold_overrides()
             thresholds = audit.thresholds_for(spec, overrides)
+            if state.baseline is None and not state.compare_previous:  # compare gates need something to compare with
+                thresholds = {name: without_rise_gates(limits) for name, limits in thresholds.items()}
             audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
-        self._check_gates_can_be_evaluated(settings, spec, thresholds)
-        if spec.factory is not None:
+        self._check_gates_can_be_evaluated(state, settings, spec, thresholds)
+        if spec.factory is not None and state.stored is None:
             self._check_user_layers(state, spec)
         state.multiple_testing = audit.multiple_testing
         state.spec = spec
+        state.thresholds.update(thresholds)
         for layer in spec.layers:
-            yield LayerItem.from_parent(self, name=layer.name, layer=layer, thresholds=thresholds[layer.name])
+            for checkpoint in list(state.series or state.stored or [None]):  # [None]: one run
+                name = layer.name if checkpoint is None else f"{layer.name}[{checkpoint}]"
+                yield LayerItem.from_parent(self, name=name, layer=layer, thresholds=thresholds[layer.name],
+                                            checkpoint=checkpoint)
 
     def _check_user_layers(self, state: AuditSession, spec: "ModelSpec") -> None:
         """A user model is built now (once) so that a misspelled module path is a collection error;
@@ -357,18 +553,23 @@ class AuditYamlFile(pytest.File):
                 where = state.load_catalog().declared_in.get(spec.name, self.path)
                 raise self.CollectError(f"memaudit: {where}: models: {spec.name}: audited_layers: {exc}") from None
 
-    def _check_gates_can_be_evaluated(self, settings, spec, thresholds) -> None:
-        """A gate whose figure this audit will not have is an error now, not a silent pass later."""
+    def _check_gates_can_be_evaluated(self, state: AuditSession, settings, spec, thresholds) -> None:
+        """A gate whose figure this audit (or the stored one, or the baseline) will not have is an error now,
+        not a silent pass later."""
         from .config import audit_has
-        from .gates import missing_figures
+        from .gates import figures_had, missing_figures, rises_had
 
-        has = audit_has(settings, spec)
+        has = audit_has(settings, spec) if state.stored is None else figures_had(next(iter(state.stored.values())))
+        if state.baseline is not None or state.compare_previous:
+            has |= rises_had(has, has if state.baseline is None else figures_had(state.baseline))
         missing = {key: need for layer in spec.layers for key, need in missing_figures(thresholds[layer.name], has)}
         if missing:
             lines = [f"{key} needs {need}" for key, need in missing.items()]
+            audit = "this audit" if state.stored is None else f"the stored audit {state.stored_path}"
+            provide = "Provide what they need" if state.stored is None else "Audit again with what they need"
             raise self.CollectError(
-                f"memaudit: {self.path}: gates this audit cannot evaluate: {'; '.join(lines)}. Provide what they "
-                f"need, or turn them off (e.g. --memaudit-threshold {next(iter(missing))}=off)."
+                f"memaudit: {self.path}: gates {audit} cannot evaluate: {'; '.join(lines)}. {provide}, or turn them "
+                f"off (e.g. --memaudit-threshold {next(iter(missing))}=off)."
             )
 
 
@@ -386,6 +587,28 @@ class OtherModelItem(pytest.Item):
         return self.path, 0, f"memaudit model {self.name}"  # a skip report needs a line
 
 
+def stored_model_spec(catalog: "AuditCatalog", stored: "AuditResult") -> "ModelSpec":
+    """The model of a stored audit, with the layers it audited: as the audit files or the built-in registry
+    declare it, or (a model declared nowhere now) as the stored layers say. ConfigError when a stored
+    layer is not the declared model's."""
+    from dataclasses import replace
+
+    from .errors import ConfigError
+    from .models import LayerSpec, ModelSpec
+
+    audited = [(layer.name, layer.module) for layer in stored.layers]
+    try:
+        spec = catalog.model_spec(stored.model)
+    except ConfigError:
+        return ModelSpec(stored.model, tuple(LayerSpec(name, module) for name, module in audited), build=None)
+    declared = {(layer.name, layer.module) for layer in spec.layers}
+    foreign = [f"{name} ({module})" for name, module in audited if (name, module) not in declared]
+    if foreign:
+        raise ConfigError(f"the stored audit's layer(s) {', '.join(foreign)} are not layers of model {spec.name} as "
+                          f"declared now ({', '.join(layer.name for layer in spec.layers)})")
+    return replace(spec, layers=tuple(layer for layer in spec.layers if (layer.name, layer.module) in audited))
+
+
 class LayerGateFailure(Exception):
     """A layer's figures crossed a threshold."""
 
@@ -393,10 +616,11 @@ class LayerGateFailure(Exception):
 class LayerItem(pytest.Item):
     """One audited layer: passes when every figure is within its thresholds."""
 
-    def __init__(self, *, layer: "LayerSpec", thresholds: dict, **kwargs):
+    def __init__(self, *, layer: "LayerSpec", thresholds: dict, checkpoint: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.layer = layer
         self.thresholds = thresholds
+        self.checkpoint = checkpoint  # its label in a checkpoint series; None: the one audited checkpoint
 
     def runtest(self) -> None:
         import math
@@ -406,9 +630,10 @@ class LayerItem(pytest.Item):
         from .gates import evaluate_layer
 
         state = self.config.stash[audit_session_key]
-        result = state.run()
+        result = state.result_for(self.checkpoint)
         layer = result.layer(self.layer.name)
-        outcome, figures = evaluate_layer(layer, self.thresholds, state.adjusted_p()[layer.name])
+        outcome, figures = evaluate_layer(layer, self.thresholds, state.adjusted_p(self.checkpoint)[layer.name],
+                                          state.rise_figures(layer.name, self.checkpoint))
         self.user_properties += [(f"memaudit_{name}", round(figure.value, 6))
                                  for name, figure in figures.items() if math.isfinite(figure.value)]
         if outcome.warnings:
@@ -423,7 +648,8 @@ class LayerItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.path, None, f"memaudit layer {self.layer.name} ({self.layer.module})"
+        where = "" if self.checkpoint is None else f" of checkpoint {self.checkpoint}"
+        return self.path, None, f"memaudit layer {self.layer.name} ({self.layer.module}){where}"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -451,8 +677,24 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         state.wanted_layers = {layer.name for layer in spec.layers}
     else:
         state.wanted_layers = {item.layer.name for item in items}
+    state.wanted_checkpoints = {item.checkpoint for item in items if item.checkpoint is not None}
+    check_baseline_architecture(state)
     if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
         state.run()
+
+
+def check_baseline_architecture(state: AuditSession) -> None:
+    """A baseline of another model or without the selected layers is a usage error, found before compute."""
+    if state.baseline is None:
+        return
+    from .compare import check_architecture
+    from .errors import ConfigError
+
+    layers = [(layer.name, layer.module) for layer in state.spec.layers if layer.name in state.wanted_layers]
+    try:
+        check_architecture(state.spec.name, layers, state.baseline, state.baseline_label)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"memaudit: cannot compare with the baseline: {exc}") from None
 
 
 FIXTURE = "memaudit_result"
@@ -480,7 +722,10 @@ def memaudit_result(pytestconfig: pytest.Config) -> "AuditResult":
 
 
 def pytest_cmdline_main(config: pytest.Config):
-    """``--memaudit-list-layers``: print the audited model's modules and exit, like ``--fixtures``."""
+    """``--memaudit-list-layers``: print the audited model's modules and exit, like ``--fixtures``;
+    ``--memaudit-list-saved``: the same with the saved runs (``list_saved``)."""
+    if config.getoption("memaudit_list_saved"):
+        return list_saved(config)
     if not config.getoption("memaudit_list_layers"):
         return None
     from .discovery import layer_table
@@ -587,11 +832,53 @@ def write_outputs(state: AuditSession) -> "OutputLog":
 
     log = OutputLog()
     html_path, json_path = report_paths(state.config)
+    document = results_document(state)
     if json_path:
-        log.write("results", json_path, lambda: write_json_atomic(json_path, state.result.to_json()))
+        log.write("results", json_path, lambda: write_json_atomic(json_path, document))
     if html_path:
         log.write("report", html_path, lambda: write_report(state, html_path, log))
+    save_run(state, document, log)
     return log
+
+
+def results_document(state: AuditSession) -> dict[str, Any]:
+    """The results JSON: the result and, when compared with a baseline, the comparison; for a checkpoint
+    series, each checkpoint's, in series order."""
+    documents = run_documents(state)
+    if list(documents) == [None]:
+        return documents[None]
+    from .results import series_document
+
+    return series_document(list(documents.items()))
+
+
+def run_documents(state: AuditSession) -> dict[str | None, dict[str, Any]]:
+    documents = {}
+    for checkpoint, comparison in state.compared().items():
+        documents[checkpoint] = state.runs[checkpoint].to_json()
+        if comparison is not None:
+            documents[checkpoint]["comparison"] = comparison.to_json()
+    return documents
+
+
+def save_run(state: AuditSession, document: dict[str, Any], log: "OutputLog") -> None:
+    """--memaudit-save NAME / --memaudit-autosave: the results as a new entry under .memaudit/ in the rootdir;
+    each checkpoint of a series as its own entry, NAME.<checkpoint>."""
+    name = state.config.getoption("memaudit_save")
+    if not name and not state.config.getoption("memaudit_autosave"):
+        return
+    from .baselines import AUTOSAVE_NAME, STORE, new_entry
+    from .results import write_json_atomic
+
+    root, name = state.config.rootpath, name or AUTOSAVE_NAME
+    runs = zip(document["series"], document["runs"]) if "series" in document else [(None, document)]
+    for checkpoint, run in runs:
+        entry = name if checkpoint is None else f"{name}.{checkpoint}"
+        try:
+            path = new_entry(root, run, entry)
+        except OSError:  # the store cannot even be looked into: the write below says why
+            path = root / STORE / f"{entry}.json"
+        log.write("saved run", path, lambda: write_json_atomic(path, run))
 
 
 def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
@@ -601,12 +888,30 @@ def write_report(state: AuditSession, path: Path, log: "OutputLog") -> Path:
 
     gallery = gallery_mode(state.config)
     images = None
-    if gallery == "images":
+    if gallery == "images" and state.stored is not None:
+        images = stored_thumbnails(state, log)
+    elif gallery == "images":
         from .audit import open_images
 
         images = log.make("thumbnails", state.result.data_source, lambda: ImageSetThumbnails(
             open_images(state.settings, state.spec, state.result.settings["image_size"])))
-    return write_html(path, state.result, images, gallery)
+    series = list(state.runs.items()) if state.series or (state.stored and None not in state.stored) else None
+    return write_html(path, state.result, images, gallery, state.compared().get(list(state.runs)[-1]), series)
+
+
+def stored_thumbnails(state: AuditSession, log: "OutputLog"):
+    """Thumbnails of a stored audit's images, decoded again where they still are; else None (names only,
+    which the log says: a job that gates stored results often has no copy of the images)."""
+    from .audit import open_images
+    from .outputs import failure_reason
+    from .report import ImageSetThumbnails
+
+    try:
+        return ImageSetThumbnails(open_images(state.settings, state.spec, state.result.settings["image_size"]))
+    except Exception as exc:  # noqa: BLE001 (any reason the images cannot be had leaves names only)
+        log.written.append(f"the report shows image names only: the audited images ({state.result.data_source}) "
+                           f"cannot be read here: {failure_reason(exc)}")
+        return None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -6,13 +6,14 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .datapoints import Classes, Clusters, DataPoints, Memorized
+from .errors import ConfigError
 from .gates import Check, Gate, GateOutcome, as_json
 from .hooks import UnitAxis
 from .membership import Membership
@@ -78,6 +79,17 @@ class AuditResult:
 
     def layer(self, name: str) -> LayerResult:
         return _find_layer(self.layers, name)
+
+    def select_layers(self, names: set[str]) -> AuditResult:
+        """The result restricted to the layers named (display names): what a live run of only those
+        layers would have gated. Figures over all layers (the overall membership, the planted
+        control) stay as they were computed."""
+        kept = [layer for layer in self.layers if layer.name in names]
+        if len(kept) == len(self.layers):
+            return self
+        control = None if self.control is None else replace(
+            self.control, layers=[layer for layer in self.control.layers if layer.name in names])
+        return replace(self, layers=kept, control=control)
 
     @property
     def units(self) -> int:
@@ -226,7 +238,7 @@ def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
         top_values=np.array([_array(row) for row in entry["top_values"]]).reshape(-1, unitmem.size),
         top_samples=np.asarray(entry["top_samples"], dtype=np.int64).reshape(-1, unitmem.size),
     )
-    stats = LayerStats(**{f.name: _float(entry[f.name]) if f.type != "int" else entry[f.name]
+    stats = LayerStats(**{f.name: _float(entry[f.name]) if f.type != "int" else int(entry[f.name])
                           for f in fields(LayerStats)})
     thresholds = entry.get("thresholds")
     axis = entry.get("unit_axis")
@@ -303,14 +315,16 @@ def _membership_from_json(data: dict | None) -> Membership | None:
 
 
 def _check_json(check: Check) -> dict[str, Any]:
+    compare = {"baseline": _number(check.baseline), "relative": check.relative} if math.isfinite(check.baseline) else {}
     return {"key": check.key, "figure": check.figure, "value": _number(check.value), "limit": check.limit,
             "passed": check.passed, "when": check.when, "severity": check.severity,
-            "low": _number(check.low), "high": _number(check.high)}
+            "low": _number(check.low), "high": _number(check.high)} | compare
 
 
 def _check_from_json(data: dict[str, Any]) -> Check:
     return Check(data["key"], data["figure"], _float(data["value"]), data["limit"], data["passed"], data["when"],
-                 data["severity"], _float(data["low"]), _float(data["high"]))
+                 data["severity"], _float(data["low"]), _float(data["high"]), _float(data.get("baseline")),
+                 data.get("relative"))
 
 
 def _planted_json(planted: PlantedResult | None, samples: list[str]) -> dict | None:
@@ -416,6 +430,96 @@ def _memorized_from_json(data: dict[str, Any]) -> Memorized | None:
 def _correlation_from_json(data: dict[str, Any]) -> CorrelationResult:
     return CorrelationResult(_float(data["rho"]), _float(data["ci_low"]), _float(data["ci_high"]),
                              _float(data["p_value"]), data["n"], data["dropped"])
+# --- reading a file back -------------------------------------------------------------------
+
+
+def read_results(path: str | Path) -> AuditResult:
+    """The result a results file holds, checked: a file that is missing, not JSON (truncated), not a
+    memaudit results file, of another schema version, incomplete, or a checkpoint series is a
+    ConfigError saying which."""
+    runs = read_runs(path)
+    if None not in runs:
+        raise ConfigError(f"{path} holds a checkpoint series ({', '.join(runs)}), not one run: compare with one "
+                          "checkpoint's results (--memaudit-json of a run of it, or a saved run)")
+    return runs[None]
+
+
+def read_runs(path: str | Path) -> dict[str | None, AuditResult]:
+    """The results a results file holds: ``{None: result}`` for one run, or each checkpoint's result
+    by its label, in series order, for a checkpoint series (``series_document``). Checked as
+    ``read_results`` says."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such results file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the results file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a pytest-memaudit results file (not UTF-8 text)") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}): a truncated "
+                          "or damaged results file? Write it again (--memaudit-json PATH)") from None
+    if isinstance(document, dict) and {"schema_version", "series", "runs"} <= document.keys():
+        _check_version(document, str(path))
+        labels, runs = document["series"], document["runs"]
+        if not (isinstance(labels, list) and isinstance(runs, list) and len(labels) == len(runs) == len(set(labels))
+                and all(isinstance(label, str) for label in labels)):
+            raise ConfigError(f"{path} is an incomplete or damaged checkpoint series; write it again")
+        return {label: result_from_document(run, f"{path} (checkpoint {label})") for label, run in zip(labels, runs)}
+    return {None: result_from_document(document, str(path))}
+
+
+def series_document(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The results file of a checkpoint series: each checkpoint's results document, by label, in order."""
+    return {"schema_version": SCHEMA_VERSION, "series": [label for label, _ in runs],
+            "runs": [document | {"series_label": label} for label, document in runs]}
+
+
+def result_from_document(document: Any, where: str) -> AuditResult:
+    """``AuditResult.from_json`` for a document from outside: its version and shape checked first."""
+    if not isinstance(document, dict) or not {"schema_version", "layers", "samples"} <= document.keys():
+        raise ConfigError(f"{where} is not a pytest-memaudit results file (it lacks schema_version, samples or "
+                          "layers); pass the results.json an audit wrote")
+    _check_version(document, where)
+    try:
+        result = AuditResult.from_json(document)
+        _check_shapes(result)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        problem = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(f"{where} is an incomplete or damaged results file ({problem}); write it again") from None
+    return result
+
+
+def _check_version(document: dict[str, Any], where: str) -> None:
+    version = document["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"{where} is not a pytest-memaudit results file (schema_version {version!r})")
+    if version > SCHEMA_VERSION:
+        raise ConfigError(f"{where} was written with results schema {version}, newer than this pytest-memaudit reads "
+                          f"({SCHEMA_VERSION}): upgrade pytest-memaudit")
+    if version < SCHEMA_VERSION:
+        raise ConfigError(f"{where} has results schema {version}, from an older pytest-memaudit that did not store what "
+                          f"gating and the report need (schema {SCHEMA_VERSION}): audit the checkpoint again")
+
+
+def _check_shapes(result: AuditResult) -> None:
+    """ValueError when the per-unit and per-data-point lists of a loaded result do not fit together."""
+    samples = len(result.samples)
+    if not result.layers:
+        raise ValueError("no layers")
+    if result.labels and len(result.labels) != samples:
+        raise ValueError(f"{len(result.labels)} labels for {samples} samples")
+    for layer in [*result.layers, *(result.control.layers if result.control else [])]:
+        values = layer.values
+        units = values.unitmem.size
+        if not values.max_sample.size == values.mu_max.size == values.mu_rest.size == values.top_samples.shape[1] == units:
+            raise ValueError(f"layer {layer.name}: per-unit lists of different lengths")
+        indices = np.concatenate([values.max_sample, values.top_samples.ravel()])
+        if indices.size and not (0 <= indices.min() and indices.max() < samples):
+            raise ValueError(f"layer {layer.name}: a data point index outside the {samples} samples")
 
 
 # --- writing --------------------------------------------------------------------------------

@@ -113,6 +113,35 @@ def jackknife_interval(estimate: float, leave_one_out: np.ndarray, confidence: f
     return Interval(float(estimate), se, float(estimate) - half, float(estimate) + half, g)
 
 
+def difference_interval(current: Interval, baseline: Interval, confidence: float = 0.95) -> Interval:
+    """``current - baseline`` of a figure from two independent runs, each with its jackknife interval:
+    se = sqrt(se1^2 + se2^2), and the interval uses t with Welch-Satterthwaite degrees of freedom,
+    (se1^2 + se2^2)^2 / (se1^4 / (G1 - 1) + se2^4 / (G2 - 1)). Two exact figures (se 0) give the
+    difference as its own interval; an undefined se gives NaN bounds."""
+    difference = current.estimate - baseline.estimate
+    groups = min(current.groups, baseline.groups)
+    if not all(math.isfinite(v) for v in (current.se, baseline.se)) or min(current.groups, baseline.groups) < 2:
+        return Interval(difference, math.nan, math.nan, math.nan, groups)
+    v1, v2 = current.se**2, baseline.se**2
+    se = math.sqrt(v1 + v2)
+    if se == 0:
+        return Interval(difference, 0.0, difference, difference, groups)
+    df = (v1 + v2) ** 2 / (v1**2 / (current.groups - 1) + v2**2 / (baseline.groups - 1))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df)) * se
+    return Interval(difference, se, difference - half, difference + half, groups)
+
+
+def distribution_shift_p(current: np.ndarray, baseline: np.ndarray) -> float:
+    """Two-sided Mann-Whitney U p-value that two runs' unit UnitMem values come from one distribution
+    (1 when every value is the same; NaN with an empty side)."""
+    current, baseline = np.asarray(current, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if current.size == 0 or baseline.size == 0:
+        return math.nan
+    if np.ptp(np.concatenate([current, baseline])) == 0:
+        return 1.0
+    return float(scipy_stats.mannwhitneyu(current, baseline, alternative="two-sided").pvalue)
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values (family-wise error across the given tests); NaN
     p-values stay NaN and are not counted in the family."""

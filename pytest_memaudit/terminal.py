@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .compare import Comparison
 from .gates import adjusted_p_values
 from .report.evidence import evidence
 from .data import display_id
@@ -21,10 +22,11 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def render_summary(result: AuditResult, markup: bool = False) -> str:
-    """The per-layer table and a few lines; never truncated (a log is better wide than cut)."""
+def render_summary(result: AuditResult, markup: bool = False, comparison: Comparison | None = None) -> str:
+    """The per-layer table and a few lines; never truncated (a log is better wide than cut). With a
+    ``comparison``, a column of each layer's change of mean UnitMem from the baseline."""
     table = Table(title=None, show_edge=False, pad_edge=False, header_style="bold")
-    columns = ["layer", "units", "mean", "±95%", "max", "t", "p", "dead"]
+    columns = ["layer", "units", "mean", "±95%"] + (["Δ mean"] if comparison else []) + ["max", "t", "p", "dead"]
     control = result.control is not None
     membership = result.membership is not None
     if control:
@@ -39,8 +41,9 @@ def render_summary(result: AuditResult, markup: bool = False) -> str:
         s = layer.stats
         mean = layer.intervals.get("mean_unitmem")
         row = [layer.name, str(layer.channels), _fmt(s.mean_unitmem),
-               _fmt(None if mean is None else (mean.high - mean.low) / 2), _fmt(s.max_unitmem),
-               _fmt(s.ttest_t, ".2f"), _fmt(s.ttest_p, ".2e"), str(s.dead_units)]
+               _fmt(None if mean is None else (mean.high - mean.low) / 2)]
+        row += [_delta_cell(comparison, layer.name)] if comparison else []
+        row += [_fmt(s.max_unitmem), _fmt(s.ttest_t, ".2f"), _fmt(s.ttest_p, ".2e"), str(s.dead_units)]
         if control:
             row += [_fmt(layer.control_mean), _fmt(None if layer.control_excess is None else layer.control_excess.estimate,
                                                    "+.3f")]
@@ -66,6 +69,8 @@ def render_summary(result: AuditResult, markup: bool = False) -> str:
         console.print("members: share of units whose argmax is a member / the members' share of the images; "
                       f"mem p: permutation p over images ({result.multiple_testing}-adjusted across layers)",
                       markup=False)
+    if comparison:
+        _print_comparison(console, comparison)
     for item in evidence(result):
         colour = {"yes": "green", "no": "red", "signal": "yellow"}[item["css"]]
         console.print(Text.assemble((item["question"], "bold"), " ", (item["answer"], colour)))
@@ -76,6 +81,59 @@ def render_summary(result: AuditResult, markup: bool = False) -> str:
     for note in result.notes:
         console.print(f"note: {display_id(note)}", markup=False)
     return buffer.getvalue()
+
+
+def render_series_summary(runs: dict[str | None, AuditResult], comparisons: dict[str | None, Comparison | None],
+                          markup: bool = False) -> str:
+    """One run's summary (``render_summary``); for a checkpoint series, a table of every layer's mean
+    UnitMem and gate at each checkpoint, then the last checkpoint's summary."""
+    labels = list(runs)
+    last = labels[-1]
+    if labels == [None]:
+        return render_summary(runs[None], markup, comparisons.get(None))
+    table = Table(title=None, show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("layer", no_wrap=True)
+    for label in labels:
+        table.add_column(label, justify="right", no_wrap=True)
+    for layer in runs[last].layers:
+        cells = []
+        for label in labels:
+            found = runs[label].layer(layer.name)
+            delta = "" if comparisons.get(label) is None else f" ({_delta_cell(comparisons[label], layer.name)})"
+            status = "" if found.outcome is None or found.outcome.status in ("passed", "not gated") else (
+                f" [{'red' if found.outcome.status == 'failed' else 'yellow'}]{found.outcome.status}[/]")
+            cells.append(_fmt(found.stats.mean_unitmem) + delta + status)
+        table.add_row(layer.name, *cells)
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=markup, no_color=not markup, width=1000, highlight=False,
+                      soft_wrap=True)
+    console.print(f"checkpoint series: mean UnitMem per layer at each of {len(labels)} checkpoints, natural order"
+                  + (" (in brackets: the change from the baseline; * beyond noise)" if any(comparisons.values()) else ""),
+                  markup=False)
+    console.print(table)
+    console.print(f"the last checkpoint, {last}, in full:", markup=False)
+    return buffer.getvalue() + render_summary(runs[last], markup, comparisons.get(last))
+
+
+def _delta_cell(comparison: Comparison, layer: str) -> str:
+    change = comparison.layer(layer)
+    change = None if change is None else change.changes.get("mean_unitmem")
+    if change is None:
+        return "n/a"
+    return _fmt(change.delta, "+.3f") + (" *" if change.beyond_noise else "")
+
+
+def _print_comparison(console: Console, comparison: Comparison) -> None:
+    """Which baseline, and (prominently) what differs besides the checkpoint."""
+    baseline = comparison.baseline
+    sha = ((baseline.checkpoint or {}).get("sha256") or "none")[:12]
+    same = "; the same checkpoint" if comparison.same_checkpoint else ""
+    console.print(f"Δ mean: mean UnitMem minus the baseline's, {comparison.label} (model {baseline.model}, checkpoint "
+                  f"{sha}, {len(baseline.samples)} data points{same}); * beyond noise", markup=False)
+    if comparison.differences:
+        listed = "; ".join(f"{what} {old} -> {new}" for what, old, new in comparison.differences)
+        console.print(Text.assemble(("the runs differ besides the checkpoint: ", "bold yellow"), listed,
+                                    (" (the changes mix both)", "yellow")))
 
 
 def _gate_cell(layer) -> str:

@@ -11,14 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from ..compare import Comparison
 from ..data import display_id
-from ..gates import LIMITS, Check, adjusted_p_values
+from ..gates import GATES, Check, adjusted_p_values
 from ..results import AuditResult, LayerResult
 from ..stats import group_size
 from . import figures
+from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section
 from .format import fmt, fmt_interval, fmt_p
 from .memorized import memorized_section
+from .series import series_section
 from .thumbnails import Gallery
 
 TABLE1_UNITS = 20
@@ -26,7 +29,8 @@ FIGURE3_UNITS = 10
 PICKED_SHOWN = 12  # data points shown per group in Figure 4
 
 
-def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
+def report_context(result: AuditResult, gallery: Gallery, comparison: Comparison | None = None,
+                   series: list[tuple[str, AuditResult]] | None = None) -> dict[str, Any]:
     """Everything the report template renders; thumbnails are collected as rows are built."""
     values = [layer.values.unitmem for layer in result.layers]
     all_values = np.concatenate(values)
@@ -77,6 +81,8 @@ def report_context(result: AuditResult, gallery: Gallery) -> dict[str, Any]:
         "color_stops": figures.color_stops(),
         "histogram": figures.histogram(all_values, float(all_values.mean())),
         "depth": depth_figure(result),
+        "compare": None if comparison is None else compare_section(result, comparison, gallery),
+        "series": None if series is None else series_section(series),
     }
     context["thumbnails"] = gallery.stylesheet()  # last: after every row has asked for its images
     return context
@@ -133,7 +139,7 @@ def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
     """One column per threshold in use, one row per layer: failed layers first, then warned,
     passed and not gated; forward order within each."""
     used = {check.key for layer in layers if layer.outcome for check in layer.outcome.checks}
-    keys = [key for key in LIMITS if key in used]
+    keys = [key for key in GATES if key in used]
     rank = {"failed": 0, "warned": 1, "passed": 2, "not gated": 3}
     rows = []
     for layer in sorted(layers, key=lambda layer: rank[gate_status(layer)]):
@@ -141,7 +147,7 @@ def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
         checks = {c.key: check_cell(c, level) for c in (layer.outcome.checks if layer.outcome else ())}
         rows.append({"name": layer.name, "module": layer.module, "status": gate_status(layer),
                      "cells": [checks.get(key) for key in keys]})
-    columns = [{"key": key, "figure": LIMITS[key][0], "meaning": LIMITS[key][1]} for key in keys]
+    columns = [{"key": key, "figure": GATES[key][0], "meaning": GATES[key][1]} for key in keys]
     return {"columns": columns, "rows": rows}
 
 
@@ -154,8 +160,12 @@ def check_cell(check: Check, level: float | None) -> dict[str, Any]:
     notes = []
     if check.key == "fraction_above_max" and level is not None:
         notes.append(f"UnitMem > {fmt(level, 'g')}")
-    if check.when == "significant":
+    if check.relative is not None:
+        notes.append(f"{check.relative * 100:g}% of the baseline's {fmt(abs(check.baseline), '.3g')}")
+    if check.when == "significant" and math.isfinite(check.low) and math.isfinite(check.high):
         notes.append(f"95% [{fmt(check.low, '.3g')}, {fmt(check.high, '.3g')}]")
+    elif check.when == "significant":
+        notes.append("fails only beyond noise")
     if check.severity == "warn":
         notes.append("warning only")
     state = "passed" if check.passed else "failed" if check.severity == "fail" else "warned"

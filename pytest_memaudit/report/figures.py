@@ -208,19 +208,27 @@ class DepthPlot(PlotArea):
     x_labels: list[tuple[float, str]]
     y_ticks: list[tuple[float, str]]
     y_label: str = "mean UnitMem"
+    legend: bool = True  # drawn in the plot; off where the page lists the lines itself
 
 
-def depth_plot(names: list[str], lines: list[Line], step: int = 30, y_label: str = "mean UnitMem") -> DepthPlot:
-    """Each line's per-layer values against layer depth, with error bars where a line has intervals."""
+def depth_plot(names: list[str], lines: list[Line], step: int = 30, y_label: str = "mean UnitMem",
+               legend: bool = True) -> DepthPlot:
+    """Each line's per-layer values against layer depth (or any sequence ``names``), with error bars where a
+    line has intervals. The y axis starts at 0, or below it when a value is negative; intervals past the axes
+    are cut at them."""
     left, top, plot_height = 56, 16, 220
     plot_width = max(1, len(names)) * step
     extents = [v for line in lines for v in line.values if math.isfinite(v)]
-    ticks = nice_ticks(max(extents, default=1.0), most=5)
-    scale = plot_height / ticks[-1]
+    lowest = min(extents, default=0.0)
+    if lowest < 0:
+        ticks = _span_ticks(np.array([lowest, max(extents, default=0.0)]))
+    else:
+        ticks = nice_ticks(max(extents, default=1.0), most=5)
+    scale = plot_height / (ticks[-1] - ticks[0])
     xs = [left + (i + 0.5) * step for i in range(len(names))]
 
     def y(value: float) -> float:  # intervals reaching past the axes are cut at them
-        return top + plot_height - min(max(0.0, value), ticks[-1]) * scale
+        return top + plot_height - (min(max(ticks[0], value), ticks[-1]) - ticks[0]) * scale
 
     series = []
     for line in lines:
@@ -245,8 +253,9 @@ def depth_plot(names: list[str], lines: list[Line], step: int = 30, y_label: str
         plot_height=plot_height,
         series=series,
         x_labels=list(zip(xs, names)),
-        y_ticks=[(top + plot_height - t * scale, f"{t:g}") for t in ticks],
+        y_ticks=[(y(t), f"{t:g}") for t in ticks],
         y_label=y_label,
+        legend=legend,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jinja2
 
+from ..compare import Comparison
 from ..results import AuditResult, write_text_atomic
 from .context import report_context
 from .thumbnails import Gallery, ThumbnailSource
@@ -15,16 +16,20 @@ from .thumbnails import Gallery, ThumbnailSource
 TEMPLATE = "report.html.j2"
 
 
-def render_html(result: AuditResult, images: ThumbnailSource | None = None, gallery: str = "images") -> str:
-    """The report as HTML text; ``images`` gives thumbnail pixels (None: names only)."""
-    context = report_context(result, Gallery(result.samples, gallery, images))
+def render_html(result: AuditResult, images: ThumbnailSource | None = None, gallery: str = "images",
+                comparison: Comparison | None = None, series: list[tuple[str, AuditResult]] | None = None) -> str:
+    """The report as HTML text; ``images`` gives thumbnail pixels (None: names only); ``comparison``
+    adds the "Compared with" section; ``series`` (each checkpoint's result by label, ``result`` the
+    last) the "Checkpoint series" section."""
+    context = report_context(result, Gallery(result.samples, gallery, images), comparison, series)
     return _environment().get_template(TEMPLATE).render(context)
 
 
 def write_html(path: str | Path, result: AuditResult, images: ThumbnailSource | None = None,
-               gallery: str = "images") -> Path:
+               gallery: str = "images", comparison: Comparison | None = None,
+               series: list[tuple[str, AuditResult]] | None = None) -> Path:
     """Render, then replace ``path`` atomically: a failed render leaves any old report as it was."""
-    text = render_html(result, images, gallery)
+    text = render_html(result, images, gallery, comparison, series)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
