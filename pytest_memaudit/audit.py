@@ -27,7 +27,8 @@ from .augment import augment_views
 from .config import RunSettings, control_roles
 from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
-from .device import ForwardTimer, check_precision, is_out_of_memory, precision_mode, resolve_device, selected_device
+from .device import ForwardTimer, check_precision, is_out_of_memory, precision_mode, process_device, selected_device
+from .distributed import World, join
 from .errors import AuditError, DataError
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
@@ -37,6 +38,7 @@ from .models import LayerSpec, ModelSpec, get_model_spec
 from .planted import PlantedUnit, choose_plants, planted_copy, thumbnails
 from .planted import evaluate as evaluate_planted
 from .results import AuditResult, LayerResult, SubjectResult
+from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .stats import jackknife_interval, layer_stats, spread_figures
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
@@ -66,126 +68,323 @@ class Subject:
     states: dict[str, LayerState] = field(default_factory=dict)
 
 
+@dataclass
+class ShardProgress:
+    """How far this process got through its shard: the first ``done`` of ``positions``, of which
+    ``skipped`` (position, reason) could not be read."""
+
+    positions: range
+    done: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    resumed: int = 0  # ``done`` when this run started (from a snapshot)
+
+    def remaining(self) -> range:
+        return self.positions[self.done :]
+
+    @property
+    def read(self) -> int:
+        return self.done - len(self.skipped)
+
+    def state_dict(self) -> dict:
+        return {"done": self.done, "skipped": [[position, reason] for position, reason in self.skipped]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = self.resumed = int(state["done"])
+        self.skipped = [(int(position), str(reason)) for position, reason in state["skipped"]]
+
+
+@dataclass
+class AuditRun:
+    """What one process of an audit works with, set up alike on every process."""
+
+    settings: RunSettings
+    spec: ModelSpec
+    selected: list[LayerSpec]
+    world: World
+    device: torch.device
+    images: LabelledImages
+    image_size: int
+    checkpoint: Path | None
+    checkpoint_info: dict | None
+    model_net: torch.nn.Module
+    fingerprint: dict
+    progress: ShardProgress
+    workers: int
+    forward: AdaptiveForward
+    notes: list[str]
+    subjects: list[Subject] = field(default_factory=list)
+    plants: list[PlantedUnit] = field(default_factory=list)
+    checker: OverlapCheck | None = None
+    snapshots: Snapshots | None = None
+    timer: ForwardTimer | None = None
+
+    @property
+    def views(self) -> int:
+        return max(self.settings.augmentations, 1)
+
+    @property
+    def batch_size(self) -> int:
+        """Views per forward pass, as asked (the forward halves its own on out-of-memory)."""
+        return self.settings.batch_size or (256 if self.device.type == "cuda" else 32)
+
+    @property
+    def controls(self) -> tuple[str, ...]:
+        return control_roles(self.settings, self.spec)
+
+    @property
+    def source(self) -> str:
+        images = self.images
+        return images.description or ("builtin (generated images)" if images.root is None else str(images.root))
+
+    def snapshot(self) -> dict:
+        """This process's resumable state: its subjects' layer states and its progress."""
+        return {
+            "progress": self.progress.state_dict(),
+            "states": {s.role: {name: state.state_dict() for name, state in s.states.items()} for s in self.subjects},
+            "overlap": None if self.checker is None else self.checker.state_dict(),
+        }
+
+    def restore(self, saved: dict) -> None:
+        try:
+            for subject in self.subjects:
+                for name, state in subject.states.items():
+                    state.load_state_dict(saved["states"][subject.role][name])
+            self.progress.load_state_dict(saved["progress"])
+            if self.checker is not None:
+                self.checker.load_state_dict(saved["overlap"])
+        except (KeyError, TypeError) as exc:
+            raise AuditError(f"the snapshot {self.snapshots.path} lacks part of this audit's state ({exc}); "
+                             "delete it to start this process's share over") from None
+
+    def close(self) -> None:
+        for subject in self.subjects:
+            if subject.recorder:
+                subject.recorder.close()
+            for state in subject.states.values():
+                state.close()
+
+
+@dataclass
+class Merged:
+    """The data points of every process, after the merge."""
+
+    read: np.ndarray  # positions in the listing of the data points read, increasing
+    skipped: list[dict[str, str]]  # unreadable images, in listing order
+    shards: list[int]  # data points read per process
+    new_index: np.ndarray  # (positions,) data point index of each position read, -1 for the skipped
+    notes: list[str]
+
+
 def run_audit(
     settings: RunSettings,
     model: ModelSpec | None = None,
     layers: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
 ) -> AuditResult:
-    """Audit ``layers`` (display names or module paths; None: all) of the model ``settings`` name."""
+    """Audit ``layers`` (display names or module paths; None: all) of the model ``settings`` name.
+
+    Launched as several processes (torchrun), each streams its shard of the data points and
+    every process returns the same result: shard, stream, merge, finalize.
+    """
     started = time.perf_counter()
     spec = model or get_model_spec(settings.model)
     selected = select_layers(spec, layers)
-    device = resolve_device(settings.device)
-    precision = settings.precision
-    check_precision(precision, device)  # before the models are built
-    image_size = settings.image_size or spec.default_image_size
-    views = max(settings.augmentations, 1)
-    batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
-    controls = control_roles(settings, spec)
-    images = open_images(settings, spec, image_size, planted=settings.planted_units if "planted" in controls else 0)
-    notes = list(images.notes)
-    source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
-
-    checkpoint = spec.locate(settings.checkpoint)
-    model_net = prepare(spec.build(checkpoint), device)
-    subjects = [Subject("model", model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
-    if "random" in controls:
-        control_net = prepare(random_weights_copy(model_net, settings.seed), device)
-        subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
-    if "planted" in controls and not images.count(PLANTED):
-        notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
-
-    workers = settings.workers if settings.workers is not None else default_workers(images)
-    forward = AdaptiveForward(batch_size, device, notes)
-    samples: list[str] = []
-    read: list[int] = []  # the positions in ``images`` of the data points, in order
-    skipped: list[dict[str, str]] = []
-    timer = ForwardTimer(device)
-    plants: list[PlantedUnit] = []
-    checker = OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None
+    world = join(settings.dist_timeout)
+    run = None
+    timing: dict[str, float] = {}
     try:
-        with torch.inference_mode(), selected_device(device), precision_mode(precision, device), \
-                reuse_freed_memory(device):
-            if images.count(PLANTED) and "planted" in controls:
-                plants, planted_net = build_planted(model_net, selected, images, settings, device, forward)
-                subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
-            for subject in subjects:
-                subject.recorder = LayerRecorder(subject.net, selected)
-            median_budget = settings.median_memory * 2**20 // len(subjects)
-            batches = images.iter_batches(max(1, batch_size // views), workers, pin_memory=device.type == "cuda")
-            for batch in batches:
-                skipped += [{"id": images.ids[pos], "reason": reason} for pos, reason in batch.skipped]
-                n = len(batch.positions)
-                if n:
-                    if checker:
-                        checker.add(batch.positions, batch.images)
-                    pixels = batch.images.to(device, non_blocking=True).float().div_(255)
-                    seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
-                    batch_views = augment_views(pixels, settings.augmentations, seeds).contiguous(
-                        memory_format=MEMORY_FORMAT
-                    )
-                    index = torch.arange(len(samples), len(samples) + n, device=device)
-                    label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
-                    group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
-                    for subject in subjects:
-                        with timer:
-                            outputs = forward(subject.net, subject.recorder, batch_views)
-                        if not subject.states:
-                            subject.states = new_states(outputs, settings, len(images), device, median_budget)
-                            notes += spill_notes(subject.role, subject.states, settings.median_memory)
-                        for name, per_view in outputs.items():
-                            subject.states[name].update(per_view.view(n, views, -1).mean(dim=1), index, label, group)
-                    samples += [images.ids[pos] for pos in batch.positions]
-                    read += batch.positions
-                if progress:
-                    progress(len(samples) + len(skipped), len(images))
-        check_read(images, read, skipped, source)
-        point_labels = images.labels[read]
-        point_groups = images.groups[read]
-        finished = {subject.role: finalize(subject, selected, settings, point_labels, point_groups)
-                    for subject in subjects}
+        run = set_up(settings, spec, selected, world)
+        with torch.inference_mode(), selected_device(run.device), precision_mode(settings.precision, run.device), \
+                reuse_freed_memory(run.device):
+            add_subjects(run)
+            stream(run, progress)
+            clock = time.perf_counter()
+            merged = merge(run)
+            timing["merge_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        labels, groups = run.images.labels[merged.read], run.images.groups[merged.read]
+        finished = {subject.role: finalize(subject, selected, settings, labels, groups) for subject in run.subjects}
+        timing["finalize_s"] = time.perf_counter() - clock
     finally:
-        for subject in subjects:
-            if subject.recorder:
-                subject.recorder.close()
-            for state in subject.states.values():
-                state.close()
+        if run is not None:
+            run.close()
+        world.close()
+    return assemble(run, merged, finished, timing | {"wall_s": time.perf_counter() - started})
 
-    wall = time.perf_counter() - started
-    n_views = len(samples) * views * len(subjects)
+
+def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], world: World) -> AuditRun:
+    """Device, data, model and snapshots, agreed on by every process: a problem on one stops all."""
+    problem = None
+    try:
+        device = process_device(settings.device, world.launch.local_rank, world.launch.local_size)
+        check_precision(settings.precision, device)  # before the models are built
+        image_size = settings.image_size or spec.default_image_size
+        planted = settings.planted_units if "planted" in control_roles(settings, spec) else 0
+        images = open_images(settings, spec, image_size, planted=planted)
+        checkpoint = spec.locate(settings.checkpoint)
+        checkpoint_info = checkpoint_record(checkpoint)
+        model_net = prepare(spec.build(checkpoint), device)
+    except Exception as exc:  # noqa: BLE001 (shared with the other processes, then raised)
+        problem = exc
+    world.agree(problem, "setting up the audit")
+    fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size)
+    world.agree_on(fingerprint | {"device type": device.type}, "what to audit")
+    world.check_devices(device)
+    batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
+    notes = list(images.notes)  # the forward adds to them
+    run = AuditRun(
+        settings, spec, selected, world, device, images, image_size, checkpoint, checkpoint_info, model_net,
+        fingerprint, ShardProgress(world.shard(len(images))),
+        settings.workers if settings.workers is not None else default_workers(images, world.launch.local_size),
+        AdaptiveForward(batch_size, device, notes), notes, timer=ForwardTimer(device),
+        checker=OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None,
+    )
+    if settings.state:
+        run.snapshots = Snapshots(settings.state, world.rank, world.size, fingerprint, settings.state_every)
+    return run
+
+
+def add_subjects(run: AuditRun) -> None:
+    """The model and its controls, each with a recorder and a layer state per audited layer;
+    the states and progress of a snapshot, if there is one."""
+    settings, images = run.settings, run.images
+    run.subjects = [Subject("model", run.model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
+    if "random" in run.controls:
+        control_net = prepare(random_weights_copy(run.model_net, settings.seed), run.device)
+        run.subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
+    if "planted" in run.controls and not images.count(PLANTED):
+        run.notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
+    if images.count(PLANTED) and "planted" in run.controls:
+        run.plants, planted_net = build_planted(run.model_net, run.selected, images, settings, run.device,
+                                                run.forward, run.world)
+        run.subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
+    probe = torch.zeros(1, 3, run.image_size, run.image_size, device=run.device).contiguous(memory_format=MEMORY_FORMAT)
+    budget = settings.median_memory * 2**20 // len(run.subjects)
+    for subject in run.subjects:
+        subject.recorder = LayerRecorder(subject.net, run.selected)
+        units = run.forward(subject.net, subject.recorder, probe)  # every layer's unit count
+        subject.states = new_states(units, settings, len(run.progress.positions), run.device, budget)
+        run.notes += spill_notes(subject.role, subject.states, settings.median_memory)
+    problem, saved = None, None
+    try:
+        saved = run.snapshots.load() if run.snapshots else None
+        if saved is not None:
+            run.restore(saved)
+    except AuditError as exc:
+        problem = exc
+    run.world.agree(problem, "reading the snapshots")
+
+
+def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
+    """Stream this process's remaining shard through every subject, in batches of data points;
+    a snapshot now and then and at the end."""
+    settings, images, device, views = run.settings, run.images, run.device, run.views
+    batches = images.iter_batches(max(1, run.batch_size // views), run.workers, pin_memory=device.type == "cuda",
+                                  positions=run.progress.remaining())
+    for batch in batches:
+        run.progress.skipped += batch.skipped
+        n = len(batch.positions)
+        if n:
+            if run.checker:
+                run.checker.add(batch.positions, batch.images)
+            pixels = batch.images.to(device, non_blocking=True).float().div_(255)
+            seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
+            batch_views = augment_views(pixels, settings.augmentations, seeds).contiguous(memory_format=MEMORY_FORMAT)
+            index = torch.tensor(batch.positions, dtype=torch.int64, device=device)
+            label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
+            group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
+            for subject in run.subjects:
+                with run.timer:
+                    outputs = run.forward(subject.net, subject.recorder, batch_views)
+                for name, per_view in outputs.items():
+                    subject.states[name].update(per_view.view(n, views, -1).mean(dim=1), index, label, group)
+        run.progress.done += n + len(batch.skipped)
+        if progress:
+            progress(run.progress.done, len(run.progress.positions))
+        if run.snapshots and run.snapshots.due():
+            run.snapshots.save(run.snapshot())
+    if run.snapshots:
+        run.snapshots.save(run.snapshot())
+
+
+def merge(run: AuditRun) -> Merged:
+    """Every process's progress and states, merged on every process; data point indices become
+    positions among the images read, as one process would have numbered them."""
+    world, images = run.world, run.images
+    world.wait_for_all("merging the processes' results")
+    mine = {
+        "skipped": run.progress.skipped,
+        "read": run.progress.read,
+        "resumed": run.progress.resumed,
+        "notes": run.notes,
+        "holdout": None if run.checker is None else run.checker.holdout,
+    }
+    everyone = world.all_gather_object(mine, "gathering the progress")
+    skipped = sorted(pair for theirs in everyone for pair in theirs["skipped"])
+    read = np.setdiff1d(np.arange(len(images)), np.array([position for position, _ in skipped], dtype=np.int64))
+    skipped_ids = [{"id": images.ids[position], "reason": reason} for position, reason in skipped]
+    check_read(images, read, skipped_ids, run.source)
+    if run.checker is not None:
+        found = run.checker.overlaps([pair for theirs in everyone for pair in theirs["holdout"]])
+        run.checker.raise_for(sorted(pair for theirs in world.all_gather_object(found, "checking the held-out set")
+                                     for pair in theirs))
+    new_index = np.full(len(images), -1, dtype=np.int64)
+    new_index[read] = np.arange(read.size)
+    for subject in run.subjects:
+        states = [subject.states[layer.name] for layer in run.selected]
+        world.merge_states(states)
+        for state in states:
+            state.reindex(new_index)
+    notes = list(dict.fromkeys(note for theirs in everyone for note in theirs["notes"]))
+    resumed = sum(theirs["resumed"] for theirs in everyone)
+    if resumed:
+        notes.append(f"resumed from the snapshots in {run.settings.state}: {resumed} of {len(images)} data points "
+                     "had been streamed before")
+    return Merged(read, skipped_ids, [theirs["read"] for theirs in everyone], new_index, notes)
+
+
+def assemble(run: AuditRun, merged: Merged, finished: dict, timing: dict[str, float]) -> AuditResult:
+    """The AuditResult of the finished subjects."""
+    settings, images = run.settings, run.images
+    samples = [images.ids[position] for position in merged.read.tolist()]
+    point_labels = images.labels[merged.read]
+    n_views = len(samples) * run.views * len(run.subjects)
     resolved = settings.as_dict() | {
-        "model": spec.name,
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "device": str(device),
-        "workers": workers,
-        "control": ",".join(controls) or "none",
-        "views_per_image": views,
+        "model": run.spec.name,
+        "image_size": run.image_size,
+        "batch_size": run.batch_size,
+        "device": str(run.device),
+        "workers": run.workers,
+        "control": ",".join(run.controls) or "none",
+        "views_per_image": run.views,
     }
     planted_ids = set(images.canaries)
+    notes = merged.notes
     layers_out, model_contrast, model_loo = finished["model"]
     result = AuditResult(
-        model=spec.name,
+        model=run.spec.name,
         settings=resolved,
-        data_source=source,
+        data_source=run.source,
         samples=samples,
         layers=layers_out,
         labels=[LABELS[code] for code in point_labels.tolist()],
-        skipped=skipped,
-        checkpoint=checkpoint_record(checkpoint),
+        skipped=merged.skipped,
+        checkpoint=run.checkpoint_info,
         timing={
-            "wall_s": wall,
-            "forward_s": timer.seconds,
+            "wall_s": timing["wall_s"],
+            "forward_s": run.timer.seconds,
+            "merge_s": timing["merge_s"],
+            "finalize_s": timing["finalize_s"],
             "views": n_views,
-            "views_per_s": n_views / wall if wall > 0 else 0.0,
+            "views_per_s": n_views / timing["wall_s"] if timing["wall_s"] > 0 else 0.0,
         },
-        environment=environment(device),
+        environment=environment(run.device),
         notes=notes,
         canaries=[sample for sample in samples if sample in planted_ids],
         holdout_source=images.holdout_description,
         membership=None if model_contrast is None else model_contrast.overall,
         argmax_counts=None if model_contrast is None else _per_data_point(model_contrast, len(samples)),
+        distributed={"world_size": run.world.size, "backend": run.world.backend(run.device), "shards": merged.shards},
     )
     if "control" in finished:
         control_layers, control_contrast, control_loo = finished["control"]
@@ -200,7 +399,8 @@ def run_audit(
     if "planted" in finished:
         planted_layers, planted_contrast, _ = finished["planted"]
         result.planted = evaluate_planted(
-            [replace(plant, image=read.index(plant.image)) for plant in plants if plant.image in read],
+            [replace(plant, image=int(merged.new_index[plant.image])) for plant in run.plants
+             if merged.new_index[plant.image] >= 0],
             {layer.name: layer.values for layer in planted_layers},
             settings.planted_strength,
             None if planted_contrast is None else planted_contrast.overall,
@@ -212,6 +412,23 @@ def run_audit(
                 "(audit more views or data points)"
             )
     return result
+
+
+def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], images: LabelledImages,
+                      checkpoint: dict | None, processes: int) -> dict:
+    """What decides an audit's numbers: processes must agree on it, and a snapshot must match it."""
+    listing = hashlib.sha256()
+    for image_id, label in zip(images.ids, images.labels.tolist()):
+        listing.update(f"{label}:{image_id}\n".encode("utf-8", "surrogateescape"))
+    return {
+        "pytest-memaudit version": __version__,
+        "snapshot format": STATE_FORMAT,
+        "settings": {key: value for key, value in settings.as_dict().items() if key not in RESUMABLE_CHANGES},
+        "layers": [layer.name for layer in selected],
+        "checkpoint sha256": None if checkpoint is None else checkpoint["sha256"],
+        "data listing": f"{len(images)} data points, sha256 {listing.hexdigest()[:16]}",
+        "processes": processes,
+    }
 
 
 def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings, point_labels: np.ndarray,
@@ -252,9 +469,9 @@ def _per_data_point(contrast: Contrast, samples: int) -> list[int]:
     return counts.tolist()
 
 
-def check_read(images: LabelledImages, read: list[int], skipped: list[dict[str, str]], source: str) -> None:
+def check_read(images: LabelledImages, read: np.ndarray, skipped: list[dict[str, str]], source: str) -> None:
     """The audit needs 2 readable members, and a readable image in a held-out set it was given."""
-    if not read:
+    if read.size == 0:
         first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
         raise DataError(
             f"none of the {len(images)} images in {source} could be read ({first}). "
@@ -269,35 +486,66 @@ def check_read(images: LabelledImages, read: list[int], skipped: list[dict[str, 
 
 
 class OverlapCheck:
-    """Held-out images must not be members: compared by a hash of their decoded pixels, as the
-    batches arrive (members come first)."""
+    """Held-out images must not be members: compared by a digest of their decoded pixels. Within a
+    process's stream as the batches arrive (its members come first), and across processes at the
+    merge, where each process looks up every process's held-out digests among its own members."""
 
     def __init__(self, images: LabelledImages):
         self.images = images
-        self.members: dict[str, str] = {}
+        self.members: dict[bytes, int] = {}  # pixel digest -> position of the first member with it
+        self.holdout: list[tuple[bytes, int]] = []  # (pixel digest, position) of the held-out images read
 
     def add(self, positions: list[int], pixels: torch.Tensor) -> None:
-        overlaps = []
+        found = []
         for position, image in zip(positions, pixels):
-            digest = hashlib.sha256(image.numpy().tobytes()).hexdigest()
-            image_id = self.images.ids[position]
+            digest = hashlib.sha256(image.numpy().tobytes()).digest()[:16]
             if self.images.labels[position] == MEMBER:
-                self.members.setdefault(digest, image_id)
-            elif digest in self.members:
-                overlaps.append(f"{image_id} = {self.members[digest]}")
-        if overlaps:
-            raise DataError(
-                f"the held-out set shares images with the members (same decoded pixels): {', '.join(overlaps[:5])}"
-                f"{' (the first found)' if len(overlaps) <= 5 else f' and {len(overlaps) - 5} more'}. Held-out "
-                "images must be ones the model never trained on: remove them from --memaudit-holdout."
-            )
+                self.members.setdefault(digest, position)
+            else:
+                self.holdout.append((digest, position))
+                if digest in self.members:
+                    found.append((position, self.members[digest]))
+        self.raise_for(found)
+
+    def overlaps(self, holdout: list[tuple[bytes, int]]) -> list[tuple[int, int]]:
+        """(held-out position, member position) for the held-out digests among this process's members."""
+        return [(position, self.members[digest]) for digest, position in holdout if digest in self.members]
+
+    def raise_for(self, found: list[tuple[int, int]]) -> None:
+        first: dict[int, int] = {}
+        for held, member in found:
+            first[held] = min(member, first.get(held, member))
+        if not first:
+            return
+        ids = self.images.ids
+        overlaps = [f"{ids[held]} = {ids[member]}" for held, member in first.items()]
+        raise DataError(
+            f"the held-out set shares images with the members (same decoded pixels): {', '.join(overlaps[:5])}"
+            f"{' (the first found)' if len(overlaps) <= 5 else f' and {len(overlaps) - 5} more'}. Held-out "
+            "images must be ones the model never trained on: remove them from --memaudit-holdout."
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        members, holdout = list(self.members.items()), self.holdout
+        return {"members": _digests(members), "member_positions": torch.tensor([p for _, p in members], dtype=torch.int64),
+                "holdout": _digests(holdout), "holdout_positions": torch.tensor([p for _, p in holdout], dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.members = {bytes(d): int(p) for d, p in zip(state["members"].tolist(), state["member_positions"].tolist())}
+        self.holdout = [(bytes(d), int(p)) for d, p in zip(state["holdout"].tolist(), state["holdout_positions"].tolist())]
+
+
+def _digests(pairs: list[tuple[bytes, int]]) -> torch.Tensor:
+    """(n, 16) uint8: the digests of (digest, position) pairs, as a tensor a snapshot can hold."""
+    return torch.tensor([list(digest) for digest, _ in pairs], dtype=torch.uint8).view(-1, 16)
 
 
 def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,
-                  settings: RunSettings, device: torch.device, forward: AdaptiveForward
+                  settings: RunSettings, device: torch.device, forward: AdaptiveForward, world: World
                   ) -> tuple[list[PlantedUnit], torch.nn.Module]:
     """The planted control: the planted images' views (the implants' references), the model's
-    mean |activation| per unit over them (the implants' scale), then the planted copy."""
+    mean |activation| per unit over them (the implants' scale), then the planted copy. Every
+    process computes this alike; process 0's choice of units is the one all use."""
     kept, pixels = [], []
     for position in images.positions(PLANTED).tolist():
         try:
@@ -314,7 +562,8 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
     with LayerRecorder(model_net, selected) as recorder:
         outputs = forward(model_net, recorder, planted_views)
     scales = {layer.name: outputs[layer.name].double().mean(dim=0).cpu().numpy() for layer in selected}
-    plants = choose_plants(scales, kept, settings.planted_strength, settings.seed)
+    plants = world.broadcast_object(choose_plants(scales, kept, settings.planted_strength, settings.seed),
+                                    "choosing the planted units")
     net = planted_copy(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)})
     return plants, net
 
@@ -366,11 +615,21 @@ def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, memb
     return images
 
 
-def default_workers(images: ImageSet) -> int:
-    """Decode in worker processes for files on disk; generated images are made in process."""
+def default_workers(images: ImageSet, processes_here: int = 1) -> int:
+    """Decode in worker processes for files on disk (half the CPUs this process may use, shared
+    with the audit's other ``processes_here`` processes on this machine, at most 8); generated
+    images are made in process."""
     if images.root is None:
         return 0
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    return max(1, min(8, available_cpus() // processes_here // 2))
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a job scheduler sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def prepare(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:

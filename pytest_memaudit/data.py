@@ -14,7 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -362,12 +362,14 @@ class ImageSet(Dataset):
             return position, None, exc.reason
 
     def iter_batches(
-        self, images_per_batch: int, workers: int, *, pin_memory: bool = False
+        self, images_per_batch: int, workers: int, *, pin_memory: bool = False, positions: Sequence[int] | None = None
     ) -> Iterator[ImageBatch]:
-        """Batches of consecutive data points in order; ``workers`` = 0 decodes in process."""
+        """Batches of consecutive data points (of ``positions``, default all) in order; ``workers``
+        = 0 decodes in process."""
         loader = DataLoader(
             self,
             batch_size=images_per_batch,
+            sampler=positions,
             shuffle=False,
             num_workers=workers,
             collate_fn=functools.partial(_collate, size=self.size),

@@ -51,6 +51,11 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("planted-strength", float, "a planted image's activation over its unit's mean in the planted control (default 8)"),
     ("groups", int, "data point groups for the jackknife error bars (default 10)"),
     ("permutations", int, "label permutations of the membership test (default 10000)"),
+    ("state", str, "directory for resumable snapshots of the audit: rerunning the same command continues where it "
+     "stopped (default: none)"),
+    ("state-every", int, "seconds between snapshots to --memaudit-state (default 300; 0: after every batch)"),
+    ("dist-timeout", int, "seconds a process of a multi-process audit (torchrun) waits for the others before it "
+     "stops and names them (default 1800)"),
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32")}
 DEFAULT_FILE_PATTERNS = ["memaudit*.yaml", "memaudit*.yml"]
@@ -279,9 +284,16 @@ def memaudit_result(pytestconfig: pytest.Config) -> "AuditResult":
     return state.run()
 
 
+def is_rank_zero() -> bool:
+    """Whether this process prints and writes: the only one, or rank 0 of a torchrun launch."""
+    from .distributed import launch_rank
+
+    return launch_rank() == 0
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(audit_session_key, None)
-    if state is None or state.result is None:
+    if state is None or state.result is None or not is_rank_zero():
         return
     html_path, json_path = report_paths(session.config)
     if json_path:
@@ -330,7 +342,7 @@ def write_report(state: AuditSession, path: Path) -> Path:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = config.stash.get(audit_session_key, None)
-    if state is None or state.result is None:
+    if state is None or state.result is None or not is_rank_zero():
         return
     from .terminal import render_summary
 
@@ -379,7 +391,7 @@ class _progress:
         if self._capture:
             self._capture.__enter__()
         console = Console(file=sys.stderr)
-        if console.is_terminal and self.config.get_verbosity() >= 0:
+        if console.is_terminal and self.config.get_verbosity() >= 0 and is_rank_zero():
             self.bar = Progress(TextColumn("memaudit"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                                 TimeRemainingColumn(), console=console, transient=True)
             self.bar.__enter__()

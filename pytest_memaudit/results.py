@@ -71,6 +71,8 @@ class AuditResult:
     argmax_counts: list[int] | None = None  # per data point: units (all layers) whose pooled argmax it is
     control: SubjectResult | None = None
     planted: PlantedResult | None = None
+    # the processes that computed it: world_size, backend (None for one process), shards (data points per process)
+    distributed: dict[str, Any] | None = None
 
     def layer(self, name: str) -> LayerResult:
         return _find_layer(self.layers, name)
@@ -136,6 +138,7 @@ class AuditResult:
                 "membership": _membership_json(self.membership),
             },
             "timing": self.timing,
+            "distributed": self.distributed,
             "environment": self.environment,
             "notes": self.notes,
             "canaries": [{"id": c, "rank": r} for c, r in self.canary_ranks().items()],
@@ -168,6 +171,7 @@ class AuditResult:
             argmax_counts=data.get("argmax_counts"),
             control=None if data.get("control") is None else _subject_from_json(data["control"]),
             planted=_planted_from_json(data.get("planted"), samples),
+            distributed=data.get("distributed"),
         )
 
 
