@@ -49,31 +49,43 @@ def grouped_order_statistics(values: np.ndarray, groups: np.ndarray, n_groups: i
     Every process must call this with the same ``ranks`` and unit count (it runs collectives).
     A rank outside [1, rows of the target] gives a meaningless value.
     """
-    ranks = np.asarray(ranks)
+    ranks = np.asarray(ranks, dtype=np.int64)
     targets, queries = ranks.shape
     if targets != n_groups + 1:
         raise ValueError(f"ranks must have one row per target ({n_groups + 1}), got {targets}")
     keys = float_keys(values)
     units = keys.shape[1]
-    every = _sorted_columns(keys)
-    per_group = [_sorted_columns(keys[groups == g]) for g in range(n_groups)]
-    wanted = torch.from_numpy(ranks.astype(np.int32))[None, :, :, None]
-    steps = torch.arange(1, 1 << RADIX_BITS, dtype=torch.int64)
-    low = torch.full((units, targets, queries), -(1 << 31), dtype=torch.int64)  # each range: [low, low + width)
+    every = _SortedColumns(keys)
+    per_group = [_SortedColumns(keys[groups == g]) for g in range(n_groups)]
+    steps = np.arange(1, 1 << RADIX_BITS, dtype=np.int64)
+    low = np.full((units, targets, queries), -(1 << 31), dtype=np.int64)  # each range: [low, low + width)
     for done in range(RADIX_BITS, 33, RADIX_BITS):
         width = 1 << (32 - done)  # of the sub-ranges this round chooses among
-        bounds = (low[..., None] + width * steps).to(torch.int32)  # (units, targets, queries, steps), <= 2**31 - 1
-        below = torch.searchsorted(every, bounds.view(units, -1), out_int32=True).view(bounds.shape)
+        bounds = low[..., None] + width * steps  # (units, targets, queries, steps)
+        below = every.count_below(bounds)
         for g, column in enumerate(per_group):
-            below[:, g + 1] -= torch.searchsorted(column, bounds[:, g + 1].reshape(units, -1).contiguous(),
-                                                  out_int32=True).view(units, queries, -1)
-        all_reduce(below, "sum")
-        low += width * (below < wanted).sum(dim=3)  # sub-ranges wholly below the wanted rank
-    return key_floats(low.to(torch.int32).numpy()).transpose(1, 2, 0)
+            below[:, g + 1] -= column.count_below(bounds[:, g + 1])
+        counts = torch.from_numpy(below)
+        all_reduce(counts, "sum")
+        low += width * (counts.numpy() < ranks[None, :, :, None]).sum(axis=3)  # sub-ranges wholly below the rank
+    return key_floats(low.astype(np.int32)).transpose(1, 2, 0)
 
 
-def _sorted_columns(keys: np.ndarray) -> torch.Tensor:
-    """(units, rows) int32: each unit's keys, sorted."""
-    columns = np.ascontiguousarray(keys.T)
-    columns.sort(axis=1)
-    return torch.from_numpy(columns)
+class _SortedColumns:
+    """Each unit's keys, sorted, in one flat array where unit u's keys are offset by u * 2**32: one
+    binary search answers queries of every unit (numpy's, single-threaded: many small searches
+    run faster than on a thread pool that a busy machine keeps waiting)."""
+
+    def __init__(self, keys: np.ndarray):
+        self.rows, units = keys.shape
+        columns = keys.T.astype(np.int64) + (1 << 31)  # (units, rows), in [0, 2**32)
+        columns.sort(axis=1)
+        self.offsets = np.arange(units, dtype=np.int64) << 32
+        columns += self.offsets[:, None]
+        self.flat = columns.ravel()
+
+    def count_below(self, bounds: np.ndarray) -> np.ndarray:
+        """Per unit (the first axis of ``bounds``), how many of its keys are below each bound."""
+        shape = (-1,) + (1,) * (bounds.ndim - 1)
+        queries = bounds + (1 << 31) + self.offsets.reshape(shape)
+        return np.searchsorted(self.flat, queries) - (np.arange(bounds.shape[0], dtype=np.int64) * self.rows).reshape(shape)

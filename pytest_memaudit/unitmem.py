@@ -38,9 +38,9 @@ NO_INDEX = torch.iinfo(torch.int64).max  # the index of a top-k slot no data poi
 # Median rows computed on a GPU wait there until this many bytes are pending, then move to the host.
 PENDING_BYTES = 4 << 20
 # The median's selection reads units a chunk at a time: about this many bytes per chunk, at
-# SELECTION_BYTES_PER_VALUE per stored value (the float32 value, its key and two sorted copies).
+# SELECTION_BYTES_PER_VALUE per stored value (the float32 value, its int32 key, two int64 sorted copies).
 SELECTION_CHUNK_BYTES = 1 << 30
-SELECTION_BYTES_PER_VALUE = 16
+SELECTION_BYTES_PER_VALUE = 24
 
 
 @dataclass
