@@ -40,6 +40,7 @@ from .planted import evaluate as evaluate_planted
 from .results import AuditResult, LayerResult, SubjectResult
 from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .stats import jackknife_interval, layer_stats, spread_figures
+from .tarshards import open_image_folder
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
@@ -591,7 +592,7 @@ def member_images(settings: RunSettings, spec: ModelSpec, image_size: int) -> Im
         return images if settings.samples is None else images.sample(settings.samples, settings.seed)
     if settings.data in (None, "builtin"):
         return ImageSet.builtin(settings.samples or spec.default_samples, image_size, settings.seed)
-    return ImageSet.from_folder(settings.data, image_size, settings.samples, settings.seed)
+    return open_image_folder(settings.data, image_size, settings.samples, settings.seed)
 
 
 def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, members: ImageSet) -> ImageSet | None:
@@ -607,7 +608,7 @@ def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, memb
         images = ImageSet.builtin(settings.samples or len(members), image_size, settings.seed, start=start)
     else:
         try:
-            images = ImageSet.from_folder(choice, image_size, None, settings.seed)
+            images = open_image_folder(choice, image_size, None, settings.seed)
         except DataError as exc:
             raise DataError(f"held-out set (--memaudit-holdout): {exc}") from None
     if settings.samples is not None and len(images) > settings.samples:
