@@ -156,8 +156,12 @@ class World:
         for name, value in everyone[0].items():
             odd = [rank for rank, theirs in enumerate(everyone) if theirs.get(name) != value]
             if odd:
-                differ.append(f"{name} (process 0: {_short(value)}; process {odd[0]}: {_short(everyone[odd[0]].get(name))}"
-                              f"{f'; {len(odd) - 1} more processes differ' if len(odd) > 1 else ''})")
+                theirs = everyone[odd[0]].get(name)
+                if isinstance(value, dict) and isinstance(theirs, dict):  # name the entries that differ
+                    keys = [key for key in dict.fromkeys([*value, *theirs]) if value.get(key) != theirs.get(key)]
+                    value, theirs = ({key: side.get(key) for key in keys} for side in (value, theirs))
+                more = f"; {len(odd) - 1} more processes differ" if len(odd) > 1 else ""
+                differ.append(f"{name} (process 0: {_short(value)}; process {odd[0]}: {_short(theirs)}{more})")
         if differ:
             raise AuditError(
                 f"the processes of this audit disagree on {what}: {'; '.join(differ)}. Every process must audit the "

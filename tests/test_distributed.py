@@ -152,7 +152,7 @@ def merge_worker(rank, size, port, out_dir):
         except Exception as exc:  # noqa: BLE001
             problems["agree"] = (type(exc).__name__, str(exc))
         try:
-            world.agree_on({"settings": 1, "data listing": "A" if rank == 0 else "B"}, "what to audit")
+            world.agree_on({"settings": {"reduce": "mean", "seed": min(rank, 1)}, "data listing": "A"}, "what to audit")
         except AuditError as exc:
             problems["agree_on"] = str(exc)
         torch.save({"results": results, "problems": problems, "shard": list(world.shard(100))},
@@ -210,7 +210,8 @@ def test_collective_merge_equals_one_state(size, tmp_path):
             assert (kind, message) == ("ValueError", "disk full")  # the process that met it raises it
         else:
             assert kind == "AuditError" and f"process {size - 1}: ValueError: disk full" in message
-        assert "disagree on what to audit: data listing (process 0: 'A'; process 1: 'B'" in theirs["problems"]["agree_on"]
+        assert ("disagree on what to audit: settings (process 0: {'seed': 0}; process 1: {'seed': 1}"
+                f"{'; 1 more processes differ' if size == 3 else ''})") in theirs["problems"]["agree_on"]
 
 
 # --- the launch and the devices ---------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""A folder of .tar shards (WebDataset layout) as a data source, read in place."""
+
+import io
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pytest_memaudit.data import decode_image
+from pytest_memaudit.errors import DataError
+from pytest_memaudit.tarshards import TarImageSet, open_image_folder
+
+
+def png_bytes(seed, size=20):
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def add(archive, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder, shards, broken=()):
+    """``shards``: {archive name: [keys]}; each key gets a .png and a .cls member (WebDataset style);
+    keys in ``broken`` get a .png that is not an image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, keys in shards.items():
+        with tarfile.open(folder / name, "w") as archive:
+            for key in keys:
+                add(archive, f"{key}.png", b"not an image" if key in broken else png_bytes(zlib.crc32(key.encode())))
+                add(archive, f"{key}.cls", b"3")
+    return folder
+
+
+def test_members_are_data_points_named_by_archive_and_path(tmp_path):
+    folder = write_shards(tmp_path / "shards", {"train-000001.tar": ["b/x2", "a/x1"], "train-000000.tar": ["z"]},
+                          broken={"b/x2"})
+    (tmp_path / "shards" / "notes.txt").write_text("ignored")
+    images = open_image_folder(folder, 16, None, seed=0)
+    assert isinstance(images, TarImageSet)
+    assert images.ids == ["train-000000.tar/z.png", "train-000001.tar/a/x1.png", "train-000001.tar/b/x2.png"]
+    # the same pixels as the file decoded from disk
+    (tmp_path / "x1.png").write_bytes(png_bytes(zlib.crc32(b"a/x1")))
+    assert images.load(1).equal(decode_image(tmp_path / "x1.png", 16))
+    assert images[2][1] is None and "not an image" in images[2][2]  # skipped, with its reason
+    batches = list(images.iter_batches(2, workers=1))
+    assert [b.positions for b in batches] == [[0, 1], []] and batches[1].skipped[0][0] == 2
+
+
+def test_sampling_keeps_members_and_offsets_together(tmp_path):
+    keys = [f"k{i:02d}" for i in range(12)]
+    folder = write_shards(tmp_path / "shards", {"a.tar": keys[:7], "b.tar": keys[7:]})
+    everything = open_image_folder(folder, 16, None, seed=0)
+    some = open_image_folder(folder, 16, 5, seed=3)
+    assert len(some) == 5 and set(some.ids) <= set(everything.ids)
+    for position, image_id in enumerate(some.ids):
+        assert some.load(position).equal(everything.load(everything.ids.index(image_id)))
+    again = everything.sample(4, seed=1)
+    assert again.load(0).equal(everything.load(everything.ids.index(again.ids[0])))
+
+
+def test_bad_shards_are_data_errors(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.tar").write_bytes(b"this is not a tar archive" * 40)
+    with pytest.raises(DataError, match="cannot read the tar shard .*x.tar"):
+        open_image_folder(tmp_path / "bad", 16, None, seed=0)
+    folder = write_shards(tmp_path / "labels", {"a.tar": []})
+    with tarfile.open(folder / "a.tar", "w") as archive:
+        add(archive, "k.cls", b"1")
+    with pytest.raises(DataError, match="hold no images"):
+        open_image_folder(folder, 16, None, seed=0)
