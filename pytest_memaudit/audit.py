@@ -527,18 +527,21 @@ class OverlapCheck:
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        members, holdout = list(self.members.items()), self.holdout
-        return {"members": _digests(members), "member_positions": torch.tensor([p for _, p in members], dtype=torch.int64),
-                "holdout": _digests(holdout), "holdout_positions": torch.tensor([p for _, p in holdout], dtype=torch.int64)}
+        return {"members": _digest_table(list(self.members.items())), "holdout": _digest_table(self.holdout)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.members = {bytes(d): int(p) for d, p in zip(state["members"].tolist(), state["member_positions"].tolist())}
-        self.holdout = [(bytes(d), int(p)) for d, p in zip(state["holdout"].tolist(), state["holdout_positions"].tolist())]
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.members = dict(_digest_pairs(state["members"]))
+        self.holdout = _digest_pairs(state["holdout"])
 
 
-def _digests(pairs: list[tuple[bytes, int]]) -> torch.Tensor:
-    """(n, 16) uint8: the digests of (digest, position) pairs, as a tensor a snapshot can hold."""
-    return torch.tensor([list(digest) for digest, _ in pairs], dtype=torch.uint8).view(-1, 16)
+def _digest_table(pairs: list[tuple[bytes, int]]) -> dict[str, torch.Tensor]:
+    """(digest, position) pairs as tensors a snapshot can hold: (n, 16) uint8 and (n,) int64."""
+    return {"digests": torch.tensor([list(digest) for digest, _ in pairs], dtype=torch.uint8).view(-1, 16),
+            "positions": torch.tensor([position for _, position in pairs], dtype=torch.int64)}
+
+
+def _digest_pairs(table: dict[str, torch.Tensor]) -> list[tuple[bytes, int]]:
+    return [(bytes(digest), position) for digest, position in zip(table["digests"].tolist(), table["positions"].tolist())]
 
 
 def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,

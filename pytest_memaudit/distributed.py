@@ -86,7 +86,8 @@ def _integer(env: Mapping[str, str], name: str, default: int | None = None) -> i
     try:
         return int(str(value).strip())
     except ValueError:
-        raise AuditError(f"environment variable {name}={value!r} is not a whole number; the launcher set it wrongly") from None
+        raise AuditError(f"environment variable {name}={value!r} is not a whole number; the launcher set it "
+                         "wrongly") from None
 
 
 class World:

@@ -88,4 +88,5 @@ class _SortedColumns:
         """Per unit (the first axis of ``bounds``), how many of its keys are below each bound."""
         shape = (-1,) + (1,) * (bounds.ndim - 1)
         queries = bounds + (1 << 31) + self.offsets.reshape(shape)
-        return np.searchsorted(self.flat, queries) - (np.arange(bounds.shape[0], dtype=np.int64) * self.rows).reshape(shape)
+        starts = np.arange(bounds.shape[0], dtype=np.int64) * self.rows  # where each unit's keys begin
+        return np.searchsorted(self.flat, queries) - starts.reshape(shape)

@@ -53,7 +53,8 @@ def list_tar_images(root: Path, shards: list[str]) -> tuple[list[str], np.ndarra
             with tarfile.open(root / name, mode="r:") as archive:
                 for member in archive:
                     base = member.name.rsplit("/", 1)[-1]
-                    if member.isfile() and not base.startswith(".") and os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS:
+                    is_image = os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS
+                    if member.isfile() and is_image and not base.startswith("."):
                         ids.append(f"{name}/{member.name}")
                         shard_of.append(number)
                         offsets.append(member.offset_data)

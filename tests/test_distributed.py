@@ -2,7 +2,6 @@
 with 2 and 3 gloo processes, the launch's environment and the per-process device."""
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from pytest_memaudit.device import process_device
 from pytest_memaudit.distributed import Launch, World, join, launch_from_environment
 from pytest_memaudit.errors import AuditError
@@ -161,12 +161,6 @@ def merge_worker(rank, size, port, out_dir):
         world.close()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(function, size, *args, deadline_s=120):
     context = mp.start_processes(function, args=(size, *args), nprocs=size, join=False, start_method="spawn")
     stop = time.monotonic() + deadline_s
@@ -256,3 +250,13 @@ def test_each_process_of_a_machine_needs_its_own_device():
         assert process_device("auto", 2, 4) == torch.device("cpu")
         with pytest.raises(AuditError, match="CUDA is not available"):
             process_device("cuda", 0, 2)
+
+
+def test_decoding_workers_share_the_machine_between_its_processes(monkeypatch):
+    import pytest_memaudit.audit as audit
+    from pytest_memaudit.data import ImageSet
+
+    folder = ImageSet(["a.png"], Path("/data"), 16, 0)
+    monkeypatch.setattr(audit, "available_cpus", lambda: 96)
+    assert [audit.default_workers(folder, processes) for processes in (1, 8, 48, 96)] == [8, 6, 1, 1]
+    assert audit.default_workers(ImageSet.builtin(2, 16, 0), 1) == 0  # generated images: in process

@@ -89,3 +89,30 @@ def test_state_that_is_a_file_is_an_error(setup):
     (tmp_path / "file").write_text("x")
     with pytest.raises(AuditError, match="is a file; give a directory"):
         audit(**values | {"state": str(tmp_path / "file")})
+
+
+def test_interrupted_audit_with_controls_and_holdout_resumes_to_the_same_figures(setup):
+    tmp_path, values = setup
+    values |= dict(holdout=str(make_images(tmp_path / "held", 5, size=16, seed=3)), control="random,planted",
+                   planted_units=2, permutations=200, state_every=0)
+    uninterrupted = audit(**values | {"state": None})
+    calls = []
+
+    def interrupt_after_three_batches(done, total):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(make_settings(**values), TINY, progress=interrupt_after_three_batches)
+    resumed = audit(**values)
+    assert any(f"{calls[1]} of 14 data points had been streamed before" in note for note in resumed.notes)  # batch 2
+    assert resumed.samples == uninterrupted.samples and resumed.labels == uninterrupted.labels
+    for subject in ("layers", "control"):
+        ours = resumed.layers if subject == "layers" else resumed.control.layers
+        theirs = uninterrupted.layers if subject == "layers" else uninterrupted.control.layers
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a.values.unitmem, b.values.unitmem, rtol=1e-5)
+            assert a.values.max_sample.tolist() == b.values.max_sample.tolist()
+    assert [u.unitmem for u in resumed.planted.units] == pytest.approx([u.unitmem for u in uninterrupted.planted.units])
+    assert resumed.membership.member_share == uninterrupted.membership.member_share

@@ -1,41 +1,14 @@
 """A folder of .tar shards (WebDataset layout) as a data source, read in place."""
 
-import io
 import tarfile
 import zlib
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import add_member, png_bytes, write_shards
 from pytest_memaudit.data import decode_image
 from pytest_memaudit.errors import DataError
 from pytest_memaudit.tarshards import TarImageSet, open_image_folder
-
-
-def png_bytes(seed, size=20):
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def add(archive, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
-
-
-def write_shards(folder, shards, broken=()):
-    """``shards``: {archive name: [keys]}; each key gets a .png and a .cls member (WebDataset style);
-    keys in ``broken`` get a .png that is not an image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, keys in shards.items():
-        with tarfile.open(folder / name, "w") as archive:
-            for key in keys:
-                add(archive, f"{key}.png", b"not an image" if key in broken else png_bytes(zlib.crc32(key.encode())))
-                add(archive, f"{key}.cls", b"3")
-    return folder
 
 
 def test_members_are_data_points_named_by_archive_and_path(tmp_path):
@@ -72,6 +45,6 @@ def test_bad_shards_are_data_errors(tmp_path):
         open_image_folder(tmp_path / "bad", 16, None, seed=0)
     folder = write_shards(tmp_path / "labels", {"a.tar": []})
     with tarfile.open(folder / "a.tar", "w") as archive:
-        add(archive, "k.cls", b"1")
+        add_member(archive, "k.cls", b"1")
     with pytest.raises(DataError, match="hold no images"):
         open_image_folder(folder, 16, None, seed=0)

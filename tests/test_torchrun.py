@@ -4,6 +4,7 @@ every process alike, and a run killed halfway then resumed."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_images
-from test_tarshards import write_shards
+from conftest import free_port, make_images, write_shards
 from tiny_encoder import YAML
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import load_audit_file, make_settings
@@ -38,8 +38,9 @@ def environment(**extra):
 
 
 def pytest_args(options):
+    flags = [str(part) for name, value in options.items() for part in (f"--memaudit-{name}", value)]
     return ["-m", "pytest", "audits", "-p", "no:cacheprovider", "-q", "--memaudit-model", "tiny",
-            "--memaudit-html", "none", *[str(part) for item in options.items() for part in (f"--memaudit-{item[0]}", item[1])]]
+            "--memaudit-html", "none", *flags]
 
 
 def torchrun(workdir, processes, options, **popen):
@@ -96,7 +97,8 @@ def test_two_processes_audit_as_one_median_with_holdout_and_skipped_images(workd
     one = one_process(workdir, options)
     assert_same_audit(one, two)
     assert [s["id"] for s in two.skipped] == ["img_002.png", "img_011.png"]
-    assert two.distributed == {"world_size": 2, "backend": "gloo", "shards": [8, 9]}  # 9 and 10 positions, 1 unreadable each
+    # shards of 9 and 10 positions, one unreadable image in each
+    assert two.distributed == {"world_size": 2, "backend": "gloo", "shards": [8, 9]}
     assert one.distributed == {"world_size": 1, "backend": None, "shards": [17]}
     assert two.membership.member_share == pytest.approx(one.membership.member_share)
     assert output.count("memaudit summary") == 1 and output.count("results written") == 1  # process 0 alone
@@ -116,13 +118,14 @@ def test_two_processes_audit_tar_shards_as_one_mean(workdir):
     assert two.distributed["shards"] == [6, 5] and len(two.samples) == 11
 
 
-def launch_by_hand(workdir, options_per_process):
+def launch_by_hand(workdir, options_per_process, **extra_env):
     """Processes started as srun starts them (rank variables set, no torchrun), each with its own options."""
-    port = str(29500 + os.getpid() % 2000)
+    port = str(free_port())
     processes = []
     for rank, options in enumerate(options_per_process):
         env = environment(RANK=str(rank), WORLD_SIZE=str(len(options_per_process)), LOCAL_RANK=str(rank),
-                          LOCAL_WORLD_SIZE=str(len(options_per_process)), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+                          LOCAL_WORLD_SIZE=str(len(options_per_process)), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                          **extra_env)
         processes.append(subprocess.Popen([sys.executable, *pytest_args(options)], cwd=workdir, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return [finished(process) for process in processes]
@@ -134,6 +137,16 @@ def test_bad_input_on_one_process_stops_every_process_with_a_usage_error(workdir
     assert [code for code, _ in outcomes] == [4, 4], outcomes
     assert "nowhere does not exist" in outcomes[1][1]
     assert "process 1: data directory" in outcomes[0][1] and "nowhere does not exist" in outcomes[0][1]
+
+
+def test_a_process_that_dies_midway_is_named_by_the_others(workdir):
+    options = {"data": "builtin", "samples": 12, "augmentations": 0, "batch-size": 1, "control": "none",
+               "dist-timeout": 60}
+    started = time.monotonic()
+    (code0, output0), (code1, _) = launch_by_hand(workdir, [options, options], TINY_ENCODER_CRASH="1:4")
+    assert code1 == 9 and code0 == 4, output0
+    assert "process 0 lost the other processes while merging" in output0 and re.search(r"[Rr]anks? 1\b", output0)
+    assert time.monotonic() - started < TIMEOUT_S
 
 
 def descendants(pid):

@@ -1,6 +1,7 @@
 """A tiny encoder for audits in subprocesses (torchrun): an audit YAML names it as
 ``tiny_encoder:build`` with this folder on PYTHONPATH. ``TINY_ENCODER_SLEEP`` (seconds) slows
-each forward pass down, for tests that stop an audit halfway."""
+each forward pass down, for tests that stop an audit halfway; ``TINY_ENCODER_CRASH=R:K`` makes
+the process of rank R die (exit 9, no cleanup) at its K-th forward pass."""
 
 import os
 import time
@@ -28,8 +29,14 @@ class TinyEncoder(nn.Module):
         self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(32, 32, 3, stride=2, padding=1)
         self.sleep = float(os.environ.get("TINY_ENCODER_SLEEP", "0"))
+        rank, _, passes = os.environ.get("TINY_ENCODER_CRASH", "-1:0").partition(":")
+        self.crash_at = int(passes) if rank == os.environ.get("RANK", "0") else 0
+        self.passes = 0
 
     def forward(self, x):
+        self.passes += 1
+        if self.passes == self.crash_at:
+            os._exit(9)
         if self.sleep:
             time.sleep(self.sleep)
         return self.conv3(F.silu(self.conv2(F.silu(self.conv1(x)))))
