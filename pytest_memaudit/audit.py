@@ -174,6 +174,7 @@ class Merged:
     shards: list[int]  # data points read per process
     new_index: np.ndarray  # (positions,) data point index of each position read, -1 for the skipped
     notes: list[str]
+    waited_s: float  # of the merge's time, spent waiting for the other processes to finish their shards
 
 
 def run_audit(
@@ -312,7 +313,9 @@ def merge(run: AuditRun) -> Merged:
     """Every process's progress and states, merged on every process; data point indices become
     positions among the images read, as one process would have numbered them."""
     world, images = run.world, run.images
+    clock = time.perf_counter()
     world.wait_for_all("merging the processes' results")
+    waited = time.perf_counter() - clock
     mine = {
         "skipped": run.progress.skipped,
         "read": run.progress.read,
@@ -341,7 +344,7 @@ def merge(run: AuditRun) -> Merged:
     if resumed:
         notes.append(f"resumed from the snapshots in {run.settings.state}: {resumed} of {len(images)} data points "
                      "had been streamed before")
-    return Merged(read, skipped_ids, [theirs["read"] for theirs in everyone], new_index, notes)
+    return Merged(read, skipped_ids, [theirs["read"] for theirs in everyone], new_index, notes, waited)
 
 
 def assemble(run: AuditRun, merged: Merged, finished: dict, timing: dict[str, float]) -> AuditResult:
@@ -374,7 +377,8 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, timing: dict[str, fl
         timing={
             "wall_s": timing["wall_s"],
             "forward_s": run.timer.seconds,
-            "merge_s": timing["merge_s"],
+            "wait_s": merged.waited_s,
+            "merge_s": timing["merge_s"] - merged.waited_s,
             "finalize_s": timing["finalize_s"],
             "views": n_views,
             "views_per_s": n_views / timing["wall_s"] if timing["wall_s"] > 0 else 0.0,

@@ -8,7 +8,7 @@ import pytest
 from conftest import add_member, png_bytes, write_shards
 from pytest_memaudit.data import decode_image
 from pytest_memaudit.errors import DataError
-from pytest_memaudit.tarshards import TarImageSet, open_image_folder
+from pytest_memaudit.tarshards import TarImageSet, open_image_folder, tar_members
 
 
 def test_members_are_data_points_named_by_archive_and_path(tmp_path):
@@ -41,10 +41,30 @@ def test_sampling_keeps_members_and_offsets_together(tmp_path):
 def test_bad_shards_are_data_errors(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.tar").write_bytes(b"this is not a tar archive" * 40)
-    with pytest.raises(DataError, match="cannot read the tar shard .*x.tar"):
+    with pytest.raises(DataError, match="cannot read the tar shard .*x.tar: no tar header at byte 0"):
         open_image_folder(tmp_path / "bad", 16, None, seed=0)
     folder = write_shards(tmp_path / "labels", {"a.tar": []})
     with tarfile.open(folder / "a.tar", "w") as archive:
         add_member(archive, "k.cls", b"1")
     with pytest.raises(DataError, match="hold no images"):
         open_image_folder(folder, 16, None, seed=0)
+
+
+@pytest.mark.parametrize("form", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_headers_are_read_as_tarfile_reads_them(tmp_path, form):
+    names = ["a.jpg", "dir/b.png", "p/" + "y" * 90 + "/q" * 20 + ".jpg", "café/ü.jpg"]
+    if form != tarfile.USTAR_FORMAT:
+        names.append("x" * 120 + "/long.png")  # past ustar's 255 bytes: a GNU long name or a pax path
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=form) as archive:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        for i, name in enumerate(names):
+            add_member(archive, name, bytes(range(i * 37 % 200)))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        archive.addfile(link)
+    with tarfile.open(path) as archive:
+        expected = [(member.name, member.offset_data, member.size) for member in archive if member.isfile()]
+    assert tar_members(path) == expected and len(expected) == len(names)
