@@ -314,7 +314,8 @@ class ValueStore:
     def flush(self) -> None:
         """Copy the pending rows to the matrix: one device-to-host copy for many batches."""
         if self._pending:
-            self.matrix[self.stored : self.count] = torch.cat(self._pending).cpu().numpy()
+            rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)  # one: no copy to make
+            self.matrix[self.stored : self.count] = rows.cpu().numpy()
             self.stored = self.count
             self._pending.clear()
 
