@@ -43,7 +43,7 @@ from .stats import jackknife_interval, layer_stats, spread_figures
 from .tarshards import open_image_folder
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
-ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
+ProgressCallback = Callable[[int, int], None]  # (data points done, in all) of this process's share
 # Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in.
 MEMORY_FORMAT = torch.channels_last
 
@@ -126,7 +126,7 @@ class AuditRun:
     @property
     def batch_size(self) -> int:
         """Views per forward pass, as asked (the forward halves its own on out-of-memory)."""
-        return self.settings.batch_size or (256 if self.device.type == "cuda" else 32)
+        return views_per_pass(self.settings, self.device)
 
     @property
     def controls(self) -> tuple[str, ...]:
@@ -232,13 +232,12 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
     fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size)
     world.agree_on(fingerprint | {"device type": device.type}, "what to audit")
     world.check_devices(device)
-    batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
-    notes = list(images.notes)  # the forward adds to them
+    notes = list(images.notes)  # shared with the forward, which notes each halving of its batch
     run = AuditRun(
         settings, spec, selected, world, device, images, image_size, checkpoint, checkpoint_info, model_net,
         fingerprint, ShardProgress(world.shard(len(images))),
         settings.workers if settings.workers is not None else default_workers(images, world.launch.local_size),
-        AdaptiveForward(batch_size, device, notes), notes, timer=ForwardTimer(device),
+        AdaptiveForward(views_per_pass(settings, device), device, notes), notes, timer=ForwardTimer(device),
         checker=OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None,
     )
     if settings.state:
@@ -419,6 +418,10 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, timing: dict[str, fl
     return result
 
 
+def views_per_pass(settings: RunSettings, device: torch.device) -> int:
+    return settings.batch_size or (256 if device.type == "cuda" else 32)
+
+
 def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], images: LabelledImages,
                       checkpoint: dict | None, processes: int) -> dict:
     """What decides an audit's numbers: processes must agree on it, and a snapshot must match it."""
@@ -428,7 +431,8 @@ def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], imag
     return {
         "pytest-memaudit version": __version__,
         "snapshot format": STATE_FORMAT,
-        "settings": {key: value for key, value in settings.as_dict().items() if key not in RESUMABLE_CHANGES},
+        "settings": {key: value for key, value in settings.as_dict().items()
+                     if key not in RESUMABLE_CHANGES and key != "checkpoint"},  # the file's sha256 is below
         "layers": [layer.name for layer in selected],
         "checkpoint sha256": None if checkpoint is None else checkpoint["sha256"],
         "data listing": f"{len(images)} data points, sha256 {listing.hexdigest()[:16]}",

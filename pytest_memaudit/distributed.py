@@ -115,8 +115,8 @@ class World:
         return "nccl" if device.type == "cuda" else "gloo"
 
     def shard(self, n: int) -> range:
-        """This process's data points: a contiguous block of positions, the first ``n % size``
-        processes one more than the rest. Fixed by ``n`` and the launch, not by timing."""
+        """This process's data points: a contiguous block of positions (block sizes differ by one
+        at most). Fixed by ``n`` and the launch, not by timing."""
         return range(self.rank * n // self.size, (self.rank + 1) * n // self.size)
 
     # --- messages ------------------------------------------------------------------------------
