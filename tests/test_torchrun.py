@@ -173,7 +173,7 @@ def test_killed_audit_resumes_to_the_uninterrupted_figures(workdir):
                "reduce": "median", "state": workdir / "state", "state-every": 0, "json": "resumed.json"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                *pytest_args(options)]
-    slow = subprocess.Popen(command, cwd=workdir, env=environment(TINY_ENCODER_SLEEP="0.2"),
+    slow = subprocess.Popen(command, cwd=workdir, env=environment(TINY_ENCODER_SLEEP="0.3"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     snapshots = [workdir / "state" / f"process-{rank:05d}-of-00002.pt" for rank in range(2)]
     deadline = time.monotonic() + TIMEOUT_S
