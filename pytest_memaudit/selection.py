@@ -4,7 +4,7 @@ Each process holds some rows of a (rows, units) float32 matrix. The k-th smalles
 unit over every process's rows is found by a radix selection on the bit patterns: float32 bits
 map to int32 keys that sort as the floats do, and each round narrows every query's key range
 ``2**RADIX_BITS``-fold from the counts of keys below the range's inner boundaries, summed over
-the processes (one all-reduce of units x queries x (2**RADIX_BITS - 1) int32 counts). After
+the processes (one all-reduce of units x queries x (2**RADIX_BITS - 1) counts). After
 ``32 / RADIX_BITS`` rounds the range holds one key: the exact value, whatever the split of the
 rows. Locally the counts come from binary searches in each unit's sorted keys.
 
