@@ -27,8 +27,10 @@ from .augment import augment_views
 from .config import RunSettings, control_roles
 from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
-from .datapoints import DataPoints, score_data_points, what_gets_memorized
-from .device import ForwardTimer, check_precision, faster_layout, is_out_of_memory, precision_mode, resolve_device, selected_device
+from .datapoints import DataPoints, embedded_rows, score_data_points, what_gets_memorized
+from .device import (ForwardTimer, check_precision, faster_layout, is_out_of_memory, precision_mode, process_device,
+                     selected_device)
+from .distributed import World, join
 from .errors import AuditError, DataError, user_code
 from .hardware import precision_notes
 from .heap import reuse_freed_memory
@@ -40,10 +42,12 @@ from .planted import PlantedUnit, choose_plants, planted_copy, thumbnails
 from .planted import evaluate as evaluate_planted
 from .results import AuditResult, LayerResult, SubjectResult
 from .signals import terminate_as_interrupt
+from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .stats import jackknife_interval, layer_stats, spread_figures
+from .tarshards import open_image_folder
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
-ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
+ProgressCallback = Callable[[int, int], None]  # (data points done, in all) of this process's share
 # Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in, for models
 # whose input contract says they support it (InputContract.channels_last).
 MEMORY_FORMAT = torch.channels_last
@@ -70,13 +74,164 @@ class Subject:
     states: dict[str, LayerState] = field(default_factory=dict)
 
 
+@dataclass
+class ShardProgress:
+    """How far this process got through its shard: the first ``done`` of ``positions``, of which
+    ``skipped`` (position, reason) could not be read."""
+
+    positions: range
+    done: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    resumed: int = 0  # ``done`` when this run started (from a snapshot)
+
+    def remaining(self) -> range:
+        return self.positions[self.done :]
+
+    @property
+    def read(self) -> int:
+        return self.done - len(self.skipped)
+
+    def state_dict(self) -> dict:
+        return {"done": self.done, "skipped": [[position, reason] for position, reason in self.skipped]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = self.resumed = int(state["done"])
+        self.skipped = [(int(position), str(reason)) for position, reason in state["skipped"]]
+
+
+@dataclass
+class Measured:
+    """What this process measured of its images besides the states: each image's characteristics
+    (``characteristics.py``) and the model's per-unit activations at the embedding layer, by
+    position in the listing."""
+
+    positions: list[np.ndarray] = field(default_factory=list)
+    characteristics: list[dict[str, np.ndarray]] = field(default_factory=list)
+    embedding: list[np.ndarray] = field(default_factory=list)  # (images, units) per batch
+
+    def add(self, positions: list[int], characteristics: dict[str, np.ndarray], embedding: np.ndarray | None) -> None:
+        self.positions.append(np.asarray(positions, dtype=np.int64))
+        self.characteristics.append(characteristics)
+        if embedding is not None:
+            self.embedding.append(embedding)
+
+    def state_dict(self) -> dict:
+        positions = np.concatenate(self.positions) if self.positions else np.zeros(0, dtype=np.int64)
+        names = self.characteristics[0] if self.characteristics else {}
+        return {
+            "positions": torch.from_numpy(positions),
+            "characteristics": {name: torch.from_numpy(np.concatenate([c[name] for c in self.characteristics]))
+                                for name in names},
+            "embedding": torch.from_numpy(np.concatenate(self.embedding)) if self.embedding else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positions = [state["positions"].numpy()]
+        self.characteristics = [{name: values.numpy() for name, values in state["characteristics"].items()}]
+        self.embedding = [] if state["embedding"] is None else [state["embedding"].numpy()]
+
+
+@dataclass
+class AuditRun:
+    """What one process of an audit works with, set up alike on every process."""
+
+    settings: RunSettings
+    spec: ModelSpec
+    selected: list[LayerSpec]
+    world: World
+    device: torch.device
+    images: LabelledImages
+    image_size: int
+    checkpoints: list[Path | None]  # one, or a series
+    checkpoint_info: list[dict | None]
+    given: list[str | None]  # the checkpoints as the user named them
+    model_net: torch.nn.Module
+    layout: torch.memory_format
+    fingerprint: dict
+    progress: ShardProgress
+    workers: int
+    forward: AdaptiveForward
+    notes: list[str]
+    subjects: list[Subject] = field(default_factory=list)
+    plants: list[PlantedUnit] = field(default_factory=list)
+    checker: OverlapCheck | None = None
+    snapshots: Snapshots | None = None
+    timer: ForwardTimer | None = None
+    measured: Measured = field(default_factory=Measured)
+    embedding_layer: str | None = None  # whose activations embed images for clustering
+
+    @property
+    def views(self) -> int:
+        return max(self.settings.augmentations, 1)
+
+    @property
+    def batch_size(self) -> int:
+        """Views per forward pass, as asked (the forward halves its own on out-of-memory)."""
+        return views_per_pass(self.settings, self.device)
+
+    @property
+    def controls(self) -> tuple[str, ...]:
+        return control_roles(self.settings, self.spec)
+
+    @property
+    def source(self) -> str:
+        images = self.images
+        return images.description or ("builtin (generated images)" if images.root is None else str(images.root))
+
+    def snapshot(self) -> dict:
+        """This process's resumable state: its subjects' layer states and its progress."""
+        return {
+            "progress": self.progress.state_dict(),
+            "states": {s.role: {name: state.state_dict() for name, state in s.states.items()} for s in self.subjects},
+            "overlap": None if self.checker is None else self.checker.state_dict(),
+            "measured": self.measured.state_dict(),
+        }
+
+    def restore(self, saved: dict) -> None:
+        try:
+            for subject in self.subjects:
+                for name, state in subject.states.items():
+                    state.load_state_dict(saved["states"][subject.role][name])
+            self.progress.load_state_dict(saved["progress"])
+            if self.checker is not None:
+                self.checker.load_state_dict(saved["overlap"])
+            self.measured.load_state_dict(saved["measured"])
+        except (KeyError, TypeError) as exc:
+            raise AuditError(f"the snapshot {self.snapshots.path} lacks part of this audit's state ({exc}); "
+                             "delete it to start this process's share over") from None
+
+    def close(self) -> None:
+        for subject in self.subjects:
+            if subject.recorder:
+                subject.recorder.close()
+            for state in subject.states.values():
+                state.close()
+
+
+@dataclass
+class Merged:
+    """The data points of every process, after the merge."""
+
+    read: np.ndarray  # positions in the listing of the data points read, increasing
+    skipped: list[dict[str, str]]  # unreadable images, in listing order
+    shards: list[int]  # data points read per process
+    new_index: np.ndarray  # (positions,) data point index of each position read, -1 for the skipped
+    notes: list[str]
+    waited_s: float  # of the merge's time, spent waiting for the other processes to finish their shards
+    characteristics: dict[str, np.ndarray]  # per data point (new index)
+
+
 def run_audit(
     settings: RunSettings,
     model: ModelSpec | None = None,
     layers: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
 ) -> AuditResult:
-    """Audit ``layers`` (display names or module paths; None: all) of the model ``settings`` name."""
+    """Audit ``layers`` (display names or module paths; None: all) of the model ``settings`` name.
+
+    Launched as several processes (torchrun), each streams its shard of the data points and
+    every process returns the same result: shard, stream, merge, finalize.
+    """
     return _audit(settings, model, layers, progress)[0]
 
 
@@ -105,200 +260,321 @@ def _audit(
     settings = replace(settings, checkpoint=checkpoints[0]) if checkpoints else settings
     spec = model or get_model_spec(settings.model)
     selected = select_layers(spec, layers)
-    device = resolve_device(settings.device)
-    precision = settings.precision
-    check_precision(precision, device)  # before the models are built
-    image_size = settings.image_size or spec.default_image_size
-    views = max(settings.augmentations, 1)
-    batch_size = settings.batch_size or (256 if device.type == "cuda" else 32)
-    controls = control_roles(settings, spec)
-    if settings.embedding_layer and spec.layer(settings.embedding_layer) is None:
-        raise AuditError(f"--memaudit-embedding-layer {settings.embedding_layer!r}: model {spec.name} has no such "
-                         f"layer; its layers: {', '.join(layer.name for layer in spec.layers)}")
-    embedding_name = spec.layer(settings.embedding_layer).name if settings.embedding_layer else None
-    images = open_images(settings, spec, image_size, planted=settings.planted_units if "planted" in controls else 0)
-    notes = list(images.notes) + precision_notes(precision, device)
-    source = images.description or ("builtin (generated images)" if images.root is None else str(images.root))
-
-    checkpoint, *later = [spec.locate(given) for given in checkpoints or [settings.checkpoint]]
-    layout = memory_format(spec.input_contract)
-    with user_code(f"building model {spec.name}"):
-        model_net = prepare(spec.build(checkpoint), device, layout)
-    if layout == torch.channels_last and device.type == "cuda":
-        layout, seconds = probe_layouts(model_net, (min(batch_size, 32), 3, image_size, image_size), device, precision)
-        model_net = model_net.to(memory_format=layout)
-        notes.append(f"memory layout on {device}: {'NCHW' if layout == torch.contiguous_format else 'channels-last'}, "
-                     "the faster for a forward pass: " + ", ".join(f"{name} {1000 * s:.1f} ms"
-                                                                    for name, s in seconds.items()))
-    subjects = [Subject("model", model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
-    subjects += series_subjects(spec, later, device, layout)
-    if "random" in controls:
-        control_net = prepare(random_weights_copy(model_net, settings.seed), device, layout)
-        subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
-    if "planted" in (settings.control or "") and not images.count(PLANTED):  # asked for, not the default
-        notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
-
-    workers = settings.workers if settings.workers is not None else default_workers(images, device, views)
-    forward = AdaptiveForward(batch_size, device, notes)
-    samples: list[str] = []
-    read: list[int] = []  # the positions in ``images`` of the data points, in order
-    skipped: list[dict[str, str]] = []
-    timer = ForwardTimer(device)
-    measured: list[dict[str, np.ndarray]] = []  # image characteristics, batch by batch
-    embedding: list[np.ndarray] = []  # the model's per-unit activations at the embedding layer
-    embedding_layer = embedding_name
-    plants: list[PlantedUnit] = []
-    checker = OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None
+    world = join(settings.dist_timeout)
+    run = None
+    timing: dict[str, float] = {}
     try:
-        with torch.inference_mode(), selected_device(device), precision_mode(precision, device), \
-                reuse_freed_memory(device), terminate_as_interrupt():
-            if images.count(PLANTED) and "planted" in controls:
-                plants, planted_net = build_planted(model_net, selected, images, settings, spec.input_contract, layout,
-                                                    device, forward)
-                subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
-            for subject in subjects:
-                subject.recorder = LayerRecorder(subject.net, selected)
-            median_budget = settings.median_memory * 2**20 // len(subjects)
-            batches = images.iter_batches(max(1, batch_size // views), workers, pin_memory=device.type == "cuda",
-                                          characteristics=True)
-            for batch in batches:
-                skipped += [{"id": images.ids[pos], "reason": reason} for pos, reason in batch.skipped]
-                n = len(batch.positions)
-                if n:
-                    if checker:
-                        checker.add(batch.positions, batch.images)
-                    pixels = batch.images.to(device, non_blocking=True).float().div_(255)
-                    seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
-                    batch_views = model_views(pixels, settings.augmentations, seeds, spec.input_contract, layout)
-                    index = torch.arange(len(samples), len(samples) + n, device=device)
-                    label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
-                    group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
-                    for subject in subjects:
-                        with timer, user_code(f"the forward pass of {spec.name} ({subject.role}) on views of shape "
-                                                   f"{tuple(batch_views.shape)}"):
-                            outputs = forward(subject.net, subject.recorder, batch_views)
-                        if not subject.states:
-                            subject.states = new_states(outputs, settings, len(images), device, median_budget)
-                            notes += spill_notes(subject.role, subject.states, settings.median_memory)
-                            embedding_layer = embedding_layer or subject.recorder.ordered(selected)[-1].name
-                        for name, per_view in outputs.items():
-                            values = per_view.view(n, views, -1).mean(dim=1)
-                            subject.states[name].update(values, index, label, group)
-                            if subject.role == "model" and name == embedding_layer:
-                                embedding.append(values.float().cpu().numpy())
-                    measured.append(batch.characteristics)
-                    samples += [images.ids[pos] for pos in batch.positions]
-                    read += batch.positions
-                if progress:
-                    progress(len(samples) + len(skipped), len(images))
-        check_read(images, read, skipped, source)
-        selected = subjects[0].recorder.ordered(selected)  # forward order, as the first batch ran it
-        point_labels = images.labels[read]
-        point_groups = images.groups[read]
-        finished = {subject.role: finalize(subject, selected, settings, point_labels, point_groups)
-                    for subject in subjects}
-        characteristics = {name: np.concatenate([batch[name] for batch in measured]) for name in measured[0]}
+        run = set_up(settings, spec, selected, world, list(checkpoints or [settings.checkpoint]))
+        with torch.inference_mode(), selected_device(run.device), precision_mode(settings.precision, run.device), \
+                reuse_freed_memory(run.device), terminate_as_interrupt():
+            add_subjects(run)
+            stream(run, progress)
+            clock = time.perf_counter()
+            merged = merge(run)
+            timing["merge_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        run.selected = run.subjects[0].recorder.ordered(run.selected)  # forward order, as the first pass ran it
+        labels, groups = run.images.labels[merged.read], run.images.groups[merged.read]
+        finished = {subject.role: finalize(subject, run.selected, settings, labels, groups)
+                    for subject in run.subjects}
         points = {
-            subject.role: score_data_points({layer.name: subject.states[layer.name] for layer in selected},
+            subject.role: score_data_points({layer.name: subject.states[layer.name] for layer in run.selected},
                                             {layer.name: layer.values.unitmem for layer in finished[subject.role][0]},
-                                            list(range(len(LABELS))), len(samples), characteristics)
-            for subject in subjects if subject.role == "model" or subject.role.startswith("model:")
+                                            list(range(len(LABELS))), merged.read.size, merged.characteristics)
+            for subject in run.subjects if is_model(subject.role)
         }
+        embedding = gather_embedding(run, merged, points["model"])
+        timing["finalize_s"] = time.perf_counter() - clock
     finally:
-        for subject in subjects:
-            if subject.recorder:
-                subject.recorder.close()
-            for state in subject.states.values():
-                state.close()
+        if run is not None:
+            run.close()
+        world.close()
+    return assemble(run, merged, finished, points, embedding, timing | {"wall_s": time.perf_counter() - started})
 
-    wall = time.perf_counter() - started
-    n_views = len(samples) * views * len(subjects)
+
+def is_model(role: str) -> bool:
+    """The audited model, or a later checkpoint of a series (``model:1``, ...): not a control."""
+    return role == "model" or role.startswith("model:")
+
+
+def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], world: World,
+           checkpoints: list[str | None]) -> AuditRun:
+    """Device, data, model and snapshots, agreed on by every process: a problem on one stops all."""
+    problem = None
+    try:
+        device = process_device(settings.device, world.launch.local_rank, world.launch.local_size)
+        check_precision(settings.precision, device)  # before the models are built
+        if settings.embedding_layer and spec.layer(settings.embedding_layer) is None:
+            raise AuditError(f"--memaudit-embedding-layer {settings.embedding_layer!r}: model {spec.name} has no "
+                             f"such layer; its layers: {', '.join(layer.name for layer in spec.layers)}")
+        image_size = settings.image_size or spec.default_image_size
+        planted = settings.planted_units if "planted" in control_roles(settings, spec) else 0
+        images = open_images(settings, spec, image_size, planted=planted)
+        paths = [spec.locate(given) for given in checkpoints]
+        checkpoint_info = [checkpoint_record(path) for path in paths]
+        layout = memory_format(spec.input_contract)
+        with user_code(f"building model {spec.name}"):
+            model_net = prepare(spec.build(paths[0]), device, layout)
+        if layout == torch.channels_last and device.type == "cuda":
+            layout, seconds = probe_layouts(model_net, (min(views_per_pass(settings, device), 32), 3, image_size,
+                                                        image_size), device, settings.precision)
+            model_net = model_net.to(memory_format=layout)
+    except Exception as exc:  # noqa: BLE001 (shared with the other processes, then raised)
+        problem = exc
+    world.agree(problem, "setting up the audit")
+    fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size)
+    world.agree_on(fingerprint | {"device type": device.type}, "what to audit")
+    world.check_devices(device)
+    notes = list(images.notes) + precision_notes(settings.precision, device)  # the forward adds its halvings
+    if device.type == "cuda" and memory_format(spec.input_contract) == torch.channels_last:
+        notes.append(f"memory layout on {device}: {layout_name(layout)}, the faster for a forward pass: "
+                     + ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in seconds.items()))
+    views = max(settings.augmentations, 1)
+    run = AuditRun(
+        settings, spec, selected, world, device, images, image_size, paths, checkpoint_info, checkpoints, model_net,
+        layout, fingerprint, ShardProgress(world.shard(len(images))),
+        settings.workers if settings.workers is not None else default_workers(images, device, views,
+                                                                             world.launch.local_size),
+        AdaptiveForward(views_per_pass(settings, device), device, notes), notes, timer=ForwardTimer(device),
+        checker=OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None,
+    )
+    if settings.state:
+        run.snapshots = Snapshots(settings.state, world.rank, world.size, fingerprint, settings.state_every)
+    return run
+
+
+def add_subjects(run: AuditRun) -> None:
+    """The model, the later checkpoints of a series and the controls, each with a recorder and a
+    layer state per audited layer; the states and progress of a snapshot, if there is one."""
+    settings, images = run.settings, run.images
+    run.subjects = [Subject("model", run.model_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED))]
+    for i, checkpoint in enumerate(run.checkpoints[1:], 1):
+        with user_code(f"building model {run.spec.name} from {checkpoint}"):
+            net = prepare(run.spec.build(checkpoint), run.device, run.layout)
+        run.subjects.append(Subject(f"model:{i}", net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
+    if "random" in run.controls:
+        control_net = prepare(random_weights_copy(run.model_net, settings.seed), run.device, run.layout)
+        run.subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
+    if "planted" in (settings.control or "") and not images.count(PLANTED):  # asked for, not the default
+        run.notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
+    if images.count(PLANTED) and "planted" in run.controls:
+        run.plants, planted_net = build_planted(run.model_net, run.selected, images, settings, run.spec.input_contract,
+                                                run.layout, run.device, run.forward, run.world)
+        run.subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
+    probe = torch.zeros(1, 3, run.image_size, run.image_size, device=run.device).contiguous(memory_format=run.layout)
+    budget = settings.median_memory * 2**20 // len(run.subjects)
+    for subject in run.subjects:
+        subject.recorder = LayerRecorder(subject.net, run.selected)
+        with user_code(f"the forward pass of {run.spec.name} ({subject.role}) on views of shape {tuple(probe.shape)}"):
+            units = run.forward(subject.net, subject.recorder, probe)  # every layer's unit count
+        subject.states = new_states(units, settings, len(run.progress.positions), run.device, budget)
+        run.notes += spill_notes(subject.role, subject.states, settings.median_memory)
+    run.embedding_layer = (run.spec.layer(settings.embedding_layer).name if settings.embedding_layer
+                           else run.subjects[0].recorder.ordered(run.selected)[-1].name)
+    problem, saved = None, None
+    try:
+        saved = run.snapshots.load() if run.snapshots else None
+        if saved is not None:
+            run.restore(saved)
+    except AuditError as exc:
+        problem = exc
+    run.world.agree(problem, "reading the snapshots")
+
+
+def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
+    """Stream this process's remaining shard through every subject, in batches of data points;
+    a snapshot now and then and at the end."""
+    settings, images, device, views = run.settings, run.images, run.device, run.views
+    batches = images.iter_batches(max(1, run.batch_size // views), run.workers, pin_memory=device.type == "cuda",
+                                  positions=run.progress.remaining(), characteristics=True)
+    for batch in batches:
+        run.progress.skipped += batch.skipped
+        n = len(batch.positions)
+        if n:
+            if run.checker:
+                run.checker.add(batch.positions, batch.images)
+            pixels = batch.images.to(device, non_blocking=True).float().div_(255)
+            seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
+            batch_views = model_views(pixels, settings.augmentations, seeds, run.spec.input_contract, run.layout)
+            index = torch.tensor(batch.positions, dtype=torch.int64, device=device)
+            label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
+            group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
+            embedding = None
+            for subject in run.subjects:
+                with run.timer, user_code(f"the forward pass of {run.spec.name} ({subject.role}) on views of shape "
+                                          f"{tuple(batch_views.shape)}"):
+                    outputs = run.forward(subject.net, subject.recorder, batch_views)
+                for name, per_view in outputs.items():
+                    values = per_view.view(n, views, -1).mean(dim=1)
+                    subject.states[name].update(values, index, label, group)
+                    if subject.role == "model" and name == run.embedding_layer:
+                        embedding = values.float().cpu().numpy()
+            run.measured.add(batch.positions, batch.characteristics, embedding)
+        run.progress.done += n + len(batch.skipped)
+        if progress:
+            progress(run.progress.done, len(run.progress.positions))
+        if run.snapshots and run.snapshots.due():
+            run.snapshots.save(run.snapshot())
+    if run.snapshots:
+        run.snapshots.save(run.snapshot())
+
+
+def merge(run: AuditRun) -> Merged:
+    """Every process's progress and states, merged on every process; data point indices become
+    positions among the images read, as one process would have numbered them."""
+    world, images = run.world, run.images
+    clock = time.perf_counter()
+    world.wait_for_all("merging the processes' results")
+    waited = time.perf_counter() - clock
+    mine = {
+        "skipped": run.progress.skipped,
+        "read": run.progress.read,
+        "resumed": run.progress.resumed,
+        "notes": run.notes,
+        "holdout": None if run.checker is None else run.checker.holdout,
+    }
+    everyone = world.all_gather_object(mine, "gathering the progress")
+    skipped = sorted(pair for theirs in everyone for pair in theirs["skipped"])
+    read = np.setdiff1d(np.arange(len(images)), np.array([position for position, _ in skipped], dtype=np.int64))
+    skipped_ids = [{"id": images.ids[position], "reason": reason} for position, reason in skipped]
+    check_read(images, read, skipped_ids, run.source)
+    if run.checker is not None:
+        found = run.checker.overlaps([pair for theirs in everyone for pair in theirs["holdout"]])
+        run.checker.raise_for(sorted(pair for theirs in world.all_gather_object(found, "checking the held-out set")
+                                     for pair in theirs))
+    new_index = np.full(len(images), -1, dtype=np.int64)
+    new_index[read] = np.arange(read.size)
+    for subject in run.subjects:
+        states = [subject.states[layer.name] for layer in run.selected]
+        world.merge_states(states)
+        for state in states:
+            state.reindex(new_index)
+    characteristics = gather_characteristics(run, new_index, read.size)
+    notes = list(dict.fromkeys(note for theirs in everyone for note in theirs["notes"]))
+    resumed = sum(theirs["resumed"] for theirs in everyone)
+    if resumed:
+        notes.append(f"resumed from the snapshots in {run.settings.state}: {resumed} of {len(images)} data points "
+                     "had been streamed before")
+    return Merged(read, skipped_ids, [theirs["read"] for theirs in everyone], new_index, notes, waited, characteristics)
+
+
+def gather_characteristics(run: AuditRun, new_index: np.ndarray, count: int) -> dict[str, np.ndarray]:
+    """Every process's image characteristics, as arrays by data point (new index)."""
+    mine = run.measured.state_dict()
+    everyone = run.world.all_gather_object(
+        (mine["positions"].numpy(), {name: values.numpy() for name, values in mine["characteristics"].items()}),
+        "gathering the image characteristics")
+    merged: dict[str, np.ndarray] = {}
+    for positions, values in everyone:
+        rows = new_index[positions]
+        kept = rows >= 0
+        for name, column in values.items():
+            merged.setdefault(name, np.full(count, np.nan))[rows[kept]] = column[kept]
+    return merged
+
+
+def gather_embedding(run: AuditRun, merged: Merged, points: DataPoints) -> np.ndarray | None:
+    """The model's activations at the embedding layer for the data points to cluster (the
+    highest-scoring), from whichever process streamed each; None when there are none to cluster."""
+    wanted = embedded_rows(points)
+    if wanted.size == 0:
+        return None
+    state = run.measured.state_dict()
+    rows = {}
+    if state["embedding"] is not None:
+        index = merged.new_index[state["positions"].numpy()]
+        wanted_set = set(wanted.tolist())
+        rows = {int(i): row for i, row in zip(index, state["embedding"].numpy()) if int(i) in wanted_set}
+    found: dict[int, np.ndarray] = {}
+    for theirs in run.world.all_gather_object(rows, "gathering the images to cluster"):
+        found.update(theirs)
+    embedding = np.full((points.score.size, next(iter(found.values())).size if found else 0), np.nan)
+    for i, row in found.items():
+        embedding[i] = row
+    return embedding
+
+
+def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, DataPoints],
+             embedding: np.ndarray | None, timing: dict[str, float]) -> list[AuditResult]:
+    """The AuditResult of the finished subjects: the model's, then each later checkpoint's."""
+    settings, images = run.settings, run.images
+    samples = [images.ids[position] for position in merged.read.tolist()]
+    labels = [LABELS[code] for code in images.labels[merged.read].tolist()]
+    n_views = len(samples) * run.views * len(run.subjects)
     resolved = settings.as_dict() | {
-        "model": spec.name,
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "device": str(device),
-        "workers": workers,
-        "control": ",".join(controls) or "none",
-        "views_per_image": views,
-        "input": spec.input_contract.describe(),
-        "memory_format": "NCHW" if layout == torch.contiguous_format else "channels-last",
+        "model": run.spec.name,
+        "image_size": run.image_size,
+        "batch_size": run.batch_size,
+        "device": str(run.device),
+        "workers": run.workers,
+        "control": ",".join(run.controls) or "none",
+        "views_per_image": run.views,
+        "input": run.spec.input_contract.describe(),
+        "memory_format": layout_name(run.layout),
     }
     planted_ids = set(images.canaries)
-    layers_out, model_contrast, model_loo = finished["model"]
-    result = AuditResult(
-        model=spec.name,
-        settings=resolved,
-        data_source=source,
-        samples=samples,
-        layers=layers_out,
-        labels=[LABELS[code] for code in point_labels.tolist()],
-        skipped=images.unlisted + skipped,
-        checkpoint=checkpoint_record(checkpoint),
-        timing={
-            "wall_s": wall,
-            "forward_s": timer.seconds,
-            "views": n_views,
-            "views_per_s": n_views / wall if wall > 0 else 0.0,
-        },
-        environment=environment(device),
-        notes=notes,
-        canaries=[sample for sample in samples if sample in planted_ids],
-        holdout_source=images.holdout_description,
-        membership=None if model_contrast is None else model_contrast.overall,
-        memorized=what_gets_memorized(points["model"], [LABELS[code] for code in point_labels.tolist()], samples,
-                                      np.concatenate(embedding) if embedding else None, embedding_layer, settings.seed,
-                                      folders=images.root is not None),
-    )
+    notes = merged.notes
+    folders = images.root is not None
+
+    def result_of(role: str, checkpoint: int) -> AuditResult:
+        layers_out, contrast, leave_out = finished[role]
+        if "control" in finished:
+            control_layers, _, control_loo = finished["control"]
+            attach_control(layers_out, leave_out, control_layers, control_loo)
+        return AuditResult(
+            model=run.spec.name,
+            settings=resolved | ({"checkpoint": run.given[checkpoint]} if len(run.given) > 1 else {}),
+            data_source=run.source,
+            samples=samples,
+            layers=layers_out,
+            labels=labels,
+            skipped=images.unlisted + merged.skipped,
+            checkpoint=run.checkpoint_info[checkpoint],
+            timing={
+                "wall_s": timing["wall_s"],
+                "forward_s": run.timer.seconds,
+                "wait_s": merged.waited_s,
+                "merge_s": timing["merge_s"] - merged.waited_s,
+                "finalize_s": timing["finalize_s"],
+                "views": n_views,
+                "views_per_s": n_views / timing["wall_s"] if timing["wall_s"] > 0 else 0.0,
+            },
+            environment=environment(run.device),
+            notes=notes,
+            canaries=[sample for sample in samples if sample in planted_ids],
+            holdout_source=images.holdout_description,
+            membership=None if contrast is None else contrast.overall,
+            memorized=what_gets_memorized(points[role], labels, samples, embedding if role == "model" else None,
+                                          run.embedding_layer, settings.seed, folders=folders),
+            distributed={"world_size": run.world.size, "backend": run.world.backend(run.device),
+                         "shards": merged.shards},
+        )
+
+    results = [result_of("model", 0)] + [result_of(f"model:{i}", i) for i in range(1, len(run.checkpoints))]
     if "control" in finished:
-        control_layers, control_contrast, control_loo = finished["control"]
-        attach_control(result.layers, model_loo, control_layers, control_loo)
-        result.control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
-                                       None if control_contrast is None else control_contrast.overall)
+        control_layers, control_contrast, _ = finished["control"]
+        control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
+                                None if control_contrast is None else control_contrast.overall)
+        for result in results:
+            result.control = control
     if "planted" in finished:
         planted_layers, planted_contrast, _ = finished["planted"]
-        result.planted = evaluate_planted(
-            [replace(plant, image=read.index(plant.image)) for plant in plants if plant.image in read],
+        planted = evaluate_planted(
+            [replace(plant, image=int(merged.new_index[plant.image])) for plant in run.plants
+             if merged.new_index[plant.image] >= 0],
             {layer.name: layer.values for layer in planted_layers},
             settings.planted_strength,
             None if planted_contrast is None else planted_contrast.overall,
         )
-        if result.planted.recall < 0.9:
+        if planted.recall < 0.9:
             notes.append(
-                f"the planted control was found in only {result.planted.recall:.0%} of its units at strength "
+                f"the planted control was found in only {planted.recall:.0%} of its units at strength "
                 f"{settings.planted_strength:g}: this audit may miss memorization of that strength "
                 "(audit more views or data points)"
             )
-    return [result, *(series_result(result, finished, f"model:{i}", path, given, points[f"model:{i}"], settings.seed)
-                      for i, (path, given) in enumerate(zip(later, (checkpoints or [])[1:]), 1))]
-
-
-def series_subjects(spec: ModelSpec, checkpoints: Sequence[Path | None], device: torch.device,
-                    layout: torch.memory_format) -> list[Subject]:
-    """One more model subject per later checkpoint of a series: ``model:1``, ``model:2``, ..."""
-    subjects = []
-    for i, checkpoint in enumerate(checkpoints, 1):
-        with user_code(f"building model {spec.name} from {checkpoint}"):
-            net = prepare(spec.build(checkpoint), device, layout)
-        subjects.append(Subject(f"model:{i}", net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
-    return subjects
-
-
-def series_result(first: AuditResult, finished: dict, role: str, checkpoint: Path | None, given: str,
-                  points: DataPoints, seed: int) -> AuditResult:
-    """The result of a later checkpoint of a series: its own layers, membership and data point scores
-    (no clusters), the pass's data, timing and notes, the random control compared with its own layers,
-    the planted control shared."""
-    layers, contrast, leave_out = finished[role]
-    if "control" in finished:
-        control_layers, _, control_loo = finished["control"]
-        attach_control(layers, leave_out, control_layers, control_loo)
-    return replace(
-        first, layers=layers, settings=first.settings | {"checkpoint": given}, checkpoint=checkpoint_record(checkpoint),
-        membership=None if contrast is None else contrast.overall, notes=list(first.notes),
-        memorized=what_gets_memorized(points, first.labels, first.samples, None, "", seed,
-                                      folders=first.memorized.classes is not None),
-    )
+        for result in results:
+            result.planted = planted
+    return results
 
 
 def attach_control(layers: list[LayerResult], leave_out: dict[str, np.ndarray], control_layers: list[LayerResult],
@@ -310,6 +586,29 @@ def attach_control(layers: list[LayerResult], leave_out: dict[str, np.ndarray], 
             layer.stats.mean_unitmem - control_layer.stats.mean_unitmem,
             leave_out[layer.name] - control_leave_out[layer.name],
         )
+
+
+def views_per_pass(settings: RunSettings, device: torch.device) -> int:
+    return settings.batch_size or (256 if device.type == "cuda" else 32)
+
+
+def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], images: LabelledImages,
+                      checkpoints: list[dict | None], processes: int) -> dict:
+    """What decides an audit's numbers: processes must agree on it, and a snapshot must match it."""
+    sha256s = [None if checkpoint is None else checkpoint["sha256"] for checkpoint in checkpoints]
+    listing = hashlib.sha256()
+    for image_id, label in zip(images.ids, images.labels.tolist()):
+        listing.update(f"{label}:{image_id}\n".encode("utf-8", "surrogateescape"))
+    return {
+        "pytest-memaudit version": __version__,
+        "snapshot format": STATE_FORMAT,
+        "settings": {key: value for key, value in settings.as_dict().items()
+                     if key not in RESUMABLE_CHANGES and key != "checkpoint"},  # the file's sha256 is below
+        "layers": [layer.name for layer in selected],
+        "checkpoint sha256": sha256s[0] if len(sha256s) == 1 else sha256s,  # one, or a series
+        "data listing": f"{len(images)} data points, sha256 {listing.hexdigest()[:16]}",
+        "processes": processes,
+    }
 
 
 def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings, point_labels: np.ndarray,
@@ -344,9 +643,9 @@ def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSetti
     return results, contrast, leave_out_means
 
 
-def check_read(images: LabelledImages, read: list[int], skipped: list[dict[str, str]], source: str) -> None:
+def check_read(images: LabelledImages, read: np.ndarray, skipped: list[dict[str, str]], source: str) -> None:
     """The audit needs 2 readable members, and a readable image in a held-out set it was given."""
-    if not read:
+    if read.size == 0:
         first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
         raise DataError(
             f"none of the {len(images)} images in {source} could be read ({first}). "
@@ -361,35 +660,69 @@ def check_read(images: LabelledImages, read: list[int], skipped: list[dict[str, 
 
 
 class OverlapCheck:
-    """Held-out images must not be members: compared by a hash of their decoded pixels, as the
-    batches arrive (members come first)."""
+    """Held-out images must not be members: compared by a digest of their decoded pixels. Within a
+    process's stream as the batches arrive (its members come first), and across processes at the
+    merge, where each process looks up every process's held-out digests among its own members."""
 
     def __init__(self, images: LabelledImages):
         self.images = images
-        self.members: dict[str, str] = {}
+        self.members: dict[bytes, int] = {}  # pixel digest -> position of the first member with it
+        self.holdout: list[tuple[bytes, int]] = []  # (pixel digest, position) of the held-out images read
 
     def add(self, positions: list[int], pixels: torch.Tensor) -> None:
-        overlaps = []
+        found = []
         for position, image in zip(positions, pixels):
-            digest = hashlib.sha256(image.numpy().tobytes()).hexdigest()
-            image_id = self.images.ids[position]
+            digest = hashlib.sha256(image.numpy().tobytes()).digest()[:16]
             if self.images.labels[position] == MEMBER:
-                self.members.setdefault(digest, image_id)
-            elif digest in self.members:
-                overlaps.append(f"{image_id} = {self.members[digest]}")
-        if overlaps:
-            raise DataError(
-                f"the held-out set shares images with the members (same decoded pixels): {', '.join(overlaps[:5])}"
-                f"{' (the first found)' if len(overlaps) <= 5 else f' and {len(overlaps) - 5} more'}. Held-out "
-                "images must be ones the model never trained on: remove them from --memaudit-holdout."
-            )
+                self.members.setdefault(digest, position)
+            else:
+                self.holdout.append((digest, position))
+                if digest in self.members:
+                    found.append((position, self.members[digest]))
+        self.raise_for(found)
+
+    def overlaps(self, holdout: list[tuple[bytes, int]]) -> list[tuple[int, int]]:
+        """(held-out position, member position) for the held-out digests among this process's members."""
+        return [(position, self.members[digest]) for digest, position in holdout if digest in self.members]
+
+    def raise_for(self, found: list[tuple[int, int]]) -> None:
+        first: dict[int, int] = {}
+        for held, member in found:
+            first[held] = min(member, first.get(held, member))
+        if not first:
+            return
+        ids = self.images.ids
+        overlaps = [f"{ids[held]} = {ids[member]}" for held, member in first.items()]
+        raise DataError(
+            f"the held-out set shares images with the members (same decoded pixels): {', '.join(overlaps[:5])}"
+            f"{' (the first found)' if len(overlaps) <= 5 else f' and {len(overlaps) - 5} more'}. Held-out "
+            "images must be ones the model never trained on: remove them from --memaudit-holdout."
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"members": _digest_table(list(self.members.items())), "holdout": _digest_table(self.holdout)}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.members = dict(_digest_pairs(state["members"]))
+        self.holdout = _digest_pairs(state["holdout"])
+
+
+def _digest_table(pairs: list[tuple[bytes, int]]) -> dict[str, torch.Tensor]:
+    """(digest, position) pairs as tensors a snapshot can hold: (n, 16) uint8 and (n,) int64."""
+    return {"digests": torch.tensor([list(digest) for digest, _ in pairs], dtype=torch.uint8).view(-1, 16),
+            "positions": torch.tensor([position for _, position in pairs], dtype=torch.int64)}
+
+
+def _digest_pairs(table: dict[str, torch.Tensor]) -> list[tuple[bytes, int]]:
+    return [(bytes(digest), position) for digest, position in zip(table["digests"].tolist(), table["positions"].tolist())]
 
 
 def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,
                   settings: RunSettings, contract: InputContract, layout: torch.memory_format, device: torch.device,
-                  forward: AdaptiveForward) -> tuple[list[PlantedUnit], torch.nn.Module]:
+                  forward: AdaptiveForward, world: World) -> tuple[list[PlantedUnit], torch.nn.Module]:
     """The planted control: the planted images' views (the implants' references), the model's
-    mean |activation| per unit over them (the implants' scale), then the planted copy."""
+    mean |activation| per unit over them (the implants' scale), then the planted copy. Every
+    process computes this alike; process 0's choice of units is the one all use."""
     kept, pixels = [], []
     for position in images.positions(PLANTED).tolist():
         try:
@@ -406,7 +739,8 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
     with LayerRecorder(model_net, selected) as recorder:
         outputs = forward(model_net, recorder, planted_views)
     scales = {name: values.double().mean(dim=0).cpu().numpy() for name, values in outputs.items()}  # forward order
-    plants = choose_plants(scales, kept, settings.planted_strength, settings.seed)
+    plants = world.broadcast_object(choose_plants(scales, kept, settings.planted_strength, settings.seed),
+                                    "choosing the planted units")
     net = planted_copy(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)},
                        recorder.axes)
     return plants, net
@@ -441,7 +775,7 @@ def member_images(settings: RunSettings, spec: ModelSpec, image_size: int) -> Im
         return images if settings.samples is None else images.sample(settings.samples, settings.seed)
     if settings.data in (None, "builtin"):
         return ImageSet.builtin(settings.samples or spec.default_samples, image_size, settings.seed)
-    return ImageSet.from_folder(settings.data, image_size, settings.samples, settings.seed)
+    return open_image_folder(settings.data, image_size, settings.samples, settings.seed)
 
 
 def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, members: ImageSet) -> ImageSet | None:
@@ -457,7 +791,7 @@ def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, memb
         images = ImageSet.builtin(settings.samples or len(members), image_size, settings.seed, start=start)
     else:
         try:
-            images = ImageSet.from_folder(choice, image_size, None, settings.seed)
+            images = open_image_folder(choice, image_size, None, settings.seed)
         except DataError as exc:
             raise DataError(f"held-out set (--memaudit-holdout): {exc}") from None
     if settings.samples is not None and len(images) > settings.samples:
@@ -465,21 +799,34 @@ def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, memb
     return images
 
 
-def default_workers(images: ImageSet, device: torch.device, views: int) -> int:
-    """Image decoding (or generating) processes. On the CPU the forward passes need the cores, so
-    files are decoded by at most half of them (4 at most) and generated images are made in
-    process; on a GPU the host only feeds it, so every core but one may decode, as many as the
+def default_workers(images: ImageSet, device: torch.device, views: int, processes_here: int = 1) -> int:
+    """Image decoding (or generating) processes, from the CPUs this process may use (shared with the
+    audit's other ``processes_here`` processes on this machine). On the CPU the forward passes need
+    the cores, so files are decoded by at most half of them (8 at most) and generated images are made
+    in process; on a GPU the host only feeds it, so every core but one may decode, as many as the
     views per image call for (fewer views per image: more images per second)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    cpus = max(1, available_cpus() // processes_here)
     if device.type == "cuda":
         return max(1, min(cpus - 1, max(2, 16 // views)))
     if images.root is None:
         return 0
-    return max(1, min(4, cpus // 2))
+    return max(1, min(8, cpus // 2))
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a job scheduler sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def memory_format(contract: InputContract) -> torch.memory_format:
     return MEMORY_FORMAT if contract.channels_last else torch.contiguous_format
+
+
+def layout_name(layout: torch.memory_format) -> str:
+    return "NCHW" if layout == torch.contiguous_format else "channels-last"
 
 
 def prepare(net: torch.nn.Module, device: torch.device, layout: torch.memory_format) -> torch.nn.Module:
@@ -608,8 +955,6 @@ def view_seed(seed: int, image_id: str) -> int:
 def checkpoint_record(path: Path | None) -> dict | None:
     if path is None:
         return None
-    if path.is_dir():  # a user model's checkpoint folder: its factory reads what it needs
-        return {"path": str(path), "sha256": None, "bytes": None}
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -72,13 +72,17 @@ class RunSettings:
     groups: int = 10  # data point groups for the jackknife error bars
     permutations: int = 10_000  # label permutations of the membership test
     embedding_layer: str | None = None  # whose activations embed images for clustering; None: the last audited
+    state: str | None = None  # directory of the resumable snapshots; None: none
+    state_every: int = 300  # seconds between snapshots (0: after every batch)
+    dist_timeout: int = 1800  # seconds a process waits for the others at a collective
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 _INT_FIELDS = {"samples": 2, "image_size": 16, "augmentations": 0, "batch_size": 1, "seed": 0, "topk": 1, "workers": 0,
-               "median_memory": 0, "planted_units": 1, "groups": 2, "permutations": 100}
+               "median_memory": 0, "planted_units": 1, "groups": 2, "permutations": 100, "state_every": 0,
+               "dist_timeout": 1}
 _CHOICES = {"reduce": ("mean", "median"), "precision": PRECISIONS}
 
 

@@ -16,7 +16,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -75,8 +75,9 @@ def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | N
                 raise DataError(f"cannot read data directory {root}: {exc.strerror or exc}; check its "
                                 "permissions, or pass --memaudit-data DIR with a readable folder.") from None
             reason = f"cannot read the folder: {exc.strerror or exc}"
-            unlisted.append({"id": _relative(folder, root) + "/", "reason": reason})
+            unlisted.append({"id": folder_prefix(folder, root), "reason": reason})
             continue
+        prefix = folder_prefix(folder, root)
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -87,9 +88,9 @@ def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | N
             if suffix not in IMAGE_EXTENSIONS:
                 others[suffix or "(no extension)"] += 1
             elif entry.is_file():
-                images.append(_relative(entry.path, root))
+                images.append(prefix + entry.name)
             else:
-                unlisted.append({"id": _relative(entry.path, root), "reason": _not_a_file(entry)})
+                unlisted.append({"id": prefix + entry.name, "reason": _not_a_file(entry)})
     unlisted.sort(key=lambda item: item["id"])
     if not images:
         accepted = " ".join(IMAGE_EXTENSIONS)
@@ -104,10 +105,6 @@ def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | N
             "--memaudit-data DIR with the folder that holds them."
         )
     return sorted(images)
-
-
-def _relative(path: str, root: Path) -> str:
-    return Path(path).relative_to(root).as_posix()
 
 
 _SPECIAL_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
@@ -139,6 +136,12 @@ def display_id(sample: str) -> str:
         else:
             shown.append(char)
     return "".join(shown)
+def folder_prefix(folder: str | os.PathLike, root: str | os.PathLike) -> str:
+    """The POSIX path of ``folder`` relative to ``root`` with a trailing slash ('' for the root):
+    what a file's name is prefixed with to make its id. Once per folder, not once per file
+    (building a ``Path`` per file made listing a million files take several times longer)."""
+    relative = Path(folder).relative_to(root).as_posix()
+    return "" if relative == "." else relative + "/"
 
 
 def select_samples(
@@ -429,14 +432,16 @@ class ImageSet(Dataset):
             return position, None, exc.reason
 
     def iter_batches(
-        self, images_per_batch: int, workers: int, *, pin_memory: bool = False, characteristics: bool = False
+        self, images_per_batch: int, workers: int, *, pin_memory: bool = False, positions: Sequence[int] | None = None,
+        characteristics: bool = False,
     ) -> Iterator[ImageBatch]:
-        """Batches of consecutive data points in order; ``workers`` = 0 decodes in process.
-        ``characteristics``: also measure each decoded image (``characteristics.py``), in the
-        worker that decoded it."""
+        """Batches of consecutive data points (of ``positions``, default all) in order; ``workers``
+        = 0 decodes in process. ``characteristics``: also measure each decoded image
+        (``characteristics.py``), in the worker that decoded it."""
         loader = DataLoader(
             self,
             batch_size=images_per_batch,
+            sampler=positions,
             shuffle=False,
             num_workers=workers,
             collate_fn=functools.partial(_collate, size=self.size, characteristics=characteristics),

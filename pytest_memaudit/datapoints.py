@@ -99,13 +99,21 @@ def characteristic_correlations(points: DataPoints, rows: np.ndarray, seed: int)
             for name in CHARACTERISTICS if name in points.characteristics}
 
 
-def cluster_memorized(points: DataPoints, embedding: np.ndarray, layer: str, seed: int) -> Clusters | None:
-    """k-means (k by silhouette) of the highest-scoring data points in ``embedding`` (data points x
-    the layer's units)."""
+def embedded_rows(points: DataPoints) -> np.ndarray:
+    """The data points to cluster: the highest-scoring tenth of those with a score (between
+    CLUSTERED_MIN and CLUSTERED_MAX of them), highest first; none when fewer than CLUSTERED_MIN
+    have a score."""
     scored = np.flatnonzero(points.score > 0)
     wanted = min(CLUSTERED_MAX, max(CLUSTERED_MIN, math.ceil(CLUSTERED_SHARE * scored.size)))
     top = scored[np.argsort(-points.score[scored], kind="stable")[:wanted]]
-    if top.size < CLUSTERED_MIN:
+    return top if top.size >= CLUSTERED_MIN else top[:0]
+
+
+def cluster_memorized(points: DataPoints, embedding: np.ndarray, layer: str, seed: int) -> Clusters | None:
+    """k-means (k by silhouette) of the highest-scoring data points (``embedded_rows``) in
+    ``embedding`` (data points x the layer's units; only those rows need values)."""
+    top = embedded_rows(points)
+    if top.size == 0:
         return None
     clustering = cluster_features(embedding[top], seed)
     mean_score = np.array([points.score[top[clustering.labels == k]].mean() for k in range(clustering.k)])

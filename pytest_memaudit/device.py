@@ -69,6 +69,35 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def process_device(name: str, local_rank: int = 0, local_size: int = 1) -> torch.device:
+    """The device of process ``local_rank`` of the ``local_size`` processes an audit runs on one
+    machine (a torchrun launch). Alone, as ``resolve_device``. Several: ``auto`` and ``cuda`` give
+    process i the GPU cuda:i, or cuda:0 when each process sees a single GPU (its own, as a
+    launcher that binds one GPU per task sets it up); ``cpu`` is the CPU for all of them."""
+    if local_size == 1:
+        return resolve_device(name)
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name not in ("auto", "cuda"):
+        raise AuditError(
+            f"--memaudit-device {name} names one GPU, but {local_size} processes of the audit run on this machine: "
+            "use --memaudit-device cuda (process i of a machine takes cuda:i)"
+        )
+    resolve_device("cuda")  # CUDA must work at all
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if count < local_size:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        restricted = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible else ""
+        raise AuditError(
+            f"--memaudit-device {name}: {local_size} processes run on this machine and each needs a GPU of its own, "
+            f"but process {local_rank} sees {count} GPUs{restricted}. Start at most {count} processes per machine "
+            f"(torchrun --nproc_per_node {count})."
+        )
+    return torch.device("cuda", local_rank)
+
+
 @contextlib.contextmanager
 def selected_device(device: torch.device) -> Iterator[None]:
     """Make a CUDA ``device`` the current CUDA device for the block; restore the previous one.

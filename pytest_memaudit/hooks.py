@@ -96,7 +96,8 @@ def resolve_unit_axis(layer: LayerSpec, module: torch.nn.Module, shape: Sequence
     the last declared width (``declared_widths``, last first) that matches exactly one axis.
     AuditError when nothing settles it."""
     shape = tuple(shape)
-    where = f"layer {layer.name!r} (module {layer.module!r}), output of shape {shape}"
+    shown = "(" + ", ".join(["batch", *map(str, shape[1:])]) + ("," if len(shape) == 1 else "") + ")"
+    where = f"layer {layer.name!r} (module {layer.module!r}), output of shape {shown}"
     if len(shape) < 2:
         raise AuditError(f"{where}: no axis besides the batch holds units; audit a module whose output has one")
     units = layer.units

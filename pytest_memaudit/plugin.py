@@ -59,6 +59,11 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("permutations", int, "label permutations of the membership test (default 10000)"),
     ("embedding-layer", str, "layer whose per-unit activations embed the most memorized images for clustering "
      "(default: the last audited)"),
+    ("state", str, "directory for resumable snapshots of the audit: rerunning the same command continues where it "
+     "stopped (default: none)"),
+    ("state-every", int, "seconds between snapshots to --memaudit-state (default 300; 0: after every batch)"),
+    ("dist-timeout", int, "seconds a process of a multi-process audit (torchrun) waits for the others before it "
+     "stops and names them (default 1800)"),
 ]
 CHOICES = {"reduce": ("mean", "median"), "precision": ("float32", "bfloat16", "tf32")}
 REPEATABLE = ("checkpoint",)  # given several times (or as a glob), --memaudit-checkpoint audits a checkpoint series
@@ -774,9 +779,16 @@ def audit_files(config: pytest.Config, roots: list[Path]) -> list[Path]:
     return list(found)
 
 
+def is_rank_zero() -> bool:
+    """Whether this process prints and writes: the only one, or rank 0 of a torchrun launch."""
+    from .distributed import launch_rank
+
+    return launch_rank() == 0
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(audit_session_key, None)
-    if state is None:
+    if state is None or not is_rank_zero():  # every process has the result; process 0 writes it
         return
     if state.writes_outputs():
         state.outputs = write_outputs(state)
@@ -916,6 +928,8 @@ def stored_thumbnails(state: AuditSession, log: "OutputLog"):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = config.stash.get(audit_session_key, None)
+    if not is_rank_zero():
+        return
     shown_errors = set()  # xdist workers that could not audit report the same error: say it once
     for report in state.reports(markup=terminalreporter.hasmarkup) if state else ():
         if report["summary"] is not None:
@@ -964,7 +978,7 @@ class _progress:
         if self._capture:
             self._capture.__enter__()
         console = Console(file=sys.stderr)
-        if console.is_terminal and self.config.get_verbosity() >= 0:
+        if console.is_terminal and self.config.get_verbosity() >= 0 and is_rank_zero():
             self.bar = Progress(TextColumn("memaudit"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                                 TimeRemainingColumn(), console=console, transient=True)
             self.bar.__enter__()

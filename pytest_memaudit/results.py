@@ -76,6 +76,8 @@ class AuditResult:
     control: SubjectResult | None = None
     planted: PlantedResult | None = None
     multiple_testing: str = "holm"  # how the gates corrected p-values across layers (set when gating)
+    # the processes that computed it: world_size, backend (None for one process), shards (data points per process)
+    distributed: dict[str, Any] | None = None
 
     def layer(self, name: str) -> LayerResult:
         return _find_layer(self.layers, name)
@@ -153,6 +155,7 @@ class AuditResult:
                 "multiple_testing": self.multiple_testing,
             },
             "timing": self.timing,
+            "distributed": self.distributed,
             "environment": self.environment,
             "notes": self.notes,
             "canaries": [{"id": c, "rank": r} for c, r in self.canary_ranks().items()],
@@ -186,6 +189,7 @@ class AuditResult:
             control=None if data.get("control") is None else _subject_from_json(data["control"]),
             planted=_planted_from_json(data.get("planted"), samples),
             multiple_testing=data["summary"].get("multiple_testing", "holm"),
+            distributed=data.get("distributed"),
         )
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import AuditError
+from .selection import AllReduce, grouped_order_statistics, this_process
 
 REDUCTIONS = ("mean", "median")
 LABELS = ("member", "holdout", "planted")  # a data point's role; its code is the position here
@@ -36,6 +37,10 @@ DEFAULT_GROUPS = 10
 NO_INDEX = torch.iinfo(torch.int64).max  # the index of a top-k slot no data point filled yet
 # Median rows computed on a GPU wait there until this many bytes are pending, then move to the host.
 PENDING_BYTES = 4 << 20
+# The median's selection reads units a chunk at a time: about this many bytes per chunk, at
+# SELECTION_BYTES_PER_VALUE per stored value (the float32 value, its int32 key, two int64 sorted copies).
+SELECTION_CHUNK_BYTES = 1 << 30
+SELECTION_BYTES_PER_VALUE = 24
 
 
 @dataclass
@@ -73,7 +78,10 @@ def unitmem_from(mu_max: np.ndarray, mu_rest: np.ndarray) -> tuple[np.ndarray, n
 
 def median_matrix_bytes(samples: int, units: int) -> int:
     """Memory law of the median reduction: every a[i, u] as float32, in host memory or on disk
-    (on a GPU, up to ``PENDING_BYTES`` per layer wait in device memory)."""
+    (on a GPU, up to ``PENDING_BYTES`` per layer wait in device memory). With several processes,
+    each keeps only its own data points' rows: ``samples`` is the process's share. Computing
+    the medians adds about ``SELECTION_BYTES_PER_VALUE`` x rows x units-per-chunk bytes for a
+    while, at most about ``SELECTION_CHUNK_BYTES``."""
     return samples * units * 4
 
 
@@ -245,6 +253,16 @@ class LayerState:
         values = UnitMemValues(unitmem, full.maximum, mu_rest, full.argmax.copy(), dead, top_values, top_samples)
         return values, leave_out
 
+    def reindex(self, new_index: np.ndarray) -> None:
+        """Rename data point i to ``new_index[i]`` wherever an index is kept. ``new_index`` must
+        increase with i, so that ties still go to the lowest index."""
+        table = torch.as_tensor(np.asarray(new_index, dtype=np.int64), device=self.argmax.device)
+        for tensor in (self.argmax, self.top_index):
+            filled = tensor != NO_INDEX
+            tensor.copy_(torch.where(filled, table[torch.where(filled, tensor, 0)], tensor))
+        if self.values is not None:
+            self.values.reindex(new_index)
+
     def close(self) -> None:
         """Release the stored values' temporary file, if any."""
         if self.values is not None:
@@ -266,6 +284,9 @@ class ValueStore:
         self.label = np.empty(capacity, dtype=np.int8)
         self.group = np.empty(capacity, dtype=np.int16)
         self._pending: list[torch.Tensor] = []
+        # Set when the rows are one process's share of a set spread over processes (after a
+        # collective merge): medians are then over every process's rows.
+        self.all_reduce: AllReduce | None = None
         # On a GPU, rows wait there and move in blocks; on the CPU a copy buys nothing.
         self._flush_bytes = 0 if torch.device(device).type == "cpu" else PENDING_BYTES
 
@@ -293,7 +314,8 @@ class ValueStore:
     def flush(self) -> None:
         """Copy the pending rows to the matrix: one device-to-host copy for many batches."""
         if self._pending:
-            self.matrix[self.stored : self.count] = torch.cat(self._pending).cpu().numpy()
+            rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)  # one: no copy to make
+            self.matrix[self.stored : self.count] = rows.cpu().numpy()
             self.stored = self.count
             self._pending.clear()
 
@@ -305,10 +327,12 @@ class ValueStore:
         self.flush()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The stored rows; the matrix is a view, not a copy (rows are only ever appended, so the
+        view never changes, and a matrix on disk is not read into memory to be saved)."""
         self.flush()
         n = self.count
         return {
-            "matrix": torch.from_numpy(np.array(self.matrix[:n])),
+            "matrix": torch.from_numpy(self.matrix[:n]),
             "index": torch.from_numpy(self.index[:n].copy()),
             "label": torch.from_numpy(self.label[:n].copy()),
             "group": torch.from_numpy(self.group[:n].copy()),
@@ -320,49 +344,46 @@ class ValueStore:
         self.append(state["matrix"], state["index"], state["label"], state["group"])
         self.flush()
 
-    def rest_medians(self, labels: Sequence[int], groups: int, chunk_units: int = 1024) -> np.ndarray:
+    def rest_medians(self, labels: Sequence[int], groups: int, chunk_bytes: int = SELECTION_CHUNK_BYTES) -> np.ndarray:
         """(groups + 1, units): row 0 the median of each unit's values over ``labels`` after
         setting one maximal value aside; row g + 1 the same with group g left out (NaN where
-        fewer than 2 values remain).
+        fewer than 2 values remain). Over every process's rows when ``all_reduce`` is set.
 
         Setting the maximum aside leaves the order statistics below it as they were, so the
-        median of the other n - 1 values is the mean of the order statistics
-        floor(n/2) and ceil(n/2) (1-based) of all n: each column is sorted once, and the
-        leave-one-group-out statistics are read off the same sorted order.
+        median of the other n - 1 values is the mean of the order statistics floor(n/2) and
+        ceil(n/2) (1-based) of all n: an exact selection of two ranks per target
+        (``selection.grouped_order_statistics``), units a chunk at a time.
         """
         self.flush()
+        reduce = self.all_reduce or this_process
         rows = np.flatnonzero(np.isin(self.label[: self.count], list(labels)))
         row_groups = self.group[rows]
+        sizes = torch.from_numpy(np.bincount(row_groups, minlength=groups).astype(np.int64))
+        most = torch.tensor([rows.size], dtype=torch.int64)
+        reduce(sizes, "sum")
+        reduce(most, "max")
+        kept = np.concatenate([[int(sizes.sum())], int(sizes.sum()) - sizes.numpy()])  # values per target
+        valid = kept >= 2
+        ranks = np.where(valid[:, None], np.stack([kept // 2, (kept + 1) // 2], axis=1), 1)
+        chunk = max(1, chunk_bytes // (SELECTION_BYTES_PER_VALUE * max(1, int(most))))
         result = np.full((groups + 1, self.units), np.nan)
-        for start in range(0, self.units, chunk_units):
-            block = np.asarray(self.matrix[rows, start : start + chunk_units], dtype=np.float64)
-            order = np.argsort(block, axis=0, kind="stable")
-            ordered = np.take_along_axis(block, order, axis=0)
-            ordered_groups = row_groups[order]
-            columns = slice(start, start + block.shape[1])
-            result[0, columns] = _rest_median(ordered, np.ones_like(ordered, dtype=bool))
-            for g in range(groups):
-                result[g + 1, columns] = _rest_median(ordered, ordered_groups != g)
+        for start in range(0, self.units, chunk):
+            block = np.asarray(self.matrix[rows, start : start + chunk], dtype=np.float32)
+            pair = grouped_order_statistics(block, row_groups, groups, ranks, reduce).astype(np.float64)
+            result[:, start : start + block.shape[1]] = (pair[:, 0] + pair[:, 1]) / 2
+        result[~valid] = np.nan
         return result
+
+    def reindex(self, new_index: np.ndarray) -> None:
+        """Rename each stored data point i to ``new_index[i]``."""
+        self.flush()
+        self.index[: self.count] = np.asarray(new_index)[self.index[: self.count]]
 
     def close(self) -> None:
         self.matrix = None
         self._pending.clear()
         if self.spill_path and os.path.exists(self.spill_path):
             os.unlink(self.spill_path)
-
-
-def _rest_median(ordered: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Median without one maximum of each column's kept values; ``ordered`` is sorted per column."""
-    n = keep.sum(axis=0)  # kept values per column (the same in every column)
-    if n.size == 0 or n[0] < 2:
-        return np.full(ordered.shape[1], np.nan)
-    rank = np.cumsum(keep, axis=0)  # 1-based rank among the kept values, at each position
-    low, high = n[0] // 2, (n[0] + 1) // 2  # the rest has n - 1 values; its median's order stats
-    at_low = np.argmax((rank == low) & keep, axis=0)
-    at_high = np.argmax((rank == high) & keep, axis=0)
-    columns = np.arange(ordered.shape[1])
-    return (ordered[at_low, columns] + ordered[at_high, columns]) / 2
 
 
 def _check_finite(total: np.ndarray, layer: str, units: int) -> None:

@@ -1,3 +1,8 @@
+import io
+import socket
+import tarfile
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,3 +25,35 @@ def make_images(directory, count, size=64, seed=0):
         image = Image.fromarray(base).resize((size, size), Image.NEAREST)
         image.save(directory / f"img_{i:03d}.png")
     return directory
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(seed, size=20):
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def add_member(archive, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder, shards, broken=()):
+    """``shards``: {archive name: [keys]}; each key gets a .png and a .cls member (WebDataset style);
+    keys in ``broken`` get a .png that is not an image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, keys in shards.items():
+        with tarfile.open(folder / name, "w") as archive:
+            for key in keys:
+                image = b"not an image" if key in broken else png_bytes(zlib.crc32(key.encode()))
+                add_member(archive, f"{key}.png", image)
+                add_member(archive, f"{key}.cls", b"3")
+    return folder

@@ -90,7 +90,8 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_numbers(monkeypatch, error
 
     monkeypatch.setattr(Tiny, "forward", forward)
     result = audit()
-    assert passes[:3] == [12, 6, 3] and max(passes[3:]) == 3  # halved twice, then kept at 3
+    assert passes[0] == 1  # the one-view pass that sizes the layer states
+    assert passes[1:4] == [12, 6, 3] and max(passes[4:]) == 3  # halved twice, then kept at 3
     assert_same_numbers(result, reference)
     halvings = [note for note in result.notes if "out of memory" in note]
     assert len(halvings) == 2
@@ -118,7 +119,7 @@ def test_other_runtime_errors_are_not_retried(monkeypatch):
     monkeypatch.setattr(Tiny, "forward", forward)
     with pytest.raises(AuditError, match="forward pass of tiny .* RuntimeError: .*EXECUTION_FAILED") as info:
         audit()
-    assert passes == [12]
+    assert passes == [1]  # the first pass (one view, sizing the layer states) raised, and was not retried
     assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error, kept as the cause
 
 
@@ -174,7 +175,8 @@ def test_the_cpu_keeps_the_contracts_layout_and_sizes_workers_by_device(monkeypa
     generated, files = ImageSet.builtin(4, 16, 0), ImageSet(["a.png"], Path("."), 16, 0)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert audit_module.default_workers(generated, cpu, 10) == 0  # generated in process, beside the compute
-    assert audit_module.default_workers(files, cpu, 10) == 4
+    assert audit_module.default_workers(files, cpu, 10) == 8  # half the cores, 8 at most
+    assert audit_module.default_workers(files, cpu, 10, processes_here=4) == 2  # shared by 4 processes
     assert audit_module.default_workers(generated, cuda, 10) == 2  # the GPU needs images, not views
     assert audit_module.default_workers(files, cuda, 1) == 15  # one view per image: every core but one
 

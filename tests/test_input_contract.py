@@ -117,6 +117,6 @@ def test_an_imagenet_normalized_model_is_measured_right_past_its_input(declare, 
 def test_a_view_flattening_model_runs_in_its_own_layout_and_fails_cleanly_in_channels_last(declare, images):
     _, settings = images
     assert run_audit(settings, declare("")).layer("fc").channels == 5  # user models default to NCHW
-    with pytest.raises(AuditError, match=r"the forward pass of flat \(model\) on views of shape \(5, 3, 16, 16\) failed with RuntimeError: "
+    with pytest.raises(AuditError, match=r"the forward pass of flat \(model\) on views of shape \(1, 3, 16, 16\) failed with RuntimeError: "
                                          r"view size is not compatible with input tensor's size and stride"):
         run_audit(settings, declare("channels_last: true\n"))

@@ -130,7 +130,7 @@ def test_an_ambiguous_axis_is_an_error_naming_the_layer_shape_and_keys():
 
 def test_a_module_without_a_width_needs_units():
     net = seeded(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
-    with pytest.raises(AuditError, match=r"layer '1' \(module '1'\), output of shape \(2, 4, 14, 14\): cannot tell "
+    with pytest.raises(AuditError, match=r"layer '1' \(module '1'\), output of shape \(batch, 4, 14, 14\): cannot tell "
                                          r"which axis holds the units: the module declares no width"):
         record(net, [LayerSpec("1", "1")], torch.rand(2, 3, 16, 16))
 

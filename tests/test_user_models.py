@@ -122,7 +122,7 @@ def test_a_missing_checkpoint_is_a_usage_error(pytester, seen):
      "its factory mine_encoder:build(None) failed*RuntimeError: size mismatch for stem.weight"),
     ({"factory_body": "return None"}, "its factory mine_encoder:build returned NoneType, not a torch.nn.Module"),
     ({"forward_check": "assert x.shape[-1] == 224, 'Wrong image width!'"},
-     "the forward pass of mine (model) on views of shape (4, 3, 16, 16) failed*AssertionError: Wrong image width!"),
+     "the forward pass of mine (model) on views of shape (1, 3, 16, 16) failed*AssertionError: Wrong image width!"),
     ({"factory_body": "import not_a_package_anywhere"},
      "its factory mine_encoder:build(None) failed*ModuleNotFoundError: No module named 'not_a_package_anywhere'"),
 ], ids=["raises", "returns-none", "forward-fails", "missing-import"])
@@ -164,7 +164,7 @@ def test_a_misspelled_layer_is_a_collection_error_at_collect_only(pytester):
 def test_an_ambiguous_unit_axis_is_a_usage_error_naming_the_keys(pytester):
     declare(pytester.path / "audits", "mine", layers="[act, head]")  # a ReLU declares no width
     assert_usage_error(pytester.runpytest("audits", "--memaudit-model", "mine", *FAST),
-                       "layer 'act' (module 'act'), output of shape (4, 4, 16, 16): cannot tell which axis holds the "
+                       "layer 'act' (module 'act'), output of shape (batch, 4, 16, 16): cannot tell which axis holds the "
                        "units*units_axis: N*")
 
 

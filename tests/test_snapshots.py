@@ -1,0 +1,118 @@
+"""Resuming an audit from its snapshots, and refusing snapshots of another audit."""
+
+import numpy as np
+import pytest
+import torch
+
+import pytest_memaudit.audit
+from conftest import make_images
+from tiny_encoder import LAYERS, build
+from pytest_memaudit.audit import run_audit
+from pytest_memaudit.config import make_settings
+from pytest_memaudit.errors import AuditError
+from pytest_memaudit.models import LayerSpec, ModelSpec
+
+TINY = ModelSpec(name="tiny", layers=tuple(LayerSpec(name, name) for name in LAYERS), build=build,
+                 default_image_size=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a thread pool on a busy machine only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data = make_images(tmp_path / "imgs", 9, size=16)
+    checkpoint = tmp_path / "weights.bin"
+    checkpoint.write_bytes(b"weights v1")
+    values = dict(model="tiny", data=str(data), checkpoint=str(checkpoint), augmentations=2, batch_size=4,
+                  control="none", reduce="median", state=str(tmp_path / "state"))
+    return tmp_path, values
+
+
+def audit(**values):
+    return run_audit(make_settings(**values), TINY)
+
+
+def test_rerun_of_a_finished_audit_reuses_its_state(setup):
+    tmp_path, values = setup
+    first = audit(**values)
+    assert (tmp_path / "state" / "process-00000-of-00001.pt").exists()
+    again = audit(**values)
+    assert "9 of 9 data points had been streamed before" in again.notes[-1]
+    assert again.timing["forward_s"] == 0  # nothing streamed again
+    assert again.samples == first.samples
+    for a, b in zip(first.layers, again.layers):
+        np.testing.assert_array_equal(a.values.unitmem, b.values.unitmem)
+        np.testing.assert_array_equal(a.values.top_samples, b.values.top_samples)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("settings", r"settings: reduce 'median' then, 'mean' now"),
+    ("checkpoint", r"checkpoint sha256: '[0-9a-f]{64}' then, '[0-9a-f]{64}' now"),
+    ("data", r"data listing: '9 data points, sha256 [0-9a-f]+' then, '10 data points, sha256 [0-9a-f]+' now"),
+    ("version", r"pytest-memaudit version: '0.1.0' then, '9.9' now"),
+    ("garbage", r"cannot read the snapshot .*process-00000-of-00001.pt"),
+])
+def test_snapshots_of_another_audit_are_refused(setup, monkeypatch, change, expected):
+    tmp_path, values = setup
+    audit(**values)
+    if change == "settings":
+        values["reduce"] = "mean"
+    elif change == "checkpoint":
+        (tmp_path / "weights.bin").write_bytes(b"weights v2")
+    elif change == "data":
+        make_images(tmp_path / "more", 10, size=16)
+        values["data"] = str(tmp_path / "more")
+    elif change == "version":
+        monkeypatch.setattr(pytest_memaudit.audit, "__version__", "9.9")
+    else:
+        (tmp_path / "state" / "process-00000-of-00001.pt").write_bytes(b"not a snapshot")
+    with pytest.raises(AuditError, match=expected):
+        audit(**values)
+
+
+def test_rounding_only_settings_may_change(setup):
+    _, values = setup
+    first = audit(**values)
+    again = audit(**values | {"batch_size": 2, "workers": 0, "state_every": 5})
+    assert again.samples == first.samples and "streamed before" in again.notes[-1]
+
+
+def test_state_that_is_a_file_is_an_error(setup):
+    tmp_path, values = setup
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AuditError, match="is a file; give a directory"):
+        audit(**values | {"state": str(tmp_path / "file")})
+
+
+def test_interrupted_audit_with_controls_and_holdout_resumes_to_the_same_figures(setup):
+    tmp_path, values = setup
+    values |= dict(holdout=str(make_images(tmp_path / "held", 5, size=16, seed=3)), control="random,planted",
+                   planted_units=2, permutations=200, state_every=0)
+    uninterrupted = audit(**values | {"state": None})
+    calls = []
+
+    def interrupt_after_three_batches(done, total):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(make_settings(**values), TINY, progress=interrupt_after_three_batches)
+    resumed = audit(**values)
+    assert any(f"{calls[1]} of 14 data points had been streamed before" in note for note in resumed.notes)  # batch 2
+    assert resumed.samples == uninterrupted.samples and resumed.labels == uninterrupted.labels
+    for subject in ("layers", "control"):
+        ours = resumed.layers if subject == "layers" else resumed.control.layers
+        theirs = uninterrupted.layers if subject == "layers" else uninterrupted.control.layers
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a.values.unitmem, b.values.unitmem, rtol=1e-5)
+            assert a.values.max_sample.tolist() == b.values.max_sample.tolist()
+    assert [u.unitmem for u in resumed.planted.units] == pytest.approx([u.unitmem for u in uninterrupted.planted.units])
+    assert resumed.membership.member_share == uninterrupted.membership.member_share
