@@ -118,7 +118,7 @@ def test_an_ambiguous_axis_is_an_error_naming_the_layer_shape_and_keys():
     with pytest.raises(AuditError) as info:
         record(net, [LayerSpec("embed", "embed")], x)
     message = str(info.value)
-    for part in ("layer 'embed'", "(2, 6, 6, 6)", "matches axes [1, 2, 3]", "units: channels_first | channels_last | tokens",
+    for part in ("layer 'embed'", "(batch, 6, 6, 6)", "matches axes [1, 2, 3]", "units: channels_first | channels_last | tokens",
                  "units_axis: N"):
         assert part in message
     values, recorder = record(net, [LayerSpec("embed", "embed", units="channels_last")], x)
