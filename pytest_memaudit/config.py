@@ -496,27 +496,30 @@ def threshold_entry(where: str, key: str, value: Any) -> Partial:
         return {"value": threshold_value(where, key, value)}
     if not isinstance(value, dict):
         return {"limit": threshold_value(where, key, value)}
-    unknown = [field_ for field_ in value if field_ not in _GATE_FIELDS]
-    if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; a gate has {', '.join(_GATE_FIELDS)}")
-    partial: Partial = {}
+    partial = _gate_fields(where, value, "a gate")
     if "limit" in value:
         partial["limit"] = threshold_value(f"{where}: limit", key, value["limit"])
-    if "when" in value:
-        if value["when"] not in WHEN:
-            raise ConfigError(f"{where}: when must be one of {', '.join(WHEN)}, got {value['when']!r}")
-        figure = LIMITS[key][0]
-        if value["when"] == "significant" and figure not in INTERVAL_FIGURES:
-            with_intervals = ", ".join(k for k, (f, _) in LIMITS.items() if f in INTERVAL_FIGURES)
-            raise ConfigError(
-                f"{where}: when: significant needs a figure with an interval; {figure} has none. "
-                f"Gates that accept it: {with_intervals}."
-            )
-        partial["when"] = value["when"]
-    if "severity" in value:
-        if value["severity"] not in SEVERITIES:
-            raise ConfigError(f"{where}: severity must be one of {', '.join(SEVERITIES)}, got {value['severity']!r}")
-        partial["severity"] = value["severity"]
+    figure = LIMITS[key][0]
+    if partial.get("when") == "significant" and figure not in INTERVAL_FIGURES:
+        with_intervals = ", ".join(k for k, (f, _) in LIMITS.items() if f in INTERVAL_FIGURES)
+        raise ConfigError(
+            f"{where}: when: significant needs a figure with an interval; {figure} has none. "
+            f"Gates that accept it: {with_intervals}."
+        )
+    return partial
+
+
+def _gate_fields(where: str, value: dict, kind: str) -> Partial:
+    """The ``when`` and ``severity`` a gate's mapping sets, checked (its ``limit`` is the caller's)."""
+    unknown = [field_ for field_ in value if field_ not in _GATE_FIELDS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {quote(unknown[0])}; {kind} has {', '.join(_GATE_FIELDS)}")
+    partial: Partial = {}
+    for name, choices in (("when", WHEN), ("severity", SEVERITIES)):
+        if name in value:
+            if value[name] not in choices:
+                raise ConfigError(f"{where}: {name} must be one of {', '.join(choices)}, got {quote(value[name])}")
+            partial[name] = value[name]
     return partial
 
 
@@ -559,18 +562,9 @@ def compare_entry(where: str, figure: str, value: Any) -> Partial:
     (``significant``: only a rise beyond noise) and ``severity``."""
     if not isinstance(value, dict):
         return compare_limit(where, figure, value)
-    unknown = [field_ for field_ in value if field_ not in _GATE_FIELDS]
-    if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; a compare gate has {', '.join(_GATE_FIELDS)}")
-    partial: Partial = compare_limit(f"{where}: limit", figure, value["limit"]) if "limit" in value else {}
-    if "when" in value:
-        if value["when"] not in WHEN:
-            raise ConfigError(f"{where}: when must be one of {', '.join(WHEN)}, got {quote(value['when'])}")
-        partial["when"] = value["when"]
-    if "severity" in value:
-        if value["severity"] not in SEVERITIES:
-            raise ConfigError(f"{where}: severity must be one of {', '.join(SEVERITIES)}, got {quote(value['severity'])}")
-        partial["severity"] = value["severity"]
+    partial = _gate_fields(where, value, "a compare gate")
+    if "limit" in value:
+        partial.update(compare_limit(f"{where}: limit", figure, value["limit"]))
     return partial
 
 
