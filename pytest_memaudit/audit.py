@@ -515,12 +515,32 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
     planted_ids = set(images.canaries)
     notes = merged.notes
     folders = images.root is not None
+    planted = None
+    if "planted" in finished:
+        planted_layers, planted_contrast, _ = finished["planted"]
+        planted = evaluate_planted(
+            [replace(plant, image=int(merged.new_index[plant.image])) for plant in run.plants
+             if merged.new_index[plant.image] >= 0],
+            {layer.name: layer.values for layer in planted_layers},
+            settings.planted_strength,
+            None if planted_contrast is None else planted_contrast.overall,
+        )
+        if planted.recall < 0.9:
+            notes.append(
+                f"the planted control was found in only {planted.recall:.0%} of its units at strength "
+                f"{settings.planted_strength:g}: this audit may miss memorization of that strength "
+                "(audit more views or data points)"
+            )
+    control = None
+    if "control" in finished:
+        control_layers, control_contrast, _ = finished["control"]
+        control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
+                                None if control_contrast is None else control_contrast.overall)
 
     def result_of(role: str, checkpoint: int) -> AuditResult:
         layers_out, contrast, leave_out = finished[role]
-        if "control" in finished:
-            control_layers, _, control_loo = finished["control"]
-            attach_control(layers_out, leave_out, control_layers, control_loo)
+        if control is not None:
+            attach_control(layers_out, leave_out, control.layers, finished["control"][2])
         return AuditResult(
             model=run.spec.name,
             settings=resolved | ({"checkpoint": run.given[checkpoint]} if len(run.given) > 1 else {}),
@@ -540,41 +560,19 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
                 "views_per_s": n_views / timing["wall_s"] if timing["wall_s"] > 0 else 0.0,
             },
             environment=environment(run.device),
-            notes=notes,
+            notes=list(notes),
             canaries=[sample for sample in samples if sample in planted_ids],
             holdout_source=images.holdout_description,
             membership=None if contrast is None else contrast.overall,
             memorized=what_gets_memorized(points[role], labels, samples, embedding if role == "model" else None,
                                           run.embedding_layer, settings.seed, folders=folders),
+            control=control,
+            planted=planted,
             distributed={"world_size": run.world.size, "backend": run.world.backend(run.device),
                          "shards": merged.shards},
         )
 
-    results = [result_of("model", 0)] + [result_of(f"model:{i}", i) for i in range(1, len(run.checkpoints))]
-    if "control" in finished:
-        control_layers, control_contrast, _ = finished["control"]
-        control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
-                                None if control_contrast is None else control_contrast.overall)
-        for result in results:
-            result.control = control
-    if "planted" in finished:
-        planted_layers, planted_contrast, _ = finished["planted"]
-        planted = evaluate_planted(
-            [replace(plant, image=int(merged.new_index[plant.image])) for plant in run.plants
-             if merged.new_index[plant.image] >= 0],
-            {layer.name: layer.values for layer in planted_layers},
-            settings.planted_strength,
-            None if planted_contrast is None else planted_contrast.overall,
-        )
-        if planted.recall < 0.9:
-            notes.append(
-                f"the planted control was found in only {planted.recall:.0%} of its units at strength "
-                f"{settings.planted_strength:g}: this audit may miss memorization of that strength "
-                "(audit more views or data points)"
-            )
-        for result in results:
-            result.planted = planted
-    return results
+    return [result_of("model", 0)] + [result_of(f"model:{i}", i) for i in range(1, len(run.checkpoints))]
 
 
 def attach_control(layers: list[LayerResult], leave_out: dict[str, np.ndarray], control_layers: list[LayerResult],

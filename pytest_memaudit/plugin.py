@@ -138,6 +138,7 @@ class AuditSession:
     result: "AuditResult | None" = None
     wanted_layers: set[str] = field(default_factory=set)
     multiple_testing: str = "holm"
+    unapplied_compare_gates: bool = False  # the audit files have compare gates, and nothing to compare with
     _adjusted_p: dict = field(default_factory=dict)
     outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
     session: pytest.Session | None = None
@@ -309,6 +310,9 @@ class AuditSession:
     def _set_runs(self, runs: "dict[str | None, AuditResult]") -> None:
         for result in runs.values():
             result.multiple_testing = self.multiple_testing
+            if self.unapplied_compare_gates:
+                result.notes.append("the audit files' compare gates (compare:) were not applied: there was no "
+                                    "baseline to compare with (--memaudit-compare NAME|PATH|latest)")
         self.runs = runs
         self.result = list(runs.values())[-1]  # what the summary and report show in full: the last checkpoint
 
@@ -525,7 +529,9 @@ class AuditYamlFile(pytest.File):
             overrides = state.threshold_overrides()
             thresholds = audit.thresholds_for(spec, overrides)
             if state.baseline is None and not state.compare_previous:  # compare gates need something to compare with
-                thresholds = {name: without_rise_gates(limits) for name, limits in thresholds.items()}
+                applied = {name: without_rise_gates(limits) for name, limits in thresholds.items()}
+                state.unapplied_compare_gates |= applied != thresholds
+                thresholds = applied
             audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None

@@ -194,6 +194,9 @@ def test_compare_gates_without_a_baseline_are_not_applied(project):
     result = audit(project)
     assert result.ret == 0
     assert all("mean_unitmem_rise_max" not in layer["thresholds"] for layer in results(project)["layers"])
+    result.stdout.fnmatch_lines(["note: the audit files' compare gates (compare:) were not applied: there was no "
+                                 "baseline to compare with*"])  # said, not silently dropped
+    assert sum("compare gates" in note for note in results(project)["notes"]) == 1
 
 
 def test_from_reproduces_the_run_time_report_and_json_and_regates(project):
