@@ -12,7 +12,8 @@ Run from the repository root::
 2. Tar shards: ``--members`` members (image files of 100 bytes, each with a ``.cls`` beside it)
    in shards of 1,000, listed by ``tarshards.list_tar_images`` (headers only).
 3. Results: an ``AuditResult`` of ``--points`` data points and var_d16's 22 layers (8,192 units,
-   top-10), written by ``write_json_atomic``; its size, ``json.load`` and ``AuditResult.from_json``
+   top-10) and per data point scores and characteristics; the time its "what gets memorized"
+   analysis takes; the result written by ``write_json_atomic``; its size, ``json.load`` and ``AuditResult.from_json``
    times; the HTML report of it (``--memaudit-gallery names``: no thumbnails to decode).
 
 Warm file-system cache: every listing runs 3 times, the best and the median are reported.
@@ -37,8 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pytest_memaudit.audit import open_images  # noqa: E402
+from pytest_memaudit.characteristics import CHARACTERISTICS  # noqa: E402
 from pytest_memaudit.config import make_settings  # noqa: E402
 from pytest_memaudit.data import list_image_files  # noqa: E402
+from pytest_memaudit.datapoints import DataPoints, what_gets_memorized  # noqa: E402
 from pytest_memaudit.models import get_model_spec  # noqa: E402
 from pytest_memaudit.report import write_html  # noqa: E402
 from pytest_memaudit.results import AuditResult, LayerResult, write_json_atomic  # noqa: E402
@@ -87,7 +90,8 @@ def tar_tree(root: Path, members: int, per_shard: int = 1000) -> Path:
     return root
 
 
-def synthetic_result(points: int, topk: int = 10) -> AuditResult:
+def synthetic_result(points: int, topk: int = 10) -> tuple[AuditResult, float]:
+    """The result, and the seconds ``what_gets_memorized`` took."""
     rng = np.random.default_rng(0)
     layers = []
     for i, units in enumerate(VAR_D16_UNITS):
@@ -98,10 +102,24 @@ def synthetic_result(points: int, topk: int = 10) -> AuditResult:
                                rng.integers(0, points, (topk, units)))
         layers.append(LayerResult(f"layer.{i}", f"layer_{i}", values, layer_stats(unitmem, values.dead)))
     samples = [f"n{i // 1281:08d}/n{i // 1281:08d}_{i}.JPEG" for i in range(points)]
+    labels = ["member"] * points
+    # Per data point: every unit's argmax somewhere, characteristics for every image (what
+    # "what gets memorized" stores), scored and analysed as an audit would.
+    layer_units = {layer.name: np.bincount(layer.values.max_sample, minlength=points) for layer in layers}
+    argmax_units = sum(layer_units.values())
+    unitmem = {layer.name: layer.values.unitmem for layer in layers}
+    score = sum(np.bincount(layer.values.max_sample, weights=unitmem[layer.name], minlength=points) for layer in layers)
+    best_rank = np.where(argmax_units > 0, 1.0, np.nan)
+    characteristics = {name: rng.uniform(0, 1, points) for name in CHARACTERISTICS}
+    data_points = DataPoints(score, argmax_units, best_rank, layer_units, characteristics)
+    embedding = rng.gamma(2, 1, (points, 32))
+    started = time.perf_counter()
+    memorized = what_gets_memorized(data_points, labels, samples, embedding, "layer.21", 0)
+    analysed = time.perf_counter() - started
     return AuditResult(model="var_d16", settings={"reduce": "mean", "image_size": 256, "views_per_image": 10},
                        data_source="/data/imagenet/train", samples=samples, layers=layers,
-                       labels=["member"] * points, argmax_counts=rng.poisson(0.05, points).tolist(),
-                       distributed={"world_size": 8, "backend": "nccl", "shards": [points // 8] * 8})
+                       labels=labels, memorized=memorized,
+                       distributed={"world_size": 8, "backend": "nccl", "shards": [points // 8] * 8}), analysed
 
 
 def main() -> None:
@@ -129,7 +147,9 @@ def main() -> None:
     print(f"list_tar_images, {len(shards)} shards, {len(listed[0]):,} images: best {best:.2f} s, median "
           f"{median:.2f} s ({best / len(listed[0]) * 1.281167e6:.1f} s per 1.28M)")
 
-    result = synthetic_result(args.points)
+    result, analysed = synthetic_result(args.points)
+    print(f"what gets memorized (correlations, clusters, {args.points // 1281:,} classes), {args.points:,} data points: "
+          f"{analysed:.1f} s")
     path = workdir / "results.json"
     started = time.perf_counter()
     write_json_atomic(path, result.to_json())

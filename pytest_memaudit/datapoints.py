@@ -132,18 +132,21 @@ def image_classes(ids: Sequence[str], rows: np.ndarray) -> list[str] | None:
 
 
 def class_table(points: DataPoints, classes: list[str], rows: np.ndarray) -> Classes:
-    names = sorted(set(classes))
-    member_class = np.array([names.index(c) for c in classes])
+    names, member_class = np.unique(np.asarray(classes), return_inverse=True)
+    count = len(names)
     scores = points.score[rows]
     units = points.argmax_units[rows]
     total = points.argmax_units.sum()
-    groups = [scores[member_class == k] for k in range(len(names))]
+    images = np.bincount(member_class, minlength=count)
+    by_class = np.argsort(member_class, kind="stable")
+    groups = np.split(scores[by_class], np.cumsum(images)[:-1])
     h, p = kruskal_wallis(groups)
     return Classes(
-        names=names,
-        images=np.array([g.size for g in groups]),
-        mean_score=np.array([g.mean() for g in groups]),
-        unit_share=np.array([units[member_class == k].sum() / total if total else math.nan for k in range(len(names))]),
+        names=names.tolist(),
+        images=images,
+        mean_score=np.bincount(member_class, weights=scores, minlength=count) / images,
+        unit_share=(np.bincount(member_class, weights=units, minlength=count) / total if total
+                    else np.full(count, math.nan)),
         kruskal_h=h,
         kruskal_p=p,
     )

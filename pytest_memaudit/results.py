@@ -22,6 +22,9 @@ from .stats import CorrelationResult, Interval, LayerStats, depth_correlation
 from .unitmem import UnitMemValues
 
 SCHEMA_VERSION = 2
+# Per data point values (scores, image characteristics) keep 7 significant digits in the JSON: what
+# any reading of them needs, at half the size of full doubles when there are a million data points.
+DATA_POINT_DIGITS = 7
 
 
 @dataclass
@@ -373,10 +376,11 @@ def _memorized_json(memorized: Memorized | None, samples: list[str]) -> dict[str
     return {
         "data_points": {
             "ids": samples,
-            "score": _floats(points.score),
+            "score": _floats(points.score, DATA_POINT_DIGITS),
             "argmax_units": points.argmax_units.tolist(),
             "best_rank": [None if math.isnan(r) else int(r) for r in points.best_rank],
-            "characteristics": {name: _floats(values) for name, values in points.characteristics.items()},
+            "characteristics": {name: _floats(values, DATA_POINT_DIGITS)
+                                for name, values in points.characteristics.items()},
             "layer_argmax_units": {name: {"index": np.flatnonzero(counts).tolist(),
                                           "count": counts[counts > 0].tolist()}
                                    for name, counts in points.layer_argmax_units.items()},
@@ -529,11 +533,20 @@ def _check_shapes(result: AuditResult) -> None:
 # --- writing --------------------------------------------------------------------------------
 
 
+# Above this many data points results are written without indentation: a line per number makes a
+# full-training-set file (1.28M data points) about a third larger, for no reader's benefit.
+INDENTED_SAMPLES_MAX = 100_000
+
+
 def write_json_atomic(path: str | Path, document: Any) -> Path:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
+    """Write JSON so that readers see the old file or the new one, never half of one.
+
+    Indented, unless ``document`` holds more than ``INDENTED_SAMPLES_MAX`` ``samples``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=1, allow_nan=False)
+    large = isinstance(document, dict) and len(document.get("samples") or ()) > INDENTED_SAMPLES_MAX
+    text = json.dumps(document, indent=None if large else 1, separators=(",", ":") if large else None,
+                      allow_nan=False)
     write_text_atomic(path, text)
     return path
 
@@ -562,8 +575,12 @@ def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def _floats(array: np.ndarray) -> list[float | None]:
-    return [_number(float(v)) for v in np.asarray(array, dtype=np.float64)]
+def _floats(array: np.ndarray, digits: int | None = None) -> list[float | None]:
+    """JSON numbers of ``array``; ``digits``: significant digits kept (None: all)."""
+    values = np.asarray(array, dtype=np.float64)
+    if digits is not None:
+        return [_number(float(f"{v:.{digits}g}")) for v in values]
+    return [_number(float(v)) for v in values]
 
 
 def _array(values: list[float | None]) -> np.ndarray:

@@ -18,6 +18,9 @@ from pytest_memaudit.data import decode_image
 from pytest_memaudit.datapoints import score_data_points
 from pytest_memaudit.models import LayerSpec, ModelSpec
 from pytest_memaudit.report import render_html
+from pytest_memaudit.report.memorized import classes as memorized_classes
+from pytest_memaudit.report.thumbnails import Gallery, display_id
+from pytest_memaudit import results
 from pytest_memaudit.results import AuditResult
 from pytest_memaudit.unitmem import HOLDOUT, MEMBER, LayerState
 
@@ -131,6 +134,12 @@ def test_class_folders_give_a_class_table(tmp_path):
     assert classes.kruskal_h == pytest.approx(h) and classes.kruskal_p == pytest.approx(p)
     units = result.memorized.points.argmax_units
     assert classes.unit_share.sum() == pytest.approx(1.0)  # every unit's argmax is a member here
+    by_class = [units[[i for i, s in enumerate(result.samples) if s.startswith(f"{c}/")]] for c in classes.names]
+    np.testing.assert_allclose(classes.unit_share, [u.sum() / units.sum() for u in by_class])
+    rows = memorized_classes(result, Gallery(result.samples, "names"))["rows"]
+    for row in rows:  # each class shows its highest-scoring image
+        best = max((i for i, s in enumerate(result.samples) if s.startswith(f"{row['name']}/")), key=lambda i: score[i])
+        assert row["point"].label == display_id(result.samples[best])
     page = render_html(result, None, "names")
     assert 'id="memorized"' in page and "Kruskal-Wallis" in page and ">fern<" in page
     assert "not testable without class labels" not in page and units.sum() == result.units
@@ -142,3 +151,14 @@ def test_flat_folders_have_no_classes_and_say_so(tmp_path):
     page = render_html(result, None, "none")
     assert "not testable without class labels" in page
     assert "The seed report&#39;s observations, measured" in page or "The seed report's observations, measured" in page
+
+
+def test_large_results_are_written_compact_and_per_data_point_numbers_rounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "INDENTED_SAMPLES_MAX", 3)
+    document = {"samples": ["a", "b", "c", "d"], "score": results._floats(np.array([1 / 3, 2.0, 1e-9 / 7, np.nan]), 7)}
+    results.write_json_atomic(tmp_path / "big.json", document)
+    text = (tmp_path / "big.json").read_text()
+    assert "\n" not in text and ", " not in text
+    assert json.loads(text) == {"samples": ["a", "b", "c", "d"], "score": [0.3333333, 2.0, 1.428571e-10, None]}
+    results.write_json_atomic(tmp_path / "small.json", {"samples": ["a", "b", "c"]})
+    assert (tmp_path / "small.json").read_text().count("\n") == 6

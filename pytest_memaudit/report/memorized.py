@@ -128,13 +128,17 @@ def classes(result: AuditResult, gallery: Gallery) -> dict[str, Any] | None:
         return None
     points = result.memorized.points
     order = np.argsort(-found.mean_score, kind="stable")
+    shown = {found.names[k] for k in order[:CLASSES_SHOWN]}
+    best: dict[str, int] = {}  # the highest-scoring member of each shown class (the first of ties)
+    for i, sample in enumerate(result.samples):
+        name = sample.split("/", 1)[0]
+        if name in shown and (not result.labels or result.labels[i] == "member") and (
+                name not in best or points.score[i] > points.score[best[name]]):
+            best[name] = i
     rows = []
     for k in order:
         name = found.names[k]
-        in_class = [i for i, sample in enumerate(result.samples)
-                    if sample.split("/", 1)[0] == name and (not result.labels or result.labels[i] == "member")]
-        best = max(in_class, key=lambda i: points.score[i]) if in_class else None
         rows.append({"name": name, "images": int(found.images[k]), "mean": fmt(found.mean_score[k], ".2f"),
                      "share": fmt(found.unit_share[k], ".1%"),
-                     "point": gallery.point(best) if best is not None and len(rows) < CLASSES_SHOWN else None})
+                     "point": gallery.point(best[name]) if name in best else None})
     return {"rows": rows, "h": fmt(found.kruskal_h, ".2f"), "p": fmt_p(found.kruskal_p), "count": len(found.names)}
