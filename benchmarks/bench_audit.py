@@ -14,7 +14,9 @@ audit is written here, the seed's way: batch size 1, hooks that keep whole activ
 views of an image, reduced per image in numpy), torchvision's transforms on the CPU per image and
 view, numpy UnitMem at the end. The checkpoint is a full-width var_d16 encoder with random
 weights (``tests/var_checkpoints.py``) and the images are seeded PNGs at the audited size, so
-nothing is downloaded. Several repeats run interleaved; medians are reported.
+nothing is downloaded. Several repeats run interleaved; medians are reported. Children run with
+Python's bytecode cache on, after one untimed warm-up run each (see ``child_env``), unless
+``--no-bytecode-cache``; the bare forward passes are timed in a child too, under the same ``--isa``.
 
 Augmentations are random in both, so the exact UnitMem difference is measured with 0
 augmentations (in this process, untimed); the difference of the timed runs with augmentations is
@@ -86,12 +88,24 @@ def write_images(directory: Path, count: int, size: int, seed: int = 0, suffix: 
 ISA_CAPS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
 
-def run_child(args: list[str], log: Path, isa: str = "native") -> dict:
+def child_env(isa: str = "native", bytecode_cache: bool = True) -> dict[str, str]:
+    """The children's environment: ``isa``'s caps, and Python's bytecode cache on unless told not to.
+
+    Installed packages have their bytecode compiled and pytest caches its rewritten modules, so
+    a user's run does not parse them again; a machine that sets PYTHONDONTWRITEBYTECODE (CI
+    images often do) makes every run of ``pytest audits/`` parse and rewrite about 140 modules
+    again (about 1.3 s here), a cost of that machine, not of the audit."""
+    env = dict(os.environ) | ISA_CAPS[isa]
+    if bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def run_child(args: list[str], log: Path, env: dict[str, str]) -> dict:
     """Run ``args`` to completion: wall and CPU seconds, peak RSS (MB) and exit status."""
     started = time.perf_counter()
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                   env=os.environ | ISA_CAPS[isa])
+        process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
     return {"wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
@@ -222,9 +236,14 @@ def exact_difference(ckpt, data, size, device, batch_size) -> dict:
     return compare(project, layer_values({"layers": naive_audit(ckpt, data, size, 0, device)}))
 
 
+def child_bare_forward(ckpt, size, device, out, configs, **_) -> None:
+    Path(out).write_text(json.dumps(bare_forward_ms(ckpt, size, device, configs)))
+
+
 def bare_forward_ms(ckpt, size, device, configs, passes=3) -> dict:
     """Median ms per view of the encoder's forward alone (no hooks), after one warm-up pass, for
-    each {label: (batch, precision, channels_last)}."""
+    each {label: (batch, precision, channels_last)}. Run in a child (``--child bare``), so that it
+    runs under the same ``--isa`` as the audits."""
     import torch
 
     from pytest_memaudit.audit import precision_mode
@@ -273,18 +292,26 @@ def benchmark(opts) -> dict:
                   batch_size=opts.batch_size)
     load_before = os.getloadavg()
 
+    env = child_env(opts.isa, not opts.no_bytecode_cache)
+
+    def args_of(name: str, out: Path, **inputs) -> list[str]:
+        if name == "naive":
+            return child_args("naive", precision="float32", out=out, **inputs)
+        if opts.target == "pytest":
+            return pytest_args(precision=name, out=out, **inputs)
+        return child_args("run_audit", precision=name, out=out, **inputs)
+
     runs = {"naive": []} | {p: [] for p in opts.precisions}
+    if not opts.no_bytecode_cache:  # untimed: caches the bytecode, as an installed package has it
+        tiny = write_images(workdir / "images-2x16", 2, 16)
+        for name in runs:
+            run_child(args_of(name, workdir / f"warm-up-{name}.json", **(common | {"data": tiny, "size": 16, "views": 0})),
+                      workdir / f"warm-up-{name}.log", env)
     outputs = {}
     for repeat in range(opts.repeats):
         for name in runs:
             out = workdir / f"{name}-{repeat}.json"
-            if name == "naive":
-                args = child_args("naive", precision="float32", out=out, **common)
-            elif opts.target == "pytest":
-                args = pytest_args(precision=name, out=out, **common)
-            else:
-                args = child_args("run_audit", precision=name, out=out, **common)
-            run = run_child(args, workdir / f"{name}-{repeat}.log", opts.isa)
+            run = run_child(args_of(name, out, **common), workdir / f"{name}-{repeat}.log", env)
             if run["rc"] not in (0, 1) or not out.exists():  # 1: a layer crossed a threshold
                 sys.exit(f"{name} run failed (exit {run['rc']}); log: {workdir / f'{name}-{repeat}.log'}\n"
                          + (workdir / f"{name}-{repeat}.log").read_text()[-3000:])
@@ -298,6 +325,7 @@ def benchmark(opts) -> dict:
         "machine": machine(),
         "cpu_flags": cpu_flags(),
         "isa": opts.isa,  # "avx2": the children ran as on an AVX2-only CPU
+        "bytecode_cache": not opts.no_bytecode_cache,
         "command": "python benchmarks/bench_audit.py " + " ".join(opts.argv),
         "settings": {k: getattr(opts, k) for k in ("images", "size", "views", "device", "target", "repeats",
                                                     "batch_size")},
@@ -333,16 +361,20 @@ def benchmark(opts) -> dict:
     }
     per_image = max(opts.views, 1)  # the project's views per forward pass: whole images' views
     batch = max(1, (opts.batch_size or (256 if opts.device.startswith("cuda") else 32)) // per_image) * per_image
-    report["bare_forward_ms_per_view"] = bare_forward_ms(ckpt, opts.size, opts.device, {
-        "naive (batch 1, float32)": (1, "float32", False),
-        **{f"project (batch {batch}, {p})": (batch, p, True) for p in opts.precisions},
-    })
+    configs = {"naive (batch 1, float32)": (1, "float32", False),
+               **{f"project (batch {batch}, {p})": (batch, p, True) for p in opts.precisions}}
+    bare = workdir / "bare-forward.json"
+    run_child([sys.executable, __file__, "--child", "bare", "--checkpoint", str(ckpt), "--size", str(opts.size),
+               "--device", opts.device, "--out", str(bare), "--extra", json.dumps({"configs": configs})],
+              workdir / "bare-forward.log", env)
+    report["bare_forward_ms_per_view"] = json.loads(bare.read_text())
     report["load_average"] = [round(x, 2) for x in load_before + os.getloadavg()]
     return report
 
 
 def print_report(report: dict) -> None:
-    print(f"\n{report['date']}  {report['machine']}  flags {report['cpu_flags']}  isa {report['isa']}\n"
+    print(f"\n{report['date']}  {report['machine']}  flags {report['cpu_flags']}  isa {report['isa']}  "
+          f"bytecode cache {report['bytecode_cache']}\n"
           f"{report['command']}")
     print(f"{report['views']} views per run; medians of {report['settings']['repeats']} interleaved repeat(s)")
     print(f"{'run':<10}{'wall s':>9}{'views/s':>10}{'vs naive':>10}{'CPU s':>9}{'peak MB':>10}{'audit s':>9}"
@@ -380,12 +412,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--isa", choices=sorted(ISA_CAPS), default="native",
                         help="run every child as on a CPU with at most this instruction set (avx2: an AVX2-only "
                              "CPU, through ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA)")
+    parser.add_argument("--no-bytecode-cache", action="store_true",
+                        help="keep the environment's PYTHONDONTWRITEBYTECODE and skip the warm-up runs: every "
+                             "child parses (and pytest rewrites) its modules again")
     parser.add_argument("--quick", action="store_true", help=f"CI-sized: {QUICK}")
     parser.add_argument("--workdir", help="keep inputs and logs here (default: a new temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--checkpoint", help="var_d16 checkpoint (default: a generated one, random weights)")
     # child mode (internal)
-    parser.add_argument("--child", choices=("naive", "run_audit"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("naive", "run_audit", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -401,6 +436,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     opts = parse(argv)
+    if opts.child == "bare":
+        child_bare_forward(ckpt=opts.checkpoint, size=opts.size, device=opts.device, out=opts.out,
+                           **json.loads(opts.extra))
+        return
     if opts.child:
         child = child_naive if opts.child == "naive" else child_run_audit
         child(ckpt=opts.checkpoint, data=opts.data, size=opts.size, views=opts.views, precision=opts.precision,
