@@ -27,6 +27,16 @@ def make_images(directory, count, size=64, seed=0):
     return directory
 
 
+def activations(result, name: str) -> np.ndarray:
+    """a[i, u] of every data point of a result's layer, from its top-k lists (k >= N keeps them all)."""
+    values = result.layer(name).values
+    a = np.full((len(result.samples), values.unitmem.size), np.nan)
+    for row in range(values.top_samples.shape[0]):
+        a[values.top_samples[row], np.arange(values.unitmem.size)] = values.top_values[row]
+    assert not np.isnan(a).any()
+    return a
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

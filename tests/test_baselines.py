@@ -343,3 +343,19 @@ def test_compare_gate_on_what_the_baseline_lacks_is_a_collection_error(project):
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines(["*gates this audit cannot evaluate: membership_excess_rise_max needs held-out images "
                                  "in this run and in the baseline*"])
+
+
+def test_runs_saved_within_one_second_keep_their_order(tmp_path):
+    # The checkpoints' hashes sort against the order of saving: dates alone must order the entries.
+    from datetime import datetime, timezone
+
+    from pytest_memaudit.baselines import save_run, saved_runs
+
+    now = datetime(2026, 11, 29, 13, 16, 35, 400_000, tzinfo=timezone.utc)
+    for sha, name in [("f" * 64, "release"), ("a" * 64, "auto"), ("0" * 64, "nightly")]:
+        save_run(tmp_path, {"model": "tiny", "checkpoint": {"sha256": sha}}, name, now)
+    runs = saved_runs(tmp_path)
+    assert [run.name for run in runs] == ["release", "auto", "nightly"]
+    assert [run.saved.second for run in runs] == [35, 36, 37]
+    save_run(tmp_path, {"model": "other", "checkpoint": None}, "later", now)  # another model's folder too
+    assert saved_runs(tmp_path)[-1].name == "later"

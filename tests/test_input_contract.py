@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_images
+from conftest import activations, make_images
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import load_audit_file, make_settings
 from pytest_memaudit.errors import AuditError
@@ -76,15 +76,6 @@ def images(tmp_path):
 def pixels(folder, samples) -> np.ndarray:
     """(N, H, W, 3) float64 in [0, 1], decoded with PIL."""
     return np.stack([np.asarray(Image.open(folder / s).convert("RGB"), dtype=np.float64) / 255 for s in samples])
-
-
-def activations(result, name: str) -> np.ndarray:
-    values = result.layer(name).values
-    a = np.full((len(result.samples), values.unitmem.size), np.nan)
-    for row in range(values.top_samples.shape[0]):
-        a[values.top_samples[row], np.arange(values.unitmem.size)] = values.top_values[row]
-    assert not np.isnan(a).any()
-    return a
 
 
 @pytest.mark.parametrize("extra, to_input", [

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import make_images
+from conftest import activations, make_images
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
 from pytest_memaudit.errors import AuditError
@@ -208,16 +208,6 @@ class Scrambled(nn.Module):
 def spec(name, layers, net, contract=InputContract(), size=16):
     return ModelSpec(name=name, layers=tuple(layers), build=lambda checkpoint: net, default_image_size=size,
                      input_contract=contract)
-
-
-def activations(result: AuditResult, name: str) -> np.ndarray:
-    """a[i, u] of every data point, from the top-k lists (k >= N keeps them all)."""
-    values = result.layer(name).values
-    a = np.full((len(result.samples), values.unitmem.size), np.nan)
-    for row in range(values.top_samples.shape[0]):
-        a[values.top_samples[row], np.arange(values.unitmem.size)] = values.top_values[row]
-    assert not np.isnan(a).any()
-    return a
 
 
 def test_layers_are_ordered_by_their_forward_pass_and_the_depth_statistic_follows(tmp_path):
