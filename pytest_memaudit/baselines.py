@@ -51,16 +51,17 @@ def check_name(name: str) -> str:
 
 def new_entry(root: Path, document: dict[str, Any], name: str, now: datetime | None = None) -> Path:
     """Where a results document is saved as NAME (checked by ``check_name``): a new entry under
-    ``root/.memaudit``, dated after every entry already there (a run saved within the same second as
-    the last one takes the next second), so that the dates order the entries and 'latest' is the last
-    one saved."""
+    ``root/.memaudit``, dated after every entry of the same model (a run saved within the same second
+    as the last one takes the next second), so that the dates order a model's entries and 'latest' is
+    the last one saved."""
     when = (now or datetime.now(timezone.utc)).replace(microsecond=0)
-    existing = saved_runs(root)
-    if existing and when <= existing[-1].saved:
-        when = existing[-1].saved + timedelta(seconds=1)
+    model = _safe(document["model"])
+    last = max((run.saved for run in saved_runs(root) if run.model == model), default=None)
+    if last is not None and when <= last:
+        when = last + timedelta(seconds=1)
     sha = ((document.get("checkpoint") or {}).get("sha256") or "none")[:SHA_CHARS]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a checkpoint's label in NAME.<checkpoint> may hold others
-    return root / STORE / _safe(document["model"]) / f"{when:{_TIME}}_{sha}_{name}.json"
+    return root / STORE / model / f"{when:{_TIME}}_{sha}_{name}.json"
 
 
 def save_run(root: Path, document: dict[str, Any], name: str, now: datetime | None = None) -> Path:

@@ -357,5 +357,5 @@ def test_runs_saved_within_one_second_keep_their_order(tmp_path):
     runs = saved_runs(tmp_path)
     assert [run.name for run in runs] == ["release", "auto", "nightly"]
     assert [run.saved.second for run in runs] == [35, 36, 37]
-    save_run(tmp_path, {"model": "other", "checkpoint": None}, "later", now)  # another model's folder too
-    assert saved_runs(tmp_path)[-1].name == "later"
+    other = save_run(tmp_path, {"model": "other", "checkpoint": None}, "other", now)  # its own dates
+    assert other.name == "20261129T131635Z_none_other.json"
