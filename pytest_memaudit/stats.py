@@ -224,10 +224,10 @@ def spearman_interval(x: np.ndarray, y: np.ndarray, *, resamples: int = 2000, se
     ])
     rhos = rhos[np.isfinite(rhos)]
     tail = (1 - confidence) / 2
-    if rhos.size < 2:
+    if size == n:
+        low, high = np.quantile(rhos, [tail, 1 - tail]) if rhos.size else (math.nan, math.nan)
+    elif rhos.size < 2:  # no spread to scale
         low, high = math.nan, math.nan
-    elif size == n:
-        low, high = np.quantile(rhos, [tail, 1 - tail])
     else:
         half = scipy_stats.norm.ppf(1 - tail) * float(np.std(rhos, ddof=1)) * math.sqrt(size / n)
         low, high = max(-1.0, rho - half), min(1.0, rho + half)
