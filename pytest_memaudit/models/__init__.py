@@ -63,8 +63,9 @@ class InputContract:
 
             from ..augment import LUMA_WEIGHTS
 
+            # The luma of the [0, 1] image, on the views' [-1, 1] scale: 2 * luma((v + 1) / 2) - 1.
             weights = torch.tensor(LUMA_WEIGHTS, dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
-            return (views * weights).sum(dim=1, keepdim=True)
+            return (views * weights).sum(dim=1, keepdim=True).add_(sum(LUMA_WEIGHTS) - 1)
         return views.flip(1) if self.order == "BGR" else views
 
     def affine(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
