@@ -136,8 +136,8 @@ def resolve_recipe(name: str, augmentations: int, image_size: int, folder: str |
 
 
 def pipeline_text(pipeline: Any) -> str:
-    """The pipeline's repr without memory addresses (a Lambda's function), which change every run."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(pipeline))
+    """The pipeline's repr on one line, without memory addresses (a Lambda's function), which change every run."""
+    return " ".join(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(pipeline)).split())
 
 
 def check_pipeline(where: str, pipeline: Any, image_size: int) -> None:

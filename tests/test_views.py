@@ -109,13 +109,13 @@ def test_an_identity_pipeline_gives_the_plain_numbers(model):
     assert piped.settings["views_per_image"] == 3
     record = piped.settings["views_recipe"]
     assert record["name"] == "views_encoder:identity"
-    assert record["parameters"]["pipeline"] == "Compose(\n      Identity()\n)"
+    assert record["parameters"]["pipeline"] == "Compose( Identity())"
 
 
 def test_a_pipeline_is_applied_in_the_decode_workers_as_in_process(model):
     """The same views whether a worker or this process makes them, and per image whatever the batching."""
     spec, settings = model
-    runs = [run_audit(make_settings(**settings, views="views_encoder:flips", augmentations=4, workers=workers,
+    runs = [run_audit(make_settings(**settings | {"workers": workers}, views="views_encoder:flips", augmentations=4,
                                     batch_size=batch), spec)
             for workers, batch in ((1, 8), (0, 4))]
     for name, values in unitmem(runs[0]).items():
