@@ -276,6 +276,20 @@ def test_views_in_the_yaml_belong_to_a_model_and_are_checked(tmp_path):
         make_settings(views="crop")
 
 
+def test_a_views_factory_named_in_the_yaml_is_found_beside_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "beside_views", raising=False)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "beside_views.py").write_text("from torchvision.transforms import v2\n\n\ndef make(size):\n"
+                                             "    return v2.RandomHorizontalFlip()\n")
+    (project / "memaudit.yaml").write_text("models:\n  demo:\n    views: beside_views:make\n")
+    monkeypatch.chdir(tmp_path)  # not where the module is
+    spec = load_audit_file(project / "memaudit.yaml").model_spec("demo")
+    recipe = resolve_recipe(spec.views, 2, 16, spec.views_folder)
+    assert recipe.record()["parameters"] == {"factory": "beside_views:make", "pipeline": "RandomHorizontalFlip(p=0.5)"}
+
+
 def test_zero_augmentations_is_plain_whatever_the_recipe():
     assert resolve_recipe("simclr", 0, 16).name == "plain"
     assert resolve_recipe("simclr", 3, 16).views_per_image(3) == 3
