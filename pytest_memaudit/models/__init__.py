@@ -82,7 +82,8 @@ class InputContract:
     def describe(self) -> str:
         channels = "greyscale (1 channel, luma)" if self.channels == 1 else self.order
         if self.mean is not None and self.std is not None:
-            text = f"{channels}, (x - mean) / std of x in [0, 1], mean {list(self.mean)}, std {list(self.std)}"
+            text = f"(x - mean) / std of x in [0, 1], mean {list(self.mean)}, std {list(self.std)}"
+            text = text if channels == "RGB" else f"{channels}, {text}"
         else:
             text = f"{channels} in [{self.value_range[0]:g}, {self.value_range[1]:g}]"
         return text + (", channels-last" if self.channels_last else "")
