@@ -401,6 +401,8 @@ def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
         if n:
             if run.checker:
                 run.checker.add(batch.positions, batch.images)
+            if batch.problem:
+                raise AuditError(batch.problem)
             if batch.views is not None:
                 made = batch.views.to(device, non_blocking=True).float().mul_(2).sub_(1)
             else:
@@ -614,8 +616,9 @@ def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], imag
     return {
         "pytest-memaudit version": __version__,
         "snapshot format": STATE_FORMAT,
+        # the checkpoint file's sha256 and the views' recipe (however it was named) are below
         "settings": {key: value for key, value in settings.as_dict().items()
-                     if key not in RESUMABLE_CHANGES and key != "checkpoint"},  # the file's sha256 is below
+                     if key not in RESUMABLE_CHANGES and key not in ("checkpoint", "views")},
         "views": f"{recipe.name}, sha256 {recipe.sha256}",  # a user pipeline's transforms are in the hash
         "layers": [layer.name for layer in selected],
         "checkpoint sha256": sha256s[0] if len(sha256s) == 1 else sha256s,  # one, or a series
@@ -747,7 +750,8 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
         return [], model_net
     x = torch.stack(pixels).to(device).float().div_(255)
     seeds = [view_seed(settings.seed, images.ids[position]) for position in kept]
-    planted_views = model_input(recipe.make(x, settings.augmentations, seeds), contract, layout)  # the implants'
+    made = recipe.make(x, settings.augmentations, seeds, [images.ids[position] for position in kept])
+    planted_views = model_input(made, contract, layout)  # what the implants see
     prototypes = thumbnails(planted_views).view(len(kept), recipe.views_per_image(settings.augmentations), -1)
     with LayerRecorder(model_net, selected) as recorder:
         outputs = forward(model_net, recorder, planted_views)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from . import augment
 from .augment import ViewParams, apply_views, augment_views
 from .config import VIEW_RECIPES
-from .errors import AuditError, user_code
+from .data import display_id
+from .errors import AuditError, DataError, user_code
 
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -79,13 +80,15 @@ class ViewRecipe:
     def views_per_image(self, augmentations: int) -> int:
         return 1 if self.name == "plain" else max(augmentations, 1)
 
-    def make(self, pixels: torch.Tensor, augmentations: int, seeds: Sequence[int]) -> torch.Tensor:
-        """The views of ``pixels`` (n, 3, H, W) in [0, 1], image-major, in [-1, 1], on their device."""
+    def make(self, pixels: torch.Tensor, augmentations: int, seeds: Sequence[int],
+             ids: Sequence[str] | None = None) -> torch.Tensor:
+        """The views of ``pixels`` (n, 3, H, W) in [0, 1], image-major, in [-1, 1], on their device (``ids``
+        name the images in a user pipeline's errors)."""
         if self.name in ("seed", "plain"):
             return augment_views(pixels, 0 if self.name == "plain" else augmentations, seeds)
         if self.name == "simclr":
             return simclr_views(pixels, augmentations, seeds)
-        return PipelineViews(self.pipeline, augmentations).batch(pixels, seeds).to(pixels.device).mul_(2).sub_(1)
+        return PipelineViews(self.pipeline, augmentations).batch(pixels, seeds, ids).to(pixels.device).mul_(2).sub_(1)
 
 
 def describe(record: dict[str, Any]) -> str:
@@ -192,21 +195,27 @@ class PipelineViews:
     seed: int = 0  # the audit's, with an image id -> the image's seed (``__call__``)
 
     def __call__(self, image: torch.Tensor, image_id: str) -> torch.Tensor:
-        """uint8 (3, H, W) -> float32 (V, 3, H, W) in [0, 1]: what a decode worker adds to an image."""
-        return self.one(image.float().div_(255), view_seed(self.seed, image_id))
+        """uint8 (3, H, W) -> float32 (V, 3, H, W) in [0, 1]: what a decode worker adds to an image.
+        DataError (which the loader passes on) when the pipeline fails."""
+        return self.one(image.float().div_(255), view_seed(self.seed, image_id), f"image {display_id(image_id)}")
 
-    def one(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+    def one(self, image: torch.Tensor, seed: int, what: str = "an image") -> torch.Tensor:
         views = []
-        with torch.random.fork_rng(devices=[]), user_code("the views pipeline"):
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for _ in range(max(self.augmentations, 1)):
-                views.append(self.pipeline(image))
+            try:
+                for _ in range(max(self.augmentations, 1)):
+                    with user_code(f"the views pipeline on {what}"):
+                        views.append(self.pipeline(image))
+            except AuditError as exc:
+                raise DataError(str(exc)) from exc.__cause__
         return torch.stack(views).float()
 
-    def batch(self, pixels: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        """(n, 3, H, W) in [0, 1] -> (n * V, 3, H, W) in [0, 1], on the CPU."""
+    def batch(self, pixels: torch.Tensor, seeds: Sequence[int], ids: Sequence[str] | None = None) -> torch.Tensor:
+        """(n, 3, H, W) in [0, 1] -> (n * V, 3, H, W) in [0, 1], on the CPU; ``ids`` name the images in errors."""
         cpu = pixels.float().cpu()
-        return torch.cat([self.one(image, seed) for image, seed in zip(cpu, seeds)])
+        names = [f"image {display_id(image_id)}" for image_id in ids] if ids else ["an image"] * len(cpu)
+        return torch.cat([self.one(image, seed, name) for image, seed, name in zip(cpu, seeds, names)])
 
 
 def view_seed(seed: int, image_id: str) -> int:

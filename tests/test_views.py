@@ -60,6 +60,20 @@ def normalizing(size):
 
 def too_small(size):
     return v2.RandomResizedCrop(size // 2)
+
+
+class FailsAfterTheCheck:
+    calls = 0
+
+    def __call__(self, image):
+        FailsAfterTheCheck.calls += 1
+        if FailsAfterTheCheck.calls > 1:
+            raise ValueError("boom")
+        return image
+
+
+def failing(size):
+    return FailsAfterTheCheck()
 '''
 YAML = """\
 models:
@@ -151,6 +165,13 @@ def test_a_pipeline_that_cannot_make_views_is_refused_before_the_audit(model, fa
         run_audit(make_settings(**settings, views=factory), spec)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_pipeline_that_fails_on_an_image_names_it(model, workers):
+    spec, settings = model
+    with pytest.raises(AuditError, match=r"^the views pipeline on image img_000.png failed with ValueError: boom$"):
+        run_audit(make_settings(**settings | {"workers": workers}, views="views_encoder:failing"), spec)
+
+
 # --------------------------------------------------------------------------- simclr
 
 
@@ -187,6 +208,14 @@ def test_resized_crops_match_torchvision_for_every_box_shape():
     for row, (top, left, height, width) in enumerate(boxes.tolist()):
         torch.testing.assert_close(crops[row], TF.resized_crop(x[row // 3], top, left, height, width, [20, 20],
                                                                 antialias=True), atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_simclr_views_on_cuda_match_the_cpu():
+    x, seeds = images(4, size=32), [1, 2, 3, 4]
+    on_cuda = simclr_views(x.cuda(), 10, seeds)
+    assert on_cuda.device.type == "cuda"
+    torch.testing.assert_close(on_cuda.cpu(), simclr_views(x, 10, seeds), rtol=0, atol=2 * ATOL)
 
 
 def analytic_crop_scale() -> tuple[float, float]:
