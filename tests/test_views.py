@@ -381,3 +381,11 @@ def test_a_baseline_of_other_views_stops_before_the_audit(pytester):
     second.stderr.fnmatch_lines(["*cannot compare with the baseline: the baseline base.json was audited on other "
                                  "views: plain (no augmentation; sha256 *); this run's are simclr*"])
     assert "members x" not in second.stdout.str()  # nothing was audited
+
+
+def test_an_unknown_recipe_on_the_command_line_is_a_usage_error(pytester):
+    pytester.path.joinpath("memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
+    result = pytester.runpytest("--memaudit-views", "simclr2", "-p", "no:cacheprovider")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*memaudit: --memaudit-views must be seed, simclr, plain or 'package.module:function'"
+                                 "*got 'simclr2'"])
