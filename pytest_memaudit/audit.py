@@ -45,7 +45,7 @@ from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .stats import jackknife_interval, layer_stats, spread_figures
 from .tarshards import open_image_folder
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
-from .views import PipelineViews, ViewRecipe, resolve_recipe, view_seed
+from .views import PipelineViews, ViewRecipe, recipe_for, view_seed
 
 ProgressCallback = Callable[[int, int], None]  # (data points done, in all) of this process's share
 # Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in, for models
@@ -311,8 +311,7 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
         image_size = settings.image_size or spec.default_image_size
         planted = settings.planted_units if "planted" in control_roles(settings, spec) else 0
         images = open_images(settings, spec, image_size, planted=planted)
-        recipe = resolve_recipe(settings.views or spec.views, settings.augmentations, image_size,
-                                spec.views_folder if settings.views is None else None)
+        recipe = recipe_for(settings, spec)
         paths = [spec.locate(given) for given in checkpoints]
         checkpoint_info = [checkpoint_record(path) for path in paths]
         layout = memory_format(spec.input_contract)
@@ -366,7 +365,8 @@ def add_subjects(run: AuditRun) -> None:
                                                 run.spec.input_contract, run.layout, run.device, run.forward,
                                                 run.world)
         run.subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
-    probe = torch.zeros(1, run.spec.input_contract.channels, run.image_size, run.image_size, device=run.device).contiguous(memory_format=run.layout)
+    probe = torch.zeros(1, run.spec.input_contract.channels, run.image_size, run.image_size, device=run.device)
+    probe = probe.contiguous(memory_format=run.layout)
     budget = settings.median_memory * 2**20 // len(run.subjects)
     for subject in run.subjects:
         subject.recorder = LayerRecorder(subject.net, run.selected)
@@ -734,8 +734,9 @@ def _digest_pairs(table: dict[str, torch.Tensor]) -> list[tuple[bytes, int]]:
 
 
 def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,
-                  settings: RunSettings, recipe: ViewRecipe, contract: InputContract, layout: torch.memory_format, device: torch.device,
-                  forward: AdaptiveForward, world: World) -> tuple[list[PlantedUnit], torch.nn.Module]:
+                  settings: RunSettings, recipe: ViewRecipe, contract: InputContract, layout: torch.memory_format,
+                  device: torch.device, forward: AdaptiveForward,
+                  world: World) -> tuple[list[PlantedUnit], torch.nn.Module]:
     """The planted control: the planted images' views (the implants' references), the model's
     mean |activation| per unit over them (the implants' scale), then the planted copy. Every
     process computes this alike; process 0's choice of units is the one all use."""

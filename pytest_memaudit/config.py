@@ -473,7 +473,8 @@ def _input_contract(path, where, entry) -> InputContract:
     if order not in ("RGB", "BGR"):
         raise ConfigError(f"{path}: {where}: order must be RGB or BGR (the model's channel order), got {quote(order)}")
     if channels == 1 and "order" in entry:
-        raise ConfigError(f"{path}: {where}: order is the order of 3 channels; a 1-channel model has none, leave it out")
+        raise ConfigError(f"{path}: {where}: order is the order of 3 channels; a 1-channel model has none, "
+                          "leave it out")
     layout = {"channels_last": channels_last, "channels": channels, "order": order}
     if "input_range" in entry and "normalize" in entry:
         raise ConfigError(f"{path}: {where}: give input_range or normalize, not both (normalize applies to images "

@@ -709,13 +709,9 @@ def check_baseline_architecture(state: AuditSession) -> None:
         check_architecture(state.spec.name, layers, state.baseline, state.baseline_label)
         if state.stored is None:
             from .compare import check_views
-            from .views import resolve_recipe
+            from .views import recipe_for
 
-            settings, spec = state.load_settings(), state.spec
-            recipe = resolve_recipe(settings.views or spec.views, settings.augmentations,
-                                    settings.image_size or spec.default_image_size,
-                                    spec.views_folder if settings.views is None else None)
-            check_views(recipe.record(), state.baseline, state.baseline_label)
+            check_views(recipe_for(state.load_settings(), state.spec).record(), state.baseline, state.baseline_label)
     except AuditError as exc:
         raise pytest.UsageError(f"memaudit: cannot compare with the baseline: {exc}") from None
 

@@ -102,7 +102,8 @@ def describe(record: dict[str, Any]) -> str:
         crop = parameters.get("crop")
         jitter = "/".join(f"{value:g}" for value in parameters["color_jitter"])
         detail = ", ".join([
-            *([f"random resized crop (scale {crop['scale'][0]:g}-{crop['scale'][1]:g}, ratio 3/4-4/3)"] if crop else []),
+            *([f"random resized crop (scale {crop['scale'][0]:g}-{crop['scale'][1]:g}, ratio 3/4-4/3)"]
+              if crop else []),
             f"flip {parameters['flip']}", f"colour jitter {jitter} with p {parameters['color_jitter_p']:g}",
             f"greyscale p {parameters['grayscale_p']:g}"])
     return f"{record['name']} ({detail}; sha256 {record['sha256']})"
@@ -118,6 +119,14 @@ def record_of(settings: dict[str, Any]) -> dict[str, Any]:
 
 def builtin_recipe(name: str) -> ViewRecipe:
     return ViewRecipe(name, _PARAMETERS[name])
+
+
+def recipe_for(settings, spec) -> ViewRecipe:
+    """The recipe an audit of ``spec`` with ``settings`` (config.RunSettings) uses: --memaudit-views, else the
+    model's views: (a factory found beside its YAML), else seed."""
+    return resolve_recipe(settings.views or spec.views, settings.augmentations,
+                          settings.image_size or spec.default_image_size,
+                          spec.views_folder if settings.views is None else None)
 
 
 def resolve_recipe(name: str, augmentations: int, image_size: int, folder: str | Path | None = None) -> ViewRecipe:

@@ -4,7 +4,6 @@ recorded with the results, and never compared across recipes."""
 import json
 import math
 import sys
-import textwrap
 
 import numpy as np
 import pytest
