@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from . import __version__
-from .augment import augment_views
 from .config import RunSettings, control_roles
 from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
@@ -46,6 +45,7 @@ from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .stats import jackknife_interval, layer_stats, spread_figures
 from .tarshards import open_image_folder
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
+from .views import PipelineViews, ViewRecipe, recipe_for, view_seed
 
 ProgressCallback = Callable[[int, int], None]  # (data points done, in all) of this process's share
 # Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in, for models
@@ -147,6 +147,7 @@ class AuditRun:
     given: list[str | None]  # the checkpoints as the user named them
     model_net: torch.nn.Module
     layout: torch.memory_format
+    recipe: ViewRecipe
     fingerprint: dict
     progress: ShardProgress
     workers: int
@@ -162,7 +163,7 @@ class AuditRun:
 
     @property
     def views(self) -> int:
-        return max(self.settings.augmentations, 1)
+        return self.recipe.views_per_image(self.settings.augmentations)
 
     @property
     def batch_size(self) -> int:
@@ -310,29 +311,31 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
         image_size = settings.image_size or spec.default_image_size
         planted = settings.planted_units if "planted" in control_roles(settings, spec) else 0
         images = open_images(settings, spec, image_size, planted=planted)
+        recipe = recipe_for(settings, spec)
         paths = [spec.locate(given) for given in checkpoints]
         checkpoint_info = [checkpoint_record(path) for path in paths]
         layout = memory_format(spec.input_contract)
         with user_code(f"building model {spec.name}"):
             model_net = prepare(spec.build(paths[0]), device, layout)
         if layout == torch.channels_last and device.type == "cuda":
-            layout, seconds = probe_layouts(model_net, (min(views_per_pass(settings, device), 32), 3, image_size,
-                                                        image_size), device, settings.precision)
+            layout, seconds = probe_layouts(model_net, (min(views_per_pass(settings, device), 32),
+                                                        spec.input_contract.channels, image_size, image_size),
+                                            device, settings.precision)
             model_net = model_net.to(memory_format=layout)
     except Exception as exc:  # noqa: BLE001 (shared with the other processes, then raised)
         problem = exc
     world.agree(problem, "setting up the audit")
-    fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size)
+    fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size, recipe)
     world.agree_on(fingerprint | {"device type": device.type}, "what to audit")
     world.check_devices(device)
     notes = list(images.notes) + precision_notes(settings.precision, device)  # the forward adds its halvings
     if device.type == "cuda" and memory_format(spec.input_contract) == torch.channels_last:
         notes.append(f"memory layout on {device}: {layout_name(layout)}, the faster for a forward pass: "
                      + ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in seconds.items()))
-    views = max(settings.augmentations, 1)
+    views = recipe.views_per_image(settings.augmentations)
     run = AuditRun(
         settings, spec, selected, world, device, images, image_size, paths, checkpoint_info, checkpoints, model_net,
-        layout, fingerprint, ShardProgress(world.shard(len(images))),
+        layout, recipe, fingerprint, ShardProgress(world.shard(len(images))),
         settings.workers if settings.workers is not None else default_workers(images, device, views,
                                                                              world.launch.local_size),
         AdaptiveForward(views_per_pass(settings, device), device, notes), notes, timer=ForwardTimer(device),
@@ -358,10 +361,12 @@ def add_subjects(run: AuditRun) -> None:
     if "planted" in (settings.control or "") and not images.count(PLANTED):  # asked for, not the default
         run.notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
     if images.count(PLANTED) and "planted" in run.controls:
-        run.plants, planted_net = build_planted(run.model_net, run.selected, images, settings, run.spec.input_contract,
-                                                run.layout, run.device, run.forward, run.world)
+        run.plants, planted_net = build_planted(run.model_net, run.selected, images, settings, run.recipe,
+                                                run.spec.input_contract, run.layout, run.device, run.forward,
+                                                run.world)
         run.subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
-    probe = torch.zeros(1, 3, run.image_size, run.image_size, device=run.device).contiguous(memory_format=run.layout)
+    probe = torch.zeros(1, run.spec.input_contract.channels, run.image_size, run.image_size, device=run.device)
+    probe = probe.contiguous(memory_format=run.layout)
     budget = settings.median_memory * 2**20 // len(run.subjects)
     for subject in run.subjects:
         subject.recorder = LayerRecorder(subject.net, run.selected)
@@ -384,18 +389,27 @@ def add_subjects(run: AuditRun) -> None:
 def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
     """Stream this process's remaining shard through every subject, in batches of data points;
     a snapshot now and then and at the end."""
-    settings, images, device, views = run.settings, run.images, run.device, run.views
+    settings, images, device, views, recipe = run.settings, run.images, run.device, run.views, run.recipe
+    # A user pipeline makes its views one image at a time, in the decode workers; the others, batched here.
+    in_workers = None if recipe.pipeline is None else PipelineViews(recipe.pipeline, settings.augmentations,
+                                                                    settings.seed)
     batches = images.iter_batches(max(1, run.batch_size // views), run.workers, pin_memory=device.type == "cuda",
-                                  positions=run.progress.remaining(), characteristics=True)
+                                  positions=run.progress.remaining(), characteristics=True, views=in_workers)
     for batch in batches:
         run.progress.skipped += batch.skipped
         n = len(batch.positions)
         if n:
             if run.checker:
                 run.checker.add(batch.positions, batch.images)
-            pixels = batch.images.to(device, non_blocking=True).float().div_(255)
-            seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
-            batch_views = model_views(pixels, settings.augmentations, seeds, run.spec.input_contract, run.layout)
+            if batch.problem:
+                raise AuditError(batch.problem)
+            if batch.views is not None:
+                made = batch.views.to(device, non_blocking=True).float().mul_(2).sub_(1)
+            else:
+                pixels = batch.images.to(device, non_blocking=True).float().div_(255)
+                seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
+                made = recipe.make(pixels, settings.augmentations, seeds)
+            batch_views = model_input(made, run.spec.input_contract, run.layout)
             index = torch.tensor(batch.positions, dtype=torch.int64, device=device)
             label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
             group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
@@ -508,6 +522,8 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
         "device": str(run.device),
         "workers": run.workers,
         "control": ",".join(run.controls) or "none",
+        "views": run.recipe.name,
+        "views_recipe": run.recipe.record(),
         "views_per_image": run.views,
         "input": run.spec.input_contract.describe(),
         "memory_format": layout_name(run.layout),
@@ -591,7 +607,7 @@ def views_per_pass(settings: RunSettings, device: torch.device) -> int:
 
 
 def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], images: LabelledImages,
-                      checkpoints: list[dict | None], processes: int) -> dict:
+                      checkpoints: list[dict | None], processes: int, recipe: ViewRecipe) -> dict:
     """What decides an audit's numbers: processes must agree on it, and a snapshot must match it."""
     sha256s = [None if checkpoint is None else checkpoint["sha256"] for checkpoint in checkpoints]
     listing = hashlib.sha256()
@@ -600,8 +616,10 @@ def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], imag
     return {
         "pytest-memaudit version": __version__,
         "snapshot format": STATE_FORMAT,
+        # the checkpoint file's sha256 and the views' recipe (however it was named) are below
         "settings": {key: value for key, value in settings.as_dict().items()
-                     if key not in RESUMABLE_CHANGES and key != "checkpoint"},  # the file's sha256 is below
+                     if key not in RESUMABLE_CHANGES and key not in ("checkpoint", "views")},
+        "views": f"{recipe.name}, sha256 {recipe.sha256}",  # a user pipeline's transforms are in the hash
         "layers": [layer.name for layer in selected],
         "checkpoint sha256": sha256s[0] if len(sha256s) == 1 else sha256s,  # one, or a series
         "data listing": f"{len(images)} data points, sha256 {listing.hexdigest()[:16]}",
@@ -716,8 +734,9 @@ def _digest_pairs(table: dict[str, torch.Tensor]) -> list[tuple[bytes, int]]:
 
 
 def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,
-                  settings: RunSettings, contract: InputContract, layout: torch.memory_format, device: torch.device,
-                  forward: AdaptiveForward, world: World) -> tuple[list[PlantedUnit], torch.nn.Module]:
+                  settings: RunSettings, recipe: ViewRecipe, contract: InputContract, layout: torch.memory_format,
+                  device: torch.device, forward: AdaptiveForward,
+                  world: World) -> tuple[list[PlantedUnit], torch.nn.Module]:
     """The planted control: the planted images' views (the implants' references), the model's
     mean |activation| per unit over them (the implants' scale), then the planted copy. Every
     process computes this alike; process 0's choice of units is the one all use."""
@@ -732,8 +751,9 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
         return [], model_net
     x = torch.stack(pixels).to(device).float().div_(255)
     seeds = [view_seed(settings.seed, images.ids[position]) for position in kept]
-    planted_views = model_views(x, settings.augmentations, seeds, contract, layout)  # what the implants see
-    prototypes = thumbnails(planted_views).view(len(kept), max(settings.augmentations, 1), -1)
+    made = recipe.make(x, settings.augmentations, seeds, [images.ids[position] for position in kept])
+    planted_views = model_input(made, contract, layout)  # what the implants see
+    prototypes = thumbnails(planted_views).view(len(kept), recipe.views_per_image(settings.augmentations), -1)
     with LayerRecorder(model_net, selected) as recorder:
         outputs = forward(model_net, recorder, planted_views)
     scales = {name: values.double().mean(dim=0).cpu().numpy() for name, values in outputs.items()}  # forward order
@@ -844,12 +864,12 @@ def probe_layouts(net: torch.nn.Module, shape: tuple[int, ...], device: torch.de
         return faster_layout(run, device)
 
 
-def model_views(pixels: torch.Tensor, augmentations: int, seeds: Sequence[int], contract: InputContract,
+def model_input(views: torch.Tensor, contract: InputContract,
                 layout: torch.memory_format | None = None) -> torch.Tensor:
-    """The views of ``pixels`` (n, 3, H, W) in [0, 1] as the model takes them: augmented (in [-1, 1]),
-    mapped to its input range or normalization, in its memory layout (``layout``, default the
+    """Views (n, 3, H, W) in [-1, 1], RGB, as the model takes them: its channels (luma for one) in its
+    order, mapped to its input range or normalization, in its memory layout (``layout``, default the
     contract's). Every subject (the model and its controls) gets these same tensors."""
-    views = augment_views(pixels, augmentations, seeds)
+    views = contract.arrange(views)
     affine = contract.affine()
     if affine is not None:
         scale, shift = (torch.tensor(values, dtype=views.dtype, device=views.device).view(1, -1, 1, 1)
@@ -942,12 +962,6 @@ def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list
         f"--memaudit-median-memory ({limit_mb} MB), so it is kept on disk in "
         f"{os.path.dirname(spilled[0].spill_path)}"
     ]
-
-
-def view_seed(seed: int, image_id: str) -> int:
-    """The seed of an image's views: depends on the audit seed and the image, not on batching."""
-    digest = hashlib.blake2b(f"{seed}:{image_id}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def checkpoint_record(path: Path | None) -> dict | None:

@@ -357,10 +357,13 @@ class ImageBatch:
     images: torch.Tensor
     skipped: list[tuple[int, str]]
     characteristics: dict[str, np.ndarray] | None = None  # per image, when the loader was asked for them
+    views: torch.Tensor | None = None  # (images * V, 3, size, size) float, when the loader was asked to make them
+    problem: str | None = None  # why the views of an image could not be made (the user's transform failed)
 
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader's pinning thread when ``pin_memory`` is on."""
-        return ImageBatch(self.positions, self.images.pin_memory(), self.skipped, self.characteristics)
+        return ImageBatch(self.positions, self.images.pin_memory(), self.skipped, self.characteristics,
+                          None if self.views is None else self.views.pin_memory(), self.problem)
 
 
 @dataclass
@@ -433,13 +436,14 @@ class ImageSet(Dataset):
 
     def iter_batches(
         self, images_per_batch: int, workers: int, *, pin_memory: bool = False, positions: Sequence[int] | None = None,
-        characteristics: bool = False,
+        characteristics: bool = False, views: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
     ) -> Iterator[ImageBatch]:
         """Batches of consecutive data points (of ``positions``, default all) in order; ``workers``
         = 0 decodes in process. ``characteristics``: also measure each decoded image
-        (``characteristics.py``), in the worker that decoded it."""
+        (``characteristics.py``), in the worker that decoded it. ``views(image, id)``: also make each
+        decoded image's views there (a transform that works one image at a time)."""
         loader = DataLoader(
-            self,
+            self if views is None else _WithViews(self, views),
             batch_size=images_per_batch,
             sampler=positions,
             shuffle=False,
@@ -452,14 +456,35 @@ class ImageSet(Dataset):
         yield from loader
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]], size: int,
-             characteristics: bool = False) -> ImageBatch:
-    loaded = [(position, image) for position, image, _ in items if image is not None]
-    skipped = [(position, reason) for position, image, reason in items if image is None]
+class _WithViews(Dataset):
+    """An image set whose items also carry the image's views: ``(i, image, None, views)``, or instead of
+    the views why they could not be made (a DataError's message, passed on rather than raised in a worker)."""
+
+    def __init__(self, images: ImageSet, views: Callable[[torch.Tensor, str], torch.Tensor]):
+        self.images, self.views = images, views
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int):
+        position, image, reason = self.images[position]
+        try:
+            return position, image, reason, None if image is None else self.views(image, self.images.ids[position])
+        except DataError as exc:
+            return position, image, reason, str(exc)
+
+
+def _collate(items: list[tuple], size: int, characteristics: bool = False) -> ImageBatch:
+    loaded = [(item[0], item[1]) for item in items if item[1] is not None]
+    skipped = [(item[0], item[2]) for item in items if item[1] is None]
+    views = [item[3] for item in items if item[1] is not None] if items and len(items[0]) == 4 else None
+    problem = next((made for made in views or [] if isinstance(made, str)), None)
     if loaded:
         # numpy's single-threaded stack: torch.stack's thread pool stalls on busy few-core hosts
         images = torch.from_numpy(np.stack([image.numpy() for _, image in loaded]))
     else:
         images = torch.empty((0, 3, size, size), dtype=torch.uint8)
     measured = image_characteristics(images) if characteristics else None
-    return ImageBatch([position for position, _ in loaded], images, skipped, measured)
+    if views is not None:
+        views = None if problem else torch.cat(views) if views else torch.empty((0, 3, size, size))
+    return ImageBatch([position for position, _ in loaded], images, skipped, measured, views, problem)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .audit import memory_format, model_views, prepare
+from .audit import memory_format, model_input, prepare
 from .config import RunSettings
 from .device import resolve_device
 from .errors import AuditError, user_code
@@ -78,7 +78,7 @@ def layer_table(spec: ModelSpec, settings: RunSettings) -> str:
     size = settings.image_size or spec.default_image_size
     net = prepare(spec.build(spec.locate(settings.checkpoint)), device, memory_format(spec.input_contract))
     pixels = torch.rand(LISTED_VIEWS, 3, size, size, generator=torch.Generator().manual_seed(settings.seed))
-    views = model_views(pixels.to(device), 0, list(range(LISTED_VIEWS)), spec.input_contract)
+    views = model_input(pixels.to(device).mul_(2).sub_(1), spec.input_contract)
     with torch.inference_mode(), user_code(f"the forward pass of {spec.name} on views of shape {tuple(views.shape)}"):
         records = survey(net, views, spec.layers)
     audited = {layer.module: layer.name for layer in spec.layers}

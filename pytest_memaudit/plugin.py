@@ -36,7 +36,10 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("samples", int, "number of data points: a seeded random subset of the directory (default: all; "
      "64 for the built-in set)"),
     ("image-size", int, "resize images to this square size, a multiple of 16 (default: the model's, 256 for var_d16)"),
-    ("augmentations", int, "augmented views per image, the seed's recipe (default 10; 0 = one plain view)"),
+    ("augmentations", int, "augmented views per image (default 10; 0 = one plain view)"),
+    ("views", str, "how views are made, as the model trained: seed (the seed report's recipe), simclr (the UnitMem "
+     "paper's), plain (no augmentation), or package.module:function returning your torchvision transforms v2 "
+     "pipeline (default: the model's views: in the audit YAML, else seed)"),
     ("reduce", str, "how the non-maximal activations are summarized: mean (default, streams) or median "
      "(the paper's code; keeps N x units values)"),
     ("batch-size", int, "views per forward pass (default 32 on CPU, 256 on CUDA)"),
@@ -699,12 +702,17 @@ def check_baseline_architecture(state: AuditSession) -> None:
     if state.baseline is None:
         return
     from .compare import check_architecture
-    from .errors import ConfigError
+    from .errors import AuditError
 
     layers = [(layer.name, layer.module) for layer in state.spec.layers if layer.name in state.wanted_layers]
     try:
         check_architecture(state.spec.name, layers, state.baseline, state.baseline_label)
-    except ConfigError as exc:
+        if state.stored is None:
+            from .compare import check_views
+            from .views import recipe_for
+
+            check_views(recipe_for(state.load_settings(), state.spec).record(), state.baseline, state.baseline_label)
+    except AuditError as exc:
         raise pytest.UsageError(f"memaudit: cannot compare with the baseline: {exc}") from None
 
 

@@ -32,8 +32,8 @@ def audit(pytester, *extra):
 
 def test_three_checkpoints_give_three_tests_per_layer_and_one_report(series, monkeypatch):
     calls = []
-    real = pytest_memaudit.audit.augment_views
-    monkeypatch.setattr(pytest_memaudit.audit, "augment_views", lambda *args: calls.append(1) or real(*args))
+    real = pytest_memaudit.views.augment_views
+    monkeypatch.setattr(pytest_memaudit.views, "augment_views", lambda *args: calls.append(1) or real(*args))
     result = audit(series, "--memaudit-checkpoint", "ckpts/step-*.pt", "--memaudit-compare", "previous",
                    "--memaudit-compare-fail", "mean_unitmem:0.05", "-v")
     assert result.ret == 1

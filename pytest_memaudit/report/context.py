@@ -16,6 +16,8 @@ from ..data import display_id
 from ..gates import GATES, Check, adjusted_p_values
 from ..results import AuditResult, LayerResult
 from ..stats import group_size
+from ..views import describe as describe_views
+from ..views import record_of
 from . import figures
 from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section
@@ -272,6 +274,7 @@ def run_record(result: AuditResult) -> list[tuple[str, str]]:
         ("image size", f"{s.get('image_size')} px"),
         ("model input", str(s.get("input", "n/a"))),
         ("unit axes", unit_axes(result.layers)),
+        ("views", describe_views(record_of(s))),
         ("augmentations", f"{s.get('augmentations')} ({s.get('views_per_image')} views per image)"),
         ("seed", str(s.get("seed"))),
         ("reduction", str(s.get("reduce"))),
