@@ -90,6 +90,11 @@ def tar_members(path: Path) -> list[tuple[str, int, int]]:
 
 
 def _scan_headers(fd: int):
+    """Every header's sizes are checked against the file's length before anything is read or
+    skipped by them, so a damaged or crafted header cannot loop, exhaust memory or overflow: it
+    raises ``tarfile.ReadError`` saying where and what. A member whose data runs past the end
+    (a file cut short) is listed; reading it fails, and the data point is skipped with that reason."""
+    end = os.fstat(fd).st_size
     offset, name, size = 0, None, None  # name and size: from a GNU long-name or pax header, for the next member
     while True:
         header = os.pread(fd, 512, offset)
@@ -98,16 +103,21 @@ def _scan_headers(fd: int):
         if header[257:262] != b"ustar" and not _checksum_ok(header):
             raise tarfile.ReadError(f"no tar header at byte {offset} (not a tar archive, or damaged there)")
         kind = header[156:157]
-        length = _number(header[124:136]) if size is None or kind in (b"x", b"g", b"L", b"K") else size
+        length = _number(header[124:136], offset) if size is None or kind in (b"x", b"g", b"L", b"K") else size
+        if not 0 <= length <= end:
+            raise tarfile.ReadError(f"the header at byte {offset} gives a size of {length} bytes, impossible in a "
+                                    f"file of {end} bytes (a damaged or crafted archive)")
         data = offset + 512
+        if kind in (b"L", b"x", b"g", b"K") and data + length > end:
+            raise tarfile.ReadError(f"the header at byte {offset} runs past the end of the file (cut short)")
         if kind == b"L":
             name = os.pread(fd, length, data).rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind == b"x":
-            for key, value in _pax_records(os.pread(fd, length, data)):
+            for key, value in _pax_records(os.pread(fd, length, data), offset):
                 if key == "path":
                     name = value
                 elif key == "size":
-                    size = int(value)
+                    size = _pax_size(value, offset)
         elif kind == b"S":
             raise _Unusual
         elif kind not in (b"g", b"K"):  # not a global pax header or a GNU long link name: a member
@@ -126,10 +136,15 @@ def _header_name(header: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def _number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
+def _number(field: bytes, offset: int) -> int:
+    """A numeric header field: octal, or GNU base-256 (first byte 0x80, or 0xff for a negative number)."""
+    if field[0] in (0x80, 0xFF):  # base-256, for sizes of 8 GiB and more
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    try:
+        return int(field.strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError(f"the header at byte {offset} has a size that is not a number") from None
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -140,15 +155,26 @@ def _checksum_ok(header: bytes) -> bool:
     return stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
 
 
-def _pax_records(data: bytes):
-    """(key, value) of the records ``length key=value\\n`` of a pax header."""
+def _pax_records(data: bytes, offset: int):
+    """(key, value) of the records ``length key=value\\n`` of the pax header at byte ``offset``; a
+    record whose length does not fit it (zero, shorter than its length field, not ending in a newline) is
+    a ``tarfile.ReadError``."""
     position = 0
     while position < len(data) and data[position:position + 1].isdigit():
-        space = data.index(b" ", position)
-        length = int(data[position:space])
+        space = data.find(b" ", position)
+        length = int(data[position:space]) if space > position and data[position:space].isdigit() else 0
+        if (space < 0 or length <= space - position + 1 or position + length > len(data)
+                or data[position + length - 1] != 0x0A):
+            raise tarfile.ReadError(f"the pax header at byte {offset} has a damaged record at its byte {position}")
         key, _, value = data[space + 1 : position + length - 1].partition(b"=")
         yield key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
         position += length
+
+
+def _pax_size(value: str, offset: int) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise tarfile.ReadError(f"the pax header at byte {offset} gives the size {value[:40]!r}, not a number of bytes")
+    return int(value)
 
 
 @dataclass
@@ -188,10 +214,13 @@ class TarImageSet(ImageSet):
         path = self.root / self.shards[self.shard_of[position]]
         try:
             with open(path, "rb", buffering=0) as archive:
-                data = os.pread(archive.fileno(), int(self.sizes[position]), int(self.offsets[position]))
+                size, offset = int(self.sizes[position]), int(self.offsets[position])
+                if offset + size > os.fstat(archive.fileno()).st_size:  # never ask for more than is there
+                    raise UnreadableImage(name, "its archive ends early (truncated)")
+                data = os.pread(archive.fileno(), size, offset)
         except OSError as exc:
             raise UnreadableImage(name, f"cannot read its archive: {exc.strerror or exc}") from exc
-        if len(data) != self.sizes[position]:
+        if len(data) != size:
             raise UnreadableImage(name, "its archive ends early (truncated)")
         return decode_member(data, name, self.size)
 
