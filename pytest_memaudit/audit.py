@@ -188,6 +188,7 @@ class AuditRun:
         }
 
     def restore(self, saved: dict) -> None:
+        """Load a snapshot, then check it: a damaged one is refused, never resumed into wrong figures."""
         try:
             for subject in self.subjects:
                 for name, state in subject.states.items():
@@ -196,9 +197,57 @@ class AuditRun:
             if self.checker is not None:
                 self.checker.load_state_dict(saved["overlap"])
             self.measured.load_state_dict(saved["measured"])
-        except (KeyError, TypeError) as exc:
-            raise AuditError(f"the snapshot {self.snapshots.path} lacks part of this audit's state ({exc}); "
-                             "delete it to start this process's share over") from None
+            problem = self.restored_problem()
+        except KeyError as exc:
+            problem = f"it lacks part of this audit's state ({exc})"
+        except AuditError as exc:
+            problem = str(exc)
+        except Exception as exc:  # noqa: BLE001 (a snapshot is read from disk: any malformed field is damage)
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            raise AuditError(f"the snapshot {self.snapshots.path} is damaged: {problem}. Delete it to start this "
+                             "process's share over.")
+
+    def restored_problem(self) -> str | None:
+        """What in a loaded snapshot disagrees with this audit or with itself (None: nothing).
+
+        Its progress must lie within this process's share and its skipped data points among those
+        streamed; every layer state, the stored values, the measured characteristics and the
+        held-out digests must hold exactly the data points streamed and read, with their labels
+        and groups. A wrong counter would otherwise stream data twice or leave some out, silently."""
+        progress, positions = self.progress, self.progress.positions
+        if not 0 <= progress.done <= len(positions):
+            return f"its progress counter says {progress.done} data points, this process's share has {len(positions)}"
+        streamed = np.asarray(positions[: progress.done], dtype=np.int64)
+        skipped = np.array([position for position, _ in progress.skipped], dtype=np.int64)
+        if np.unique(skipped).size != skipped.size or not np.isin(skipped, streamed).all():
+            return (f"its {skipped.size} skipped data points are not distinct data points among the {streamed.size} "
+                    "it has streamed")
+        read = np.setdiff1d(streamed, skipped)
+        labels, groups = self.images.labels[read].astype(np.int64), self.images.groups[read].astype(np.int64)
+        for subject in self.subjects:
+            for name, state in subject.states.items():
+                expected = torch.zeros_like(state.counts, device="cpu")
+                expected.view(-1).index_add_(0, torch.from_numpy(labels * state.groups + groups),
+                                             torch.ones(read.size, dtype=torch.int64))
+                if not torch.equal(state.counts.cpu(), expected):
+                    return (f"the {subject.role} state of layer {name} holds {int(state.counts.sum())} data points, "
+                            f"not the {read.size} its progress says were read")
+                if state.values is not None and not np.array_equal(np.sort(state.values.index[: state.values.count]), read):
+                    return f"the stored values of layer {name} ({subject.role}) are not those of the data points read"
+        measured = self.measured.state_dict()
+        if not np.array_equal(measured["positions"].numpy(), read):
+            return f"it lists {measured['positions'].numel()} data points measured, not the {read.size} read"
+        sizes = [len(values) for values in measured["characteristics"].values()]
+        if measured["embedding"] is not None:
+            sizes.append(measured["embedding"].shape[0])
+        if any(size != read.size for size in sizes):
+            return f"its image characteristics or embedding cover {sizes} data points, not the {read.size} read"
+        if self.checker is not None:
+            digested = [position for _, position in [*self.checker.members.items(), *self.checker.holdout]]
+            if not np.isin(np.array(digested, dtype=np.int64), read).all():
+                return "its held-out check lists data points it has not read"
+        return None
 
     def close(self) -> None:
         for subject in self.subjects:
