@@ -827,11 +827,22 @@ def report_paths(config: pytest.Config) -> tuple[Path | None, Path | None]:
 
 
 def check_output_locations(config: pytest.Config) -> None:
-    """ConfigError when the report or the JSON cannot be written where they go."""
+    """ConfigError when the report or the JSON cannot be written where they go, or one would replace
+    the other (or the report the finished audit or baseline it reads)."""
     from .errors import ConfigError
-    from .outputs import location_problem
+    from .outputs import location_problem, same_file
 
     html_path, json_path = report_paths(config)
+    base = config.invocation_params.dir
+    if html_path is not None and json_path is not None and same_file(html_path, json_path):
+        raise ConfigError(f"the report and the results would both be written to {json_path}, and the report would "
+                          "replace the results: give --memaudit-html and --memaudit-json different paths")
+    reference = config.getoption("memaudit_compare") or ""
+    for option, read in (("--memaudit-from", config.getoption("memaudit_from")),
+                         ("--memaudit-compare", reference if reference.endswith(".json") else None)):
+        if html_path is not None and read and same_file(html_path, base / read):
+            raise ConfigError(f"the report would be written to {html_path}, over the results that {option} reads: "
+                              "give --memaudit-html another path")
     for what, option, path in (("report", "--memaudit-html", html_path), ("results", "--memaudit-json", json_path)):
         problem = None if path is None else location_problem(path)
         if problem:
