@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from . import __version__
 from .augment import augment_views
 from .config import RunSettings, control_roles
 from .controls import random_weights_copy
-from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
+from .data import BUILTIN_PREFIX, ImageBatch, ImageSet, UnreadableImage, lost_worker
 from .datapoints import DataPoints, embedded_rows, score_data_points, what_gets_memorized
 from .device import (ForwardTimer, check_precision, faster_layout, is_out_of_memory, precision_mode, process_device,
                      selected_device)
@@ -432,10 +432,25 @@ def add_subjects(run: AuditRun) -> None:
 
 def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
     """Stream this process's remaining shard through every subject, in batches of data points;
-    a snapshot now and then and at the end."""
+    a snapshot now and then and at the end. A decoding worker that dies is named as such."""
+    batches = run.images.iter_batches(max(1, run.batch_size // run.views), run.workers,
+                                      pin_memory=run.device.type == "cuda", positions=run.progress.remaining(),
+                                      characteristics=True)
+    try:
+        stream_batches(run, batches, progress)
+    except (AuditError, RuntimeError) as exc:
+        lost = lost_worker(exc)  # torch raises it wherever the main process is, the model's forward pass too
+        if lost is None:
+            raise
+        raise DataError(f"{lost} while the audit read {run.source}; the model's forward pass is not at fault. "
+                        "Rerun the audit (with --memaudit-state DIR a rerun resumes), with fewer --memaudit-workers if "
+                        "memory ran short") from None
+    if run.snapshots:
+        run.snapshots.save(run.snapshot())
+
+
+def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: ProgressCallback | None) -> None:
     settings, images, device, views = run.settings, run.images, run.device, run.views
-    batches = images.iter_batches(max(1, run.batch_size // views), run.workers, pin_memory=device.type == "cuda",
-                                  positions=run.progress.remaining(), characteristics=True)
     for batch in batches:
         run.progress.skipped += batch.skipped
         n = len(batch.positions)
@@ -464,8 +479,6 @@ def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
             progress(run.progress.done, len(run.progress.positions))
         if run.snapshots and run.snapshots.due():
             run.snapshots.save(run.snapshot())
-    if run.snapshots:
-        run.snapshots.save(run.snapshot())
 
 
 def merge(run: AuditRun) -> Merged:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import stat
 import unicodedata
 from collections import Counter
@@ -448,8 +449,34 @@ class ImageSet(Dataset):
             pin_memory=pin_memory,
             persistent_workers=False,
             prefetch_factor=2 if workers > 0 else None,
+            worker_init_fn=_leave_termination_to_the_audit if workers > 0 else None,
         )
         yield from loader
+
+
+def _leave_termination_to_the_audit(worker: int) -> None:
+    """A decoding worker leaves the audit's process group: CI runners, Slurm and torchrun send
+    SIGTERM to the whole group, and a worker killed by it ended the run in torch's 'worker killed'
+    error. The audit's process alone gets it, unwinds (``signals.py``) and stops its workers itself;
+    a worker whose audit process is gone exits on its own (torch watches the parent)."""
+    os.setpgid(0, 0)
+
+
+_WORKER_LOST = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\)\)? (is killed by signal: ([^.]+)|exited "
+                          r"unexpectedly)", re.S)
+
+
+def lost_worker(exc: BaseException) -> str | None:
+    """What became of a decoding worker, if ``exc`` (or the error it was raised from) is torch's
+    report of a worker that died (killed by a signal, e.g. the out-of-memory killer); else None."""
+    while exc is not None:
+        found = _WORKER_LOST.search(str(exc)) if isinstance(exc, RuntimeError) else None
+        if found:
+            pids = found.group(1).strip(", ")
+            fate = f"was killed by signal {found.group(3).strip()}" if found.group(3) else "exited unexpectedly"
+            return f"the image-decoding worker process {pids} (a DataLoader worker of --memaudit-workers) {fate}"
+        exc = exc.__cause__
+    return None
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]], size: int,

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import make_images
 from pytest_memaudit.signals import terminate_as_interrupt
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="needs POSIX signals")
@@ -64,3 +65,60 @@ def test_outside_the_main_thread_nothing_changes():
     thread.start()
     thread.join()
     assert seen == [signal.getsignal(signal.SIGTERM)]
+
+
+def _children(pid):
+    """The pids of the processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the decoding workers in /proc")
+@pytest.mark.parametrize("target", ["group", "worker"])
+def test_sigterm_to_the_group_with_decoding_workers_and_a_killed_worker(tmp_path, target):
+    """SIGTERM to the process group (as CI runners, Slurm and torchrun send it) while DataLoader workers
+    decode: a clean interrupt (exit 2), not torch's 'worker killed' traceback (exit 1). A worker killed on
+    its own (the out-of-memory killer) is named, not blamed on the model's forward pass (exit 4)."""
+    make_images(tmp_path / "imgs", 600, size=32)
+    (tmp_path / "audits").mkdir()
+    (tmp_path / "audits" / "memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
+    command = [sys.executable, "-m", "pytest", "audits", "--memaudit-model", "demo", "--memaudit-control", "none",
+               "--memaudit-data", "imgs", "--memaudit-image-size", "32", "--memaudit-augmentations", "0",
+               "--memaudit-batch-size", "1", "--memaudit-workers", "2", "--memaudit-html", "none",
+               "-p", "no:cacheprovider"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(workers := _children(proc.pid)) < 2:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the audit never started its decoding workers"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the workers decode
+        assert proc.poll() is None
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            os.kill(workers[0], signal.SIGKILL)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if target == "group":
+        assert proc.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+        assert "terminated by SIGTERM" in output
+    else:
+        assert proc.returncode == pytest.ExitCode.USAGE_ERROR, output[-3000:]
+        assert (f"the image-decoding worker process {workers[0]} (a DataLoader worker of --memaudit-workers) was "
+                "killed by signal Killed while the audit read") in output.replace("\n", "")
+        assert "forward pass of" not in output
+    assert "Traceback" not in output and "INTERNALERROR" not in output
