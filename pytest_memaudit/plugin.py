@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .outputs import OutputLog
     from .results import AuditResult
 
-# (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>.
+# (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>. The type is what
+# make_settings turns the value into (it checks command-line and ini values alike).
 OPTIONS: list[tuple[str, Any, str]] = [
     ("model", str, "encoder to audit: demo (default), var_d16, or a model declared in the audit YAML"),
     ("checkpoint", str, "checkpoint file of the model (var_d16: vae_ch160v4096z32.pth); also found via "
@@ -78,9 +79,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("memaudit", "memorization audit (UnitMem) of vision encoders")
     for suffix, kind, help_text in OPTIONS:
         dest = "memaudit_" + suffix.replace("-", "_")
-        group.addoption(f"--memaudit-{suffix}", dest=dest, type=kind, default=None,
+        # No type or choices here: a value is checked by make_settings alone, from the command line
+        # and from the ini file alike (one message, one exit status).
+        group.addoption(f"--memaudit-{suffix}", dest=dest, default=None,
                         action="append" if suffix in REPEATABLE else "store",
-                        choices=CHOICES.get(suffix), metavar=None if suffix in CHOICES else suffix.split("-")[-1].upper(),
+                        metavar="{" + ",".join(CHOICES[suffix]) + "}" if suffix in CHOICES
+                        else suffix.split("-")[-1].upper(),
                         help=help_text)
         parser.addini(dest, f"default for --memaudit-{suffix}", default=None)
     group.addoption("--memaudit-threshold", dest="memaudit_threshold", action="append", default=[],
@@ -411,7 +415,7 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
 
     try:
         load_baseline_inputs(config, state)
-        if any(config.getoption("memaudit_" + suffix.replace("-", "_")) is not None for suffix, _, _ in OPTIONS):
+        if any(_given(config, "memaudit_" + suffix.replace("-", "_")) for suffix, _, _ in OPTIONS):
             from .config import check_image_fits
 
             check_image_fits(state.load_settings())
