@@ -82,3 +82,17 @@ def test_option_values_are_checked_up_front_alike_from_the_command_line_and_the_
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: memaudit: {line}"])
     assert "collected" not in result.stdout.str()
+
+
+def test_a_factory_that_calls_sys_exit_is_the_factorys_error(pytester):
+    """It was INTERNALERROR (exit 3)."""
+    pytester.makepyfile(exiting="import sys\n\n\ndef build(checkpoint):\n    sys.exit(3)\n")
+    pytester.syspathinsert()
+    pytester.mkdir("audits")
+    (pytester.path / "audits" / "memaudit.yaml").write_text(
+        "thresholds: {mean_unitmem_max: 1.0}\nmodels:\n  quits: {factory: 'exiting:build', audited_layers: [stem]}\n")
+    result = pytester.runpytest("audits", "--memaudit-model", "quits", "--memaudit-data", "builtin", "-p",
+                                "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*model 'quits': its factory exiting:build(None) failed with SystemExit: 3*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
