@@ -47,6 +47,13 @@ def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | N
     forever, so they are never opened) or cannot be reached (a broken link).
     """
     root = Path(root)
+    try:
+        os.stat(root)
+    except FileNotFoundError:
+        pass  # said below
+    except OSError as exc:
+        raise DataError(f"cannot read data directory {root}: {exc.strerror or exc}; check its permissions (and its "
+                        "parent folders'), or pass --memaudit-data DIR with a readable folder.") from None
     if not root.exists():
         raise DataError(
             f"data directory {root} does not exist; pass --memaudit-data DIR with an existing "
@@ -82,13 +89,18 @@ def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | N
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():  # follows links; the d_type of the listing, no extra call, for the rest
+            try:
+                is_dir = entry.is_dir()  # follows links; the d_type of the listing, no extra call, for the rest
+            except OSError as exc:  # a link to itself (ELOOP), an entry that cannot be looked at
+                unlisted.append({"id": prefix + entry.name, "reason": f"cannot read it: {exc.strerror or exc}"})
+                continue
+            if is_dir:
                 folders.append(entry.path)
                 continue
             suffix = os.path.splitext(entry.name)[1].lower()
             if suffix not in IMAGE_EXTENSIONS:
                 others[suffix or "(no extension)"] += 1
-            elif entry.is_file():
+            elif entry.is_file():  # cannot raise now: is_dir looked at the same entry
                 images.append(prefix + entry.name)
             else:
                 unlisted.append({"id": prefix + entry.name, "reason": _not_a_file(entry)})

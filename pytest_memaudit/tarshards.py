@@ -33,7 +33,7 @@ def tar_shards(root: str | os.PathLike) -> list[str]:
         with os.scandir(root) as entries:
             return sorted(e.name for e in entries
                           if e.name.lower().endswith(TAR_SUFFIX) and not e.name.startswith(".") and e.is_file())
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, not a folder, unreadable: the folder listing says which
         return []
 
 
