@@ -9,6 +9,7 @@ Usable without pytest::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -437,7 +438,8 @@ def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
                                       pin_memory=run.device.type == "cuda", positions=run.progress.remaining(),
                                       characteristics=True)
     try:
-        stream_batches(run, batches, progress)
+        with contextlib.closing(batches):  # the decoding workers and their files go however the stream ends
+            stream_batches(run, batches, progress)
     except (AuditError, RuntimeError) as exc:
         lost = lost_worker(exc)  # torch raises it wherever the main process is, the model's forward pass too
         if lost is None:
@@ -994,7 +996,7 @@ def new_states(
 
 
 def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list[str]:
-    spilled = [state.values for state in states.values() if state.values is not None and state.values.spill_path]
+    spilled = [state.values for state in states.values() if state.values is not None and state.values.spill_dir]
     if not spilled:
         return []
     rows = spilled[0].capacity
@@ -1002,7 +1004,7 @@ def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list
     return [
         f"median reduction ({role}): the {rows} x units matrix ({size:,.0f} MB) is over "
         f"--memaudit-median-memory ({limit_mb} MB), so it is kept on disk in "
-        f"{os.path.dirname(spilled[0].spill_path)}"
+        f"{spilled[0].spill_dir}"
     ]
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import stat
+import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -451,7 +453,8 @@ class ImageSet(Dataset):
         """Batches of consecutive data points (of ``positions``, default all) in order; ``workers``
         = 0 decodes in process. ``characteristics``: also measure each decoded image
         (``characteristics.py``), in the worker that decoded it."""
-        loader = DataLoader(
+        scratch = worker_scratch() if workers > 0 else None
+        batches = iter(DataLoader(
             self,
             batch_size=images_per_batch,
             sampler=positions,
@@ -461,17 +464,42 @@ class ImageSet(Dataset):
             pin_memory=pin_memory,
             persistent_workers=False,
             prefetch_factor=2 if workers > 0 else None,
-            worker_init_fn=_leave_termination_to_the_audit if workers > 0 else None,
-        )
-        yield from loader
+            worker_init_fn=functools.partial(_start_worker, scratch) if workers > 0 else None,
+        ))
+        try:
+            yield from batches
+        finally:  # also when the consumer stops early (an error, SIGTERM) and closes this generator
+            if scratch:
+                # Stop the workers now: an interrupt's traceback may hold the iterator, and then its
+                # __del__ (which does this) would come too late, after their folder is gone.
+                batches._shutdown_workers()
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _leave_termination_to_the_audit(worker: int) -> None:
-    """A decoding worker leaves the audit's process group: CI runners, Slurm and torchrun send
-    SIGTERM to the whole group, and a worker killed by it ended the run in torch's 'worker killed'
-    error. The audit's process alone gets it, unwinds (``signals.py``) and stops its workers itself;
-    a worker whose audit process is gone exits on its own (torch watches the parent)."""
+# What a worker's multiprocessing adds to the folder's path for the socket it passes tensors by:
+# "/pymp-XXXXXXXX/listener-XXXXXXXX"; the whole must fit AF_UNIX's 108 bytes.
+SOCKET_PATH_TAIL = 32
+SOCKET_PATH_MAX = 107
+
+
+def worker_scratch() -> str:
+    """A new folder for the decoding workers' temporary files: in the temporary folder, or in /tmp
+    when that one's path is too long for their sockets (as Python 3.12's multiprocessing does)."""
+    base = tempfile.gettempdir()
+    if len(os.path.join(base, "memaudit-XXXXXXXX")) + SOCKET_PATH_TAIL > SOCKET_PATH_MAX and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="memaudit-", dir=base)
+
+
+def _start_worker(scratch: str, worker: int) -> None:
+    """Set up a decoding worker. It leaves the audit's process group: CI runners, Slurm and torchrun
+    send SIGTERM to the whole group, and a worker killed by it ended the run in torch's 'worker
+    killed' error; the audit's process alone gets it, unwinds (``signals.py``) and stops its workers
+    itself (a worker whose audit process is gone exits on its own: torch watches the parent). Its
+    temporary files (multiprocessing's ``pymp-*`` folder, for passing tensors) go in ``scratch``,
+    which the audit's process removes even when a worker had to be killed before it cleaned up."""
     os.setpgid(0, 0)
+    tempfile.tempdir = scratch
 
 
 _WORKER_LOST = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\)\)? (is killed by signal: ([^.]+)|exited "
