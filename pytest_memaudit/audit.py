@@ -421,6 +421,10 @@ def add_subjects(run: AuditRun) -> None:
         run.notes += spill_notes(subject.role, subject.states, settings.median_memory)
     run.embedding_layer = (run.spec.layer(settings.embedding_layer).name if settings.embedding_layer
                            else run.subjects[0].recorder.ordered(run.selected)[-1].name)
+    if run.embedding_layer not in {layer.name for layer in run.selected}:
+        run.notes.append(f"the memorized images were not clustered: the embedding layer {run.embedding_layer} "
+                         "(--memaudit-embedding-layer) is not audited in this run (deselected, e.g. by -k); select "
+                         "its test, or name an audited layer")
     problem, saved = None, None
     try:
         saved = run.snapshots.load() if run.snapshots else None
@@ -714,6 +718,13 @@ def check_read(images: LabelledImages, read: np.ndarray, skipped: list[dict[str,
             "Check that the files are images (jpg, png, webp, bmp) and not truncated."
         )
     labels = images.labels[read]
+    members = int(np.count_nonzero(labels == MEMBER))
+    if members < 2:  # else every layer would stop later, saying only that it saw fewer than 2
+        first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+        raise DataError(
+            f"only {members} of the {images.count(MEMBER)} member images in {source} could be read ({first}); "
+            "UnitMem needs at least 2. Check that the files are images (jpg, png, webp, bmp) and not truncated."
+        )
     if images.count(HOLDOUT, PLANTED) and not np.isin(labels, (HOLDOUT, PLANTED)).any():
         raise DataError(
             f"none of the {images.count(HOLDOUT, PLANTED)} held-out images ({images.holdout_description}) could "

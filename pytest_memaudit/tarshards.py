@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import IMAGE_EXTENSIONS, ImageSet, UnreadableImage, _chw, _resize, _rgb_array, select_samples
+from .data import (IMAGE_EXTENSIONS, ImageSet, UnreadableImage, _chw, _resize, _rgb_array, list_image_files,
+                   select_samples)
 from .errors import DataError
 
 TAR_SUFFIX = ".tar"
@@ -42,6 +43,20 @@ def open_image_folder(root: str | os.PathLike, size: int, samples: int | None, s
     if tar_shards(root):
         return TarImageSet.from_folder(root, size, samples, seed)
     return ImageSet.from_folder(root, size, samples, seed)
+
+
+def loose_images(root: Path) -> str | None:
+    """What a folder of shards leaves out: the image files beside its shards (None: there are none)."""
+    try:
+        files = list_image_files(root)
+    except DataError:  # none
+        return None
+    return (f"{len(files)} image file(s) beside the .tar shards in {root} (e.g. {files[0]}) were left out: a folder "
+            "with .tar shards is read as shards only. Put them in a shard, or audit them from a folder of their own")
+
+
+def _joined(*notes: str | None) -> str | None:
+    return "; ".join(note for note in notes if note) or None
 
 
 def list_tar_images(root: Path, shards: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -192,15 +207,18 @@ class TarImageSet(ImageSet):
         root = Path(root)
         shards = tar_shards(root)
         ids, shard_of, offsets, sizes = list_tar_images(root, shards)
-        images = cls(ids, root, size, seed, shards=shards, shard_of=shard_of, offsets=offsets, sizes=sizes)
+        loose = loose_images(root)
+        images = cls(ids, root, size, seed, shards=shards, shard_of=shard_of, offsets=offsets, sizes=sizes,
+                     warning=loose)
         if samples is None:
             return images
         chosen, warning = select_samples(ids, samples, seed, source=str(root))
-        return replace(images._subset(chosen), warning=warning)
+        return replace(images._subset(chosen), warning=_joined(loose, warning))
 
     def sample(self, samples: int, seed: int) -> TarImageSet:
         chosen = super().sample(samples, seed)
-        return replace(self._subset(chosen.ids), warning=chosen.warning, description=chosen.description)
+        return replace(self._subset(chosen.ids), warning=_joined(self.warning, chosen.warning),
+                       description=chosen.description)
 
     def _subset(self, ids: list[str]) -> TarImageSet:
         position = {image_id: i for i, image_id in enumerate(self.ids)}
