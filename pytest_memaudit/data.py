@@ -498,7 +498,8 @@ def _start_worker(scratch: str, worker: int) -> None:
     itself (a worker whose audit process is gone exits on its own: torch watches the parent). Its
     temporary files (multiprocessing's ``pymp-*`` folder, for passing tensors) go in ``scratch``,
     which the audit's process removes even when a worker had to be killed before it cleaned up."""
-    os.setpgid(0, 0)
+    if hasattr(os, "setpgid"):  # POSIX
+        os.setpgid(0, 0)
     tempfile.tempdir = scratch
 
 
