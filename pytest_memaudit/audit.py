@@ -9,13 +9,14 @@ Usable without pytest::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from . import __version__
 from .config import RunSettings, control_roles
 from .controls import random_weights_copy
-from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
+from .data import BUILTIN_PREFIX, ImageBatch, ImageSet, UnreadableImage, lost_worker
 from .datapoints import DataPoints, embedded_rows, score_data_points, what_gets_memorized
 from .device import (ForwardTimer, check_precision, faster_layout, is_out_of_memory, precision_mode, process_device,
                      selected_device)
@@ -189,6 +190,7 @@ class AuditRun:
         }
 
     def restore(self, saved: dict) -> None:
+        """Load a snapshot, then check it: a damaged one is refused, never resumed into wrong figures."""
         try:
             for subject in self.subjects:
                 for name, state in subject.states.items():
@@ -197,9 +199,57 @@ class AuditRun:
             if self.checker is not None:
                 self.checker.load_state_dict(saved["overlap"])
             self.measured.load_state_dict(saved["measured"])
-        except (KeyError, TypeError) as exc:
-            raise AuditError(f"the snapshot {self.snapshots.path} lacks part of this audit's state ({exc}); "
-                             "delete it to start this process's share over") from None
+            problem = self.restored_problem()
+        except KeyError as exc:
+            problem = f"it lacks part of this audit's state ({exc})"
+        except AuditError as exc:
+            problem = str(exc)
+        except Exception as exc:  # noqa: BLE001 (a snapshot is read from disk: any malformed field is damage)
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            raise AuditError(f"the snapshot {self.snapshots.path} is damaged: {problem}. Delete it to start this "
+                             "process's share over.")
+
+    def restored_problem(self) -> str | None:
+        """What in a loaded snapshot disagrees with this audit or with itself (None: nothing).
+
+        Its progress must lie within this process's share and its skipped data points among those
+        streamed; every layer state, the stored values, the measured characteristics and the
+        held-out digests must hold exactly the data points streamed and read, with their labels
+        and groups. A wrong counter would otherwise stream data twice or leave some out, silently."""
+        progress, positions = self.progress, self.progress.positions
+        if not 0 <= progress.done <= len(positions):
+            return f"its progress counter says {progress.done} data points, this process's share has {len(positions)}"
+        streamed = np.asarray(positions[: progress.done], dtype=np.int64)
+        skipped = np.array([position for position, _ in progress.skipped], dtype=np.int64)
+        if np.unique(skipped).size != skipped.size or not np.isin(skipped, streamed).all():
+            return (f"its {skipped.size} skipped data points are not distinct data points among the {streamed.size} "
+                    "it has streamed")
+        read = np.setdiff1d(streamed, skipped)
+        labels, groups = self.images.labels[read].astype(np.int64), self.images.groups[read].astype(np.int64)
+        for subject in self.subjects:
+            for name, state in subject.states.items():
+                expected = torch.zeros_like(state.counts, device="cpu")
+                expected.view(-1).index_add_(0, torch.from_numpy(labels * state.groups + groups),
+                                             torch.ones(read.size, dtype=torch.int64))
+                if not torch.equal(state.counts.cpu(), expected):
+                    return (f"the {subject.role} state of layer {name} holds {int(state.counts.sum())} data points, "
+                            f"not the {read.size} its progress says were read")
+                if state.values is not None and not np.array_equal(np.sort(state.values.index[: state.values.count]), read):
+                    return f"the stored values of layer {name} ({subject.role}) are not those of the data points read"
+        measured = self.measured.state_dict()
+        if not np.array_equal(measured["positions"].numpy(), read):
+            return f"it lists {measured['positions'].numel()} data points measured, not the {read.size} read"
+        sizes = [len(values) for values in measured["characteristics"].values()]
+        if measured["embedding"] is not None:
+            sizes.append(measured["embedding"].shape[0])
+        if any(size != read.size for size in sizes):
+            return f"its image characteristics or embedding cover {sizes} data points, not the {read.size} read"
+        if self.checker is not None:
+            digested = [position for _, position in [*self.checker.members.items(), *self.checker.holdout]]
+            if not np.isin(np.array(digested, dtype=np.int64), read).all():
+                return "its held-out check lists data points it has not read"
+        return None
 
     def close(self) -> None:
         for subject in self.subjects:
@@ -376,6 +426,10 @@ def add_subjects(run: AuditRun) -> None:
         run.notes += spill_notes(subject.role, subject.states, settings.median_memory)
     run.embedding_layer = (run.spec.layer(settings.embedding_layer).name if settings.embedding_layer
                            else run.subjects[0].recorder.ordered(run.selected)[-1].name)
+    if run.embedding_layer not in {layer.name for layer in run.selected}:
+        run.notes.append(f"the memorized images were not clustered: the embedding layer {run.embedding_layer} "
+                         "(--memaudit-embedding-layer) is not audited in this run (deselected, e.g. by -k); select "
+                         "its test, or name an audited layer")
     problem, saved = None, None
     try:
         saved = run.snapshots.load() if run.snapshots else None
@@ -388,13 +442,30 @@ def add_subjects(run: AuditRun) -> None:
 
 def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
     """Stream this process's remaining shard through every subject, in batches of data points;
-    a snapshot now and then and at the end."""
-    settings, images, device, views, recipe = run.settings, run.images, run.device, run.views, run.recipe
+    a snapshot now and then and at the end. A decoding worker that dies is named as such."""
+    settings, recipe = run.settings, run.recipe
     # A user pipeline makes its views one image at a time, in the decode workers; the others, batched here.
     in_workers = None if recipe.pipeline is None else PipelineViews(recipe.pipeline, settings.augmentations,
                                                                     settings.seed)
-    batches = images.iter_batches(max(1, run.batch_size // views), run.workers, pin_memory=device.type == "cuda",
-                                  positions=run.progress.remaining(), characteristics=True, views=in_workers)
+    batches = run.images.iter_batches(max(1, run.batch_size // run.views), run.workers,
+                                      pin_memory=run.device.type == "cuda", positions=run.progress.remaining(),
+                                      characteristics=True, views=in_workers)
+    try:
+        with contextlib.closing(batches):  # the decoding workers and their files go however the stream ends
+            stream_batches(run, batches, progress)
+    except (AuditError, RuntimeError) as exc:
+        lost = lost_worker(exc)  # torch raises it wherever the main process is, the model's forward pass too
+        if lost is None:
+            raise
+        raise DataError(f"{lost} while the audit read {run.source}; the model's forward pass is not at fault. "
+                        "Rerun the audit (with --memaudit-state DIR a rerun resumes), with fewer --memaudit-workers if "
+                        "memory ran short") from None
+    if run.snapshots:
+        run.snapshots.save(run.snapshot())
+
+
+def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: ProgressCallback | None) -> None:
+    settings, images, device, views, recipe = run.settings, run.images, run.device, run.views, run.recipe
     for batch in batches:
         run.progress.skipped += batch.skipped
         n = len(batch.positions)
@@ -429,8 +500,6 @@ def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
             progress(run.progress.done, len(run.progress.positions))
         if run.snapshots and run.snapshots.due():
             run.snapshots.save(run.snapshot())
-    if run.snapshots:
-        run.snapshots.save(run.snapshot())
 
 
 def merge(run: AuditRun) -> Merged:
@@ -668,6 +737,13 @@ def check_read(images: LabelledImages, read: np.ndarray, skipped: list[dict[str,
             "Check that the files are images (jpg, png, webp, bmp) and not truncated."
         )
     labels = images.labels[read]
+    members = int(np.count_nonzero(labels == MEMBER))
+    if members < 2:  # else every layer would stop later, saying only that it saw fewer than 2
+        first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+        raise DataError(
+            f"only {members} of the {images.count(MEMBER)} member images in {source} could be read ({first}); "
+            "UnitMem needs at least 2. Check that the files are images (jpg, png, webp, bmp) and not truncated."
+        )
     if images.count(HOLDOUT, PLANTED) and not np.isin(labels, (HOLDOUT, PLANTED)).any():
         raise DataError(
             f"none of the {images.count(HOLDOUT, PLANTED)} held-out images ({images.holdout_description}) could "
@@ -952,7 +1028,7 @@ def new_states(
 
 
 def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list[str]:
-    spilled = [state.values for state in states.values() if state.values is not None and state.values.spill_path]
+    spilled = [state.values for state in states.values() if state.values is not None and state.values.spill_dir]
     if not spilled:
         return []
     rows = spilled[0].capacity
@@ -960,7 +1036,7 @@ def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list
     return [
         f"median reduction ({role}): the {rows} x units matrix ({size:,.0f} MB) is over "
         f"--memaudit-median-memory ({limit_mb} MB), so it is kept on disk in "
-        f"{os.path.dirname(spilled[0].spill_path)}"
+        f"{spilled[0].spill_dir}"
     ]
 
 

@@ -82,9 +82,14 @@ class RunSettings:
         return asdict(self)
 
 
-_INT_FIELDS = {"samples": 2, "image_size": 16, "augmentations": 0, "batch_size": 1, "seed": 0, "topk": 1, "workers": 0,
-               "median_memory": 0, "planted_units": 1, "groups": 2, "permutations": 100, "state_every": 0,
-               "dist_timeout": 1}
+# (least, most) of each whole-number setting. The most is a bound no sensible audit reaches, set
+# so that a mistyped value is refused here, not after the compute as an overflow (the seed: what
+# torch's generators take) or as an allocation of gigabytes (views, top-k lists, groups).
+INT64_MAX = 2**63 - 1
+_INT_FIELDS = {"samples": (2, INT64_MAX), "image_size": (16, 2**20), "augmentations": (0, 10_000),
+               "batch_size": (1, 2**31), "seed": (0, INT64_MAX), "topk": (1, 100_000), "workers": (0, 1024),
+               "median_memory": (0, 2**40), "planted_units": (1, 1_000_000), "groups": (2, 100_000),
+               "permutations": (100, 10**9), "state_every": (0, 10**9), "dist_timeout": (1, 10**7)}
 _CHOICES = {"reduce": ("mean", "median"), "precision": PRECISIONS}
 
 
@@ -95,14 +100,16 @@ def make_settings(**values: Any) -> RunSettings:
     unknown = set(given) - known
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    for key, minimum in _INT_FIELDS.items():
+    for key, (least, most) in _INT_FIELDS.items():
         if key in given:
             try:
                 given[key] = int(given[key])
             except (TypeError, ValueError):
                 raise ConfigError(f"--memaudit-{key.replace('_', '-')} must be a whole number, got {given[key]!r}") from None
-            if given[key] < minimum:
-                raise ConfigError(f"--memaudit-{key.replace('_', '-')} must be at least {minimum}, got {given[key]}")
+            if given[key] < least:
+                raise ConfigError(f"--memaudit-{key.replace('_', '-')} must be at least {least}, got {given[key]}")
+            if given[key] > most:
+                raise ConfigError(f"--memaudit-{key.replace('_', '-')} must be at most {most}, got {given[key]}")
     if "image_size" in given and given["image_size"] % 16:
         raise ConfigError(
             f"--memaudit-image-size must be a multiple of 16 (the encoder downsamples 4 times), got {given['image_size']}"
@@ -181,17 +188,19 @@ def settings_from_record(record: dict[str, Any]) -> RunSettings:
 
 
 def check_image_fits(settings: RunSettings) -> None:
-    """ConfigError when one view at ``settings.image_size`` cannot fit in the machine's memory.
+    """ConfigError when an image's views at ``settings.image_size`` cannot fit in the machine's memory.
 
-    The law is a lower bound, so that only impossible sizes are refused: a view holds at least its
-    RGB input and the first layer's output at full resolution, as float32 (the first layer's width
-    is known for the built-in models; for a user model only the input counts)."""
-    size = settings.image_size
+    The law is a lower bound, so that only impossible sizes are refused: an image's views are made
+    together, as float32 RGB, and one view goes through the model at least with its first layer's
+    output at full resolution (the first layer's width is known for the built-in models; for a user
+    model only the input counts)."""
+    spec = BUILTIN_MODELS.get(settings.model)
+    size = settings.image_size or (spec.default_image_size if spec else None)
     memory = hardware.physical_memory_bytes()
     if size is None or memory is None:
         return
-    spec = BUILTIN_MODELS.get(settings.model)
     channels = spec.input_layer_channels if spec else 0
+    views = max(settings.augmentations, 1)
     needed = size * size * (3 + channels) * 4
     if needed > memory:
         per_pixel = "the RGB input" + (f" and its first layer's {channels} channels" if channels else "")
@@ -200,6 +209,12 @@ def check_image_fits(settings: RunSettings) -> None:
             f"{_binary_size(needed)} ({3 + channels} float32 values per pixel: {per_pixel}), more than this "
             f"machine's {_binary_size(memory)} of memory. Audit at a smaller size"
             + (f" (the model's own is {spec.default_image_size})." if spec else ".")
+        )
+    if 3 * views > 3 + channels and 3 * views * size * size * 4 > memory:
+        raise ConfigError(
+            f"--memaudit-augmentations {settings.augmentations}: one image's {views} views at {size}x{size} need "
+            f"{_binary_size(3 * views * size * size * 4)} (3 float32 values per pixel each), more than this "
+            f"machine's {_binary_size(memory)} of memory. Audit with fewer augmentations or at a smaller size."
         )
 
 

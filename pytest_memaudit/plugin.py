@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .outputs import OutputLog
     from .results import AuditResult
 
-# (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>.
+# (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>. The type is what
+# make_settings turns the value into (it checks command-line and ini values alike).
 OPTIONS: list[tuple[str, Any, str]] = [
     ("model", str, "encoder to audit: demo (default), var_d16, or a model declared in the audit YAML"),
     ("checkpoint", str, "checkpoint file of the model (var_d16: vae_ch160v4096z32.pth); also found via "
@@ -81,9 +82,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("memaudit", "memorization audit (UnitMem) of vision encoders")
     for suffix, kind, help_text in OPTIONS:
         dest = "memaudit_" + suffix.replace("-", "_")
-        group.addoption(f"--memaudit-{suffix}", dest=dest, type=kind, default=None,
+        # No type or choices here: a value is checked by make_settings alone, from the command line
+        # and from the ini file alike (one message, one exit status).
+        group.addoption(f"--memaudit-{suffix}", dest=dest, default=None,
                         action="append" if suffix in REPEATABLE else "store",
-                        choices=CHOICES.get(suffix), metavar=None if suffix in CHOICES else suffix.split("-")[-1].upper(),
+                        metavar="{" + ",".join(CHOICES[suffix]) + "}" if suffix in CHOICES
+                        else suffix.split("-")[-1].upper(),
                         help=help_text)
         parser.addini(dest, f"default for --memaudit-{suffix}", default=None)
     group.addoption("--memaudit-threshold", dest="memaudit_threshold", action="append", default=[],
@@ -414,7 +418,7 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
 
     try:
         load_baseline_inputs(config, state)
-        if any(config.getoption("memaudit_" + suffix.replace("-", "_")) is not None for suffix, _, _ in OPTIONS):
+        if any(_given(config, "memaudit_" + suffix.replace("-", "_")) for suffix, _, _ in OPTIONS):
             from .config import check_image_fits
 
             check_image_fits(state.load_settings())
@@ -835,11 +839,22 @@ def report_paths(config: pytest.Config) -> tuple[Path | None, Path | None]:
 
 
 def check_output_locations(config: pytest.Config) -> None:
-    """ConfigError when the report or the JSON cannot be written where they go."""
+    """ConfigError when the report or the JSON cannot be written where they go, or one would replace
+    the other (or the report the finished audit or baseline it reads)."""
     from .errors import ConfigError
-    from .outputs import location_problem
+    from .outputs import location_problem, same_file
 
     html_path, json_path = report_paths(config)
+    base = config.invocation_params.dir
+    if html_path is not None and json_path is not None and same_file(html_path, json_path):
+        raise ConfigError(f"the report and the results would both be written to {json_path}, and the report would "
+                          "replace the results: give --memaudit-html and --memaudit-json different paths")
+    reference = config.getoption("memaudit_compare") or ""
+    for option, read in (("--memaudit-from", config.getoption("memaudit_from")),
+                         ("--memaudit-compare", reference if reference.endswith(".json") else None)):
+        if html_path is not None and read and same_file(html_path, base / read):
+            raise ConfigError(f"the report would be written to {html_path}, over the results that {option} reads: "
+                              "give --memaudit-html another path")
     for what, option, path in (("report", "--memaudit-html", html_path), ("results", "--memaudit-json", json_path)):
         problem = None if path is None else location_problem(path)
         if problem:

@@ -18,6 +18,7 @@ from .gates import Check, Gate, GateOutcome, as_json
 from .hooks import UnitAxis
 from .membership import Membership
 from .planted import PlantedResult, PlantedUnit, PlantedUnitResult
+from .resultschema import check_document
 from .stats import CorrelationResult, Interval, LayerStats, depth_correlation
 from .unitmem import UnitMemValues
 
@@ -467,6 +468,8 @@ def read_runs(path: str | Path) -> dict[str | None, AuditResult]:
         raise ConfigError(f"{path} is not a pytest-memaudit results file (not UTF-8 text)") from None
     try:
         document = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{path} is not a pytest-memaudit results file (its JSON nests too deeply to read)") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}): a truncated "
                           "or damaged results file? Write it again (--memaudit-json PATH)") from None
@@ -493,6 +496,7 @@ def result_from_document(document: Any, where: str) -> AuditResult:
                           "layers); pass the results.json an audit wrote")
     _check_version(document, where)
     try:
+        check_document(document)
         result = AuditResult.from_json(document)
         _check_shapes(result)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:

@@ -231,6 +231,64 @@ def test_from_reproduces_the_run_time_report_and_json_and_regates(project):
     assert "background-image: url(" not in html and "img_000.png" in html
 
 
+def _nested(depth):
+    return "[" * depth
+
+
+def _layer_membership_null(doc):
+    doc["layers"][0]["membership"] = None
+
+
+def _unitmem_null(doc):
+    for layer in doc["layers"]:
+        layer["unitmem"] = [None] * len(layer["unitmem"])
+
+
+def _image_size(doc):
+    doc["settings"]["image_size"] = -7
+
+
+def _layer_twice(doc):
+    doc["layers"].append(dict(doc["layers"][0]))
+
+
+def _unit_out_of_range(doc):
+    doc["layers"][1]["dead"] = [99]
+
+
+REGATING_PROBES = [  # (change, the error's reason): each ended in a traceback, an INTERNALERROR or a dropped layer
+    (None, "is not a pytest-memaudit results file (its JSON nests too deeply to read)"),
+    (_layer_membership_null, "(layers[0].membership is null, yet the run measured membership (its summary has it): "
+                             "every layer has its own)"),
+    (_unitmem_null, "(layers[0].unitmem[0] must be a number, got null)"),
+    (_image_size, "(settings.image_size must be a whole number in [16, 16384], got -7)"),
+    (_layer_twice, "(layers[3].name repeats layers[0]'s 'stem': a layer is listed twice)"),
+    (_unit_out_of_range, "(layers[1].dead names a unit outside the layer's 8)"),
+]
+
+
+def test_damaged_results_are_refused_before_use(project):
+    """Re-gating or comparing with a damaged file is one usage error naming the field (exit 4), not exit 1
+    with a traceback, INTERNALERROR, a report that fails, or a layer silently dropped."""
+    assert audit(project, "--memaudit-holdout", "builtin", "--memaudit-json", "stored.json").ret == 0
+    stored = results(project, "stored.json")
+    assert stored["summary"]["membership"] is not None
+    for change, reason in REGATING_PROBES:
+        if change is None:
+            (project.path / "odd.json").write_text(_nested(200_000))
+        else:
+            document = json.loads(json.dumps(stored))
+            change(document)
+            (project.path / "odd.json").write_text(json.dumps(document))
+        for option in ("--memaudit-from", "--memaudit-compare"):
+            args = ("audits", option, "odd.json", *QUICK) if option == "--memaudit-from" else (option, "odd.json")
+            result = project.runpytest(*args) if option == "--memaudit-from" else audit(project, *args)
+            assert result.ret == pytest.ExitCode.USAGE_ERROR, (change, option)
+            result.stderr.fnmatch_lines([f"ERROR: memaudit: *odd.json*{reason.replace('[', '[[]')}*"])
+            assert "Traceback" not in result.stdout.str() + result.stderr.str()
+            assert "collected" not in result.stdout.str()
+
+
 def test_stored_run_without_what_a_gate_needs_is_a_collection_error(project):
     assert audit(project, "--memaudit-json", "stored.json").ret == 0
     (project.path / "audits" / "memaudit.yaml").write_text("thresholds: {membership_p_min: 0.01}\n" + MODEL)
@@ -247,7 +305,7 @@ def test_stored_run_without_what_a_gate_needs_is_a_collection_error(project):
     ('{"benchmarks": []}', "*is not a pytest-memaudit results file*"),
     ('{"schema_version": 1, "samples": [], "layers": []}', "*has results schema 1, from an older pytest-memaudit*"),
     ('{"schema_version": 2, "model": "tiny", "samples": [], "layers": [{"name": "stem"}]}',
-     "*is an incomplete or damaged results file (missing *); write it again*"),
+     "*is an incomplete or damaged results file (*lacks *); write it again*"),
 ], ids=["newer", "truncated", "not-ours", "older", "incomplete"])
 @pytest.mark.parametrize("option", ["--memaudit-from", "--memaudit-compare"])
 def test_results_files_that_cannot_be_read_are_usage_errors(project, content, message, option):
