@@ -787,7 +787,7 @@ def audit_files(config: pytest.Config, roots: list[Path]) -> list[Path]:
 
 def is_rank_zero() -> bool:
     """Whether this process prints and writes: the only one, or rank 0 of a torchrun launch."""
-    from .distributed import launch_rank
+    from .launch import launch_rank  # not .distributed: that imports torch, and this runs in every pytest run
 
     return launch_rank() == 0
 
