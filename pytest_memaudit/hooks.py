@@ -292,8 +292,16 @@ class LayerRecorder:
             raise AuditError(f"layer {layer.name!r} (module {layer.module!r}): its output of shape "
                              f"{tuple(tensor.shape)} does not have the batch ({self._batch} views) on axis 0; audit "
                              "a module whose output is batch-first")
-        if layer.name not in self.axes:
+        settled = self.axes.get(layer.name)
+        if settled is None:
             self.axes[layer.name] = resolve_unit_axis(layer, module, tensor.shape)
+        elif layer.call == "all" and (tensor.dim() != len(settled.shape) + 1
+                                      or tensor.shape[settled.axis] != settled.units):
+            call = self._calls[layer.name] - 1
+            raise AuditError(f"layer {layer.name!r} (module {layer.module!r}) has 'call: all', but its calls differ in "
+                             f"shape: call 0 gave (batch, {', '.join(map(str, settled.shape))}), call {call} "
+                             f"{tuple(tensor.shape)}, so their units cannot be averaged. Measure one call with 'call: "
+                             "N', or each call as a layer of its own (the same module, with call: 0, call: 1, ...)")
         return tensor
 
     def _end_pass(self, module, args, output) -> None:
@@ -307,7 +315,12 @@ class LayerRecorder:
         for name, layer in self.layers.items():
             calls = self._calls.get(name, 0)
             where = f"layer {name!r} (module {layer.module!r})"
-            if calls > 1 and layer.call is None:
+            if not calls:
+                problems.append(f"{where} never runs in the model's forward pass, so it has no output to measure (a "
+                                "module the model holds without calling it, such as nn.MultiheadAttention's out_proj, "
+                                "whose weights the attention uses directly); audit a module that runs (pytest "
+                                "--memaudit-list-layers marks the others 'not run')")
+            elif calls > 1 and layer.call is None:
                 problems.append(f"{where} runs {calls} times per forward pass; measure one call with 'call: N' "
                                 f"(0 to {calls - 1}) or their mean with 'call: all'")
             elif isinstance(layer.call, int) and calls and layer.call >= calls:

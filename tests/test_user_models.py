@@ -131,6 +131,15 @@ def test_a_failing_factory_or_forward_pass_is_a_usage_error_with_its_own_message
     assert_usage_error(pytester.runpytest("audits", "--memaudit-model", "mine", *FAST), message)
 
 
+def test_an_audited_module_that_never_runs_stops_the_audit_as_a_usage_error_naming_it(pytester):
+    """ViT's self_attention.out_proj and Swin's attn.proj are held, not called: one usage error (exit 4)
+    after the first batch, not an audit that runs to its end and then fails with INTERNALERROR."""
+    declare(pytester.path / "audits", "mine", layers="[stem, spare, head]",
+            factory_body="net = Net()\n    net.spare = nn.Conv2d(4, 4, 1)\n    return net")
+    result = pytester.runpytest("audits", "--memaudit-model", "mine", *FAST)
+    assert_usage_error(result, "layer 'spare' (module 'spare') never runs in the model's forward pass")
+
+
 def test_a_factory_that_cannot_be_imported_is_a_usage_error(pytester):
     path = declare(pytester.path / "audits", "mine")
     path.write_text(path.read_text().replace("mine_encoder:build", "mine_encoder:bild"))
