@@ -404,6 +404,9 @@ def _layer_spec(path, where, item) -> LayerSpec:
     if "units" in item and "units_axis" in item:
         raise ConfigError(f"{path}: {where}: give units or units_axis, not both")
     units = item.get("units")
+    if units == "tokens":
+        raise ConfigError(f"{path}: {where}: 'units: tokens' is now 'units: token_channels' (the channels of each "
+                          "token, axis 2 of a (batch, tokens, channels) output); rename it")
     if units is not None and units not in UNIT_LAYOUTS:
         raise ConfigError(f"{path}: {where}: units must be one of {', '.join(UNIT_LAYOUTS)}, got {units!r} "
                           "(or give the axis number as units_axis)")

@@ -119,7 +119,7 @@ def test_an_ambiguous_axis_is_an_error_naming_the_layer_shape_and_keys():
     with pytest.raises(AuditError) as info:
         record(net, [LayerSpec("embed", "embed")], x)
     message = str(info.value)
-    for part in ("layer 'embed'", "(batch, 6, 6, 6)", "matches axes [1, 2, 3]", "units: channels_first | channels_last | tokens",
+    for part in ("layer 'embed'", "(batch, 6, 6, 6)", "matches axes [1, 2, 3]", "units: channels_first | channels_last | token_channels",
                  "units_axis: N"):
         assert part in message
     values, recorder = record(net, [LayerSpec("embed", "embed", units="channels_last")], x)
@@ -206,6 +206,48 @@ def test_a_module_that_never_runs_is_an_error_after_the_first_pass(x):
     message = str(info.value)
     assert "layer 'attn.out' (module 'attn.out_proj') never runs in the model's forward pass" in message
     assert "--memaudit-list-layers" in message and "embed" not in message
+
+
+class TokenMixing(nn.Module):
+    """Patch tokens (batch, 64 tokens, 24 channels) through a token-mixing Linear (64 -> 64), as in
+    MLP-Mixer, and optionally a channel-mixing one (24 -> 24) after it."""
+
+    def __init__(self, channel_mixing: bool = False):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 24, 2, stride=2)
+        self.block = nn.Sequential(nn.LayerNorm(24), Transposed(nn.Linear(64, 64)))
+        if channel_mixing:
+            self.block.append(nn.Linear(24, 24))
+
+    def forward(self, x):
+        return self.block(self.embed(x).flatten(2).transpose(1, 2))
+
+
+class Transposed(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_token_mixing_block_is_asked_about_not_read_with_tokens_as_units(x):
+    net = seeded(TokenMixing())
+    with pytest.raises(AuditError) as info:  # the last declared width, 64, is the token count
+        record(net, [LayerSpec("block", "block")], x)
+    assert ("layer 'block' (module 'block'), output of shape (batch, 64, 24): block.1.inner.out_features = 64 would "
+            "put the units on axis 1, the tokens of a (batch, tokens, channels) layout") in str(info.value)
+    assert "'units: token_channels' (axis 2) or 'units_axis: 1'" in str(info.value)
+    with pytest.raises(AuditError, match=r"two readings are plausible: block.2.out_features = 24 puts the units on "
+                                         r"axis 2 \(channels\), block.1.inner.out_features = 64 on axis 1 \(tokens\)"):
+        record(seeded(TokenMixing(channel_mixing=True)), [LayerSpec("block", "block")], x)
+    values, recorder = record(net, [LayerSpec("block", "block", units="token_channels")], x)
+    assert recorder.axes["block"] == UnitAxis(2, (64, 24), "units: token_channels")
+    with torch.no_grad():
+        double = net.double()
+        expected = mean_abs(double.block(double.embed(x.double()).flatten(2).transpose(1, 2)), keep=2)
+    np.testing.assert_allclose(values["block"], expected, rtol=1e-6)  # 24 channels, each over 64 tokens
 
 
 def test_a_tuple_returning_attention_needs_output_and_measures_that_part(x):
