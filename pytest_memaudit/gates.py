@@ -319,3 +319,12 @@ def rises_had(current: set[str], baseline: set[str]) -> set[str]:
 def without_rise_gates(thresholds: dict[str, Gate | float]) -> dict[str, Gate | float]:
     """A layer's thresholds without its compare gates (a run compared with no baseline)."""
     return {key: value for key, value in thresholds.items() if key not in RISE_LIMITS}
+
+
+HOLDOUT_FIGURES = ("membership_excess", "membership_p")  # a run's own figures that need held-out images
+
+
+def holdout_gates(thresholds: dict[str, Gate | float]) -> list[str]:
+    """The gate keys (with a limit) of ``thresholds`` whose figure needs held-out images."""
+    return [key for key, value in thresholds.items() if key in GATES and GATES[key][0] in HOLDOUT_FIGURES
+            and isinstance(value, Gate) and value.limit is not None]

@@ -139,6 +139,7 @@ class AuditSession:
     wanted_layers: set[str] = field(default_factory=set)
     multiple_testing: str = "holm"
     unapplied_compare_gates: bool = False  # the audit files have compare gates, and nothing to compare with
+    unevaluated_holdout_gates: set[str] = field(default_factory=set)  # --memaudit-holdout none: gates left out
     _adjusted_p: dict = field(default_factory=dict)
     outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
     session: pytest.Session | None = None
@@ -313,6 +314,10 @@ class AuditSession:
             if self.unapplied_compare_gates:
                 result.notes.append("the audit files' compare gates (compare:) were not applied: there was no "
                                     "baseline to compare with (--memaudit-compare NAME|PATH|latest)")
+            if self.unevaluated_holdout_gates:
+                result.notes.append(f"not evaluated: {', '.join(sorted(self.unevaluated_holdout_gates))}: these gates "
+                                    "need held-out images and this run has none (--memaudit-holdout none); the layers "
+                                    "were gated on the rest")
         self.runs = runs
         self.result = list(runs.values())[-1]  # what the summary and report show in full: the last checkpoint
 
@@ -532,6 +537,8 @@ class AuditYamlFile(pytest.File):
                 applied = {name: without_rise_gates(limits) for name, limits in thresholds.items()}
                 state.unapplied_compare_gates |= applied != thresholds
                 thresholds = applied
+            if settings.holdout == "none" and state.stored is None:  # asked for explicitly: gate on the rest
+                thresholds = {name: self._without_holdout_gates(state, limits) for name, limits in thresholds.items()}
             audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
@@ -546,6 +553,15 @@ class AuditYamlFile(pytest.File):
                 name = layer.name if checkpoint is None else f"{layer.name}[{checkpoint}]"
                 yield LayerItem.from_parent(self, name=name, layer=layer, thresholds=thresholds[layer.name],
                                             checkpoint=checkpoint)
+
+    @staticmethod
+    def _without_holdout_gates(state: AuditSession, limits: dict) -> dict:
+        """A layer's thresholds without the gates that need held-out images, which ``state`` records."""
+        from .gates import holdout_gates
+
+        left_out = holdout_gates(limits)
+        state.unevaluated_holdout_gates.update(left_out)
+        return {key: value for key, value in limits.items() if key not in left_out}
 
     def _check_user_layers(self, state: AuditSession, spec: "ModelSpec") -> None:
         """A user model is built now (once) so that a misspelled module path is a collection error;

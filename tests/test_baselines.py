@@ -231,6 +231,29 @@ def test_from_reproduces_the_run_time_report_and_json_and_regates(project):
     assert "background-image: url(" not in html and "img_000.png" in html
 
 
+def test_holdout_none_leaves_the_membership_gates_out_and_names_them(project):
+    """An explicit --memaudit-holdout none (training images only, as the seed report's analysis) gates on the
+    rest and names the gates it did not evaluate in the terminal, the JSON and the report; without the option
+    a gate that cannot be evaluated stays a collection error."""
+    (project.path / "audits" / "memaudit.yaml").write_text(
+        "thresholds: {mean_unitmem_max: 1.0, membership_p_min: 0.01, membership_excess_max: {limit: 0.1, when: "
+        "significant}}\n" + MODEL)
+    result = audit(project)
+    assert result.ret == 0, result.stdout.str()
+    note = ("not evaluated: membership_excess_max, membership_p_min: these gates need held-out images and this run "
+            "has none (--memaudit-holdout none); the layers were gated on the rest")
+    result.stdout.fnmatch_lines([f"*{note}*"])
+    data = results(project)
+    assert note in data["notes"]
+    assert all(set(layer["thresholds"]) & {"membership_p_min", "membership_excess_max"} == set()
+               and layer["outcome"] == "passed" for layer in data["layers"])
+    assert note in (project.path / "memaudit-report" / "report.html").read_text()
+    result = project.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-checkpoint", "a.pt", "--memaudit-data",
+                               "builtin", "--memaudit-samples", "8", "--memaudit-control", "none", *QUICK)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*gates this audit cannot evaluate: membership_excess_max needs held-out images*"])
+
+
 def test_stored_run_without_what_a_gate_needs_is_a_collection_error(project):
     assert audit(project, "--memaudit-json", "stored.json").ret == 0
     (project.path / "audits" / "memaudit.yaml").write_text("thresholds: {membership_p_min: 0.01}\n" + MODEL)
