@@ -168,7 +168,10 @@ class GateOutcome:
         return "warned" if self.warnings else "passed"
 
     def failure_message(self) -> str:
-        lines = [f"layer {self.layer}: {len(self.failures)} threshold(s) crossed"]
+        compare = sum(check.key in RISE_LIMITS for check in self.failures)
+        crossed = [f"{count} {kind}" for count, kind in ((len(self.failures) - compare, "threshold(s)"),
+                                                         (compare, "compare gate(s)")) if count]
+        lines = [f"layer {self.layer}: {' and '.join(crossed)} crossed"]
         lines += [f"  {check.message}" for check in self.failures]
         return "\n".join(lines)
 

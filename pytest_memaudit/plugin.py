@@ -122,10 +122,11 @@ def add_baseline_options(group) -> None:
                     help="compare with a baseline: a saved NAME, a results.json PATH, 'latest' (the newest saved run "
                          "of the model) or, in a checkpoint series, 'previous' (each checkpoint with the one before)")
     group.addoption("--memaudit-compare-fail", dest="memaudit_compare_fail", action="append", default=[],
-                    metavar="[LAYER:]FIGURE:DELTA",
-                    help="fail a layer whose FIGURE rose over the baseline's by more than DELTA (e.g. "
-                         "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); repeatable; needs "
-                         "--memaudit-compare")
+                    metavar="[LAYER:]FIGURE:DELTA[:significant]",
+                    help="a compare gate: fail a layer whose FIGURE rose over the baseline's by more than DELTA (e.g. "
+                         "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); by default on the "
+                         "estimated rise; with :significant only on a rise beyond noise, as a YAML compare gate's "
+                         "when: significant; repeatable; needs --memaudit-compare")
 
 
 @dataclass

@@ -129,10 +129,10 @@ def test_a_changed_layer_moves_alone_and_its_compare_gate_fails_it(project):
     before, after = (data["layers"][2]["mean_unitmem"] for data in (baseline, current))
     assert after - before > 0.05
     result.stdout.fnmatch_lines([
-        "*layer head: 1 threshold(s) crossed*",
+        "*layer head: 1 compare gate(s) crossed*",
         f"*mean_unitmem rose from {before:.4g} (baseline) to {after:.4g} ({after - before:+.4g}), more than "
         "mean_unitmem_rise_max = 0.05",
-        "FAILED audits/memaudit.yaml::head - layer head: 1 threshold(s) crossed",
+        "FAILED audits/memaudit.yaml::head - layer head: 1 compare gate(s) crossed",
     ])
     changes = {layer["name"]: layer["figures"] for layer in current["comparison"]["layers"]}
     for name in ("stem", "mid"):  # upstream of the change: the very same numbers
@@ -166,6 +166,25 @@ def test_significant_rise_uses_both_runs_jackknife_intervals(project):
     assert check["key"] == "mean_unitmem_rise_max" and check["baseline"] == base["mean_unitmem"]
     assert check["low"] == pytest.approx(delta - half, rel=1e-9) and check["high"] == pytest.approx(delta + half, rel=1e-9)
     assert check["passed"] is not (delta - half > 0)
+
+
+def test_a_command_line_compare_gate_can_ask_for_a_rise_beyond_noise(project):
+    """--memaudit-compare-fail FIGURE:DELTA:significant, as a YAML compare gate's when: significant: a rise
+    past DELTA whose interval reaches below DELTA is noise, and the gate passes; without it, the estimate fails."""
+    assert audit(project, "--memaudit-json", "base.json").ret == 0
+    assert audit(project, "--memaudit-compare", "base.json", "--memaudit-compare-fail", "head:mean_unitmem:0:significant",
+                 checkpoint="b.pt").ret in (0, 1)
+    [check] = results(project)["layers"][2]["checks"][1:]
+    assert check["key"] == "mean_unitmem_rise_max" and check["when"] == "significant"
+    floor = max(check["low"], 0.0)
+    assert check["value"] > floor
+    limit = f"{floor + (check['value'] - floor) / 2:.6f}"  # below the estimate, above the interval's low end
+    noisy = audit(project, "--memaudit-compare", "base.json", "--memaudit-compare-fail", f"head:mean_unitmem:{limit}",
+                  checkpoint="b.pt")
+    assert noisy.ret == 1
+    noisy.stdout.fnmatch_lines(["*layer head: 1 compare gate(s) crossed*"])
+    assert audit(project, "--memaudit-compare", "base.json", "--memaudit-compare-fail",
+                 f"head:mean_unitmem:{limit}:significant", checkpoint="b.pt").ret == 0
 
 
 def test_relative_limits_yaml_layer_overrides_and_the_command_line(project):
