@@ -287,7 +287,7 @@ class AuditSession:
                 check_image_fits(self.settings)
                 check_output_locations(self.config)
                 labels = self.audited_checkpoints()
-                with _progress(self.config) as progress:
+                with _progress(self.config, max(1, self.settings.augmentations)) as progress:
                     if self.series:
                         paths = [self.series[label] for label in labels]
                         self._set_runs(dict(zip(labels, run_series(self.settings, paths, spec, layers, progress))))
@@ -986,11 +986,14 @@ class HtmlReportExtras:
 
 
 class _progress:
-    """A rich progress bar on a terminal, out of pytest's capture; silent elsewhere."""
+    """A rich progress bar on a terminal, out of pytest's capture; elsewhere (a CI log) a line every
+    ``progress.EVERY_S`` seconds. Silent under -q, and in processes that do not print."""
 
-    def __init__(self, config: pytest.Config):
+    def __init__(self, config: pytest.Config, views_per_image: int):
         self.config = config
+        self.views_per_image = views_per_image
         self.bar = None
+        self.lines = None
 
     def __enter__(self):
         from rich.console import Console
@@ -1001,16 +1004,24 @@ class _progress:
         if self._capture:
             self._capture.__enter__()
         console = Console(file=sys.stderr)
-        if console.is_terminal and self.config.get_verbosity() >= 0 and is_rank_zero():
+        shown = self.config.get_verbosity() >= 0 and is_rank_zero() and not parallel.is_worker(self.config)
+        if shown and console.is_terminal:
             self.bar = Progress(TextColumn("memaudit"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                                 TimeRemainingColumn(), console=console, transient=True)
             self.bar.__enter__()
             self.task = self.bar.add_task("audit", total=None)
+        elif shown:
+            from .progress import ProgressLines
+
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            self.lines = ProgressLines(reporter.write_line if reporter else print, self.views_per_image)
         return self.update
 
     def update(self, done: int, total: int) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, total=total)
+        elif self.lines is not None:
+            self.lines(done, total)
 
     def __exit__(self, *exc):
         if self.bar is not None:
