@@ -274,7 +274,7 @@ class AuditFile:
             return
         raise ConfigError(
             f"{self.path}: no layer has a threshold{' (after --memaudit-threshold)' if overridden else ''}, so every "
-            "layer would pass whatever it measures. Set thresholds (see the README, Thresholds), or write "
+            "layer would pass whatever it measures. Set thresholds (see docs/yaml.md in the repository), or write "
             "'allow_no_gates: true' at the top level to run the audit as a measurement only."
         )
 

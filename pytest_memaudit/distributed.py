@@ -218,7 +218,7 @@ def join(timeout_s: float = DEFAULT_TIMEOUT_S, environ: Mapping[str, str] | None
             raise AuditError(
                 f"{' and '.join(missing)} not set: the processes of a launch of {launch.size} find each other through "
                 "them. torchrun sets them; under srun, export MASTER_ADDR=<first node's host name> and "
-                "MASTER_PORT=<a free port> before srun (README: Auditing the full training set)."
+                "MASTER_PORT=<a free port> before srun (docs/full-scale.md: Auditing the full training set)."
             )
         cuda = torch.cuda.is_available() and dist.is_nccl_available()
         try:
