@@ -379,6 +379,7 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
     world.agree_on(fingerprint | {"device type": device.type}, "what to audit")
     world.check_devices(device)
     notes = list(images.notes) + precision_notes(settings.precision, device)  # the forward adds its halvings
+    notes += what_is_not_tested(spec, paths[0], images)
     if device.type == "cuda" and memory_format(spec.input_contract) == torch.channels_last:
         notes.append(f"memory layout on {device}: {layout_name(layout)}, the faster for a forward pass: "
                      + ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in seconds.items()))
@@ -394,6 +395,20 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
     if settings.state:
         run.snapshots = Snapshots(settings.state, world.rank, world.size, fingerprint, settings.state_every)
     return run
+
+
+def what_is_not_tested(spec: ModelSpec, checkpoint: Path | None, images: ImageSet) -> list[str]:
+    """Notes on what a run cannot show: a user model built without a checkpoint (the shipped examples' factories
+    then give random weights, which learned nothing), and no held-out images (no membership test)."""
+    notes = []
+    if checkpoint is None and spec.factory is not None:
+        notes.append(f"no checkpoint given: {spec.name} was built by its factory as build(None), which in the shipped "
+                     "examples means random weights: a model that learned nothing, so nothing it could memorize. Give "
+                     "--memaudit-checkpoint PATH (or checkpoint: in the audit YAML) to audit trained weights")
+    if not images.count(HOLDOUT):
+        notes.append("no held-out images: whether the model singles out its training images is not tested. Give "
+                     "--memaudit-holdout DIR (images of the training distribution it never trained on)")
+    return notes
 
 
 def add_subjects(run: AuditRun) -> None:

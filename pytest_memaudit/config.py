@@ -303,7 +303,7 @@ class AuditFile:
             return
         raise ConfigError(
             f"{self.path}: no layer has a threshold{' (after --memaudit-threshold)' if overridden else ''}, so every "
-            "layer would pass whatever it measures. Set thresholds (see the README, Thresholds), or write "
+            "layer would pass whatever it measures. Set thresholds (see docs/yaml.md in the repository), or write "
             "'allow_no_gates: true' at the top level to run the audit as a measurement only."
         )
 
@@ -454,6 +454,9 @@ def _layer_spec(path, where, item) -> LayerSpec:
     if "units" in item and "units_axis" in item:
         raise ConfigError(f"{path}: {where}: give units or units_axis, not both")
     units = item.get("units")
+    if units == "tokens":
+        raise ConfigError(f"{path}: {where}: 'units: tokens' is now 'units: token_channels' (the channels of each "
+                          "token, axis 2 of a (batch, tokens, channels) output); rename it")
     if units is not None and units not in UNIT_LAYOUTS:
         raise ConfigError(f"{path}: {where}: units must be one of {', '.join(UNIT_LAYOUTS)}, got {units!r} "
                           "(or give the axis number as units_axis)")
@@ -656,14 +659,23 @@ def compare_limit(where: str, figure: str, value: Any) -> Partial:
 
 
 def parse_compare_option(text: str) -> tuple[str, str, Partial]:
-    """``FIGURE:DELTA`` or ``LAYER:FIGURE:DELTA`` from --memaudit-compare-fail -> (layer or '*', gate key, partial).
-    DELTA is an absolute rise (0.02) or a percentage of the baseline's value (10%)."""
-    target, _, delta = text.rpartition(":")
+    """``[LAYER:]FIGURE:DELTA[:WHEN]`` from --memaudit-compare-fail -> (layer or '*', gate key, partial).
+    DELTA is an absolute rise (0.02) or a percentage of the baseline's value (10%); WHEN, as a compare gate's
+    ``when`` in the YAML: ``estimate`` (the default: the estimated rise alone) or ``significant`` (only a rise
+    beyond noise)."""
+    gate, _, when = text.rpartition(":")
+    when = when.strip()
+    if ":" not in gate or not when.isalpha() or when.lower() in ("off", "none", "null"):
+        gate, when = text, ""
+    elif when not in WHEN:
+        raise ConfigError(f"--memaudit-compare-fail {quote(text)}: {quote(when)} is not when a compare gate fails: "
+                          "write significant (only a rise beyond noise) or estimate (the estimated rise, the default)")
+    target, _, delta = gate.rpartition(":")
     layer, _, figure = target.rpartition(":")
     figure, delta = figure.strip(), delta.strip()
     if not target or not figure or not delta:
-        raise ConfigError(f"--memaudit-compare-fail {quote(text)}: write FIGURE:DELTA or LAYER:FIGURE:DELTA, "
-                          "e.g. mean_unitmem:0.02 or mean_unitmem:10%")
+        raise ConfigError(f"--memaudit-compare-fail {quote(text)}: write [LAYER:]FIGURE:DELTA[:significant], "
+                          "e.g. mean_unitmem:0.02, mean_unitmem:10% or mean_unitmem:0.02:significant")
     if figure not in COMPARED:
         if figure in P_VALUE_FIGURES:
             hint = " A p-value's change is no effect size: gate the rise of membership_excess instead."
@@ -682,7 +694,10 @@ def parse_compare_option(text: str) -> tuple[str, str, Partial]:
         except ValueError:
             raise ConfigError(f"--memaudit-compare-fail {quote(text)}: {quote(delta)} is not a number, a percentage "
                               "(10%) or 'off'") from None
-    return layer.strip() or "*", f"{figure}_rise_max", compare_limit(f"--memaudit-compare-fail {figure}", figure, value)
+    partial = compare_limit(f"--memaudit-compare-fail {figure}", figure, value)
+    if when:
+        partial["when"] = when
+    return layer.strip() or "*", f"{figure}_rise_max", partial
 
 
 def _layer_block(path, where, block) -> dict[str, dict[str, float | None]]:

@@ -20,7 +20,7 @@ LISTED_VIEWS = 2  # views in the listing's forward pass
 
 @dataclass
 class ModuleRecord:
-    """One module as one forward pass saw it (at its first call)."""
+    """One module as one forward pass saw it: at its first call, or at the call its audit measures (``call: N``)."""
 
     path: str
     kind: str  # its class
@@ -41,11 +41,12 @@ def survey(net: torch.nn.Module, views: torch.Tensor, layers: Sequence[LayerSpec
     def hook(path: str):
         def record(module, inputs, output):
             entry = records[path]
-            entry.calls += 1
-            if entry.calls > 1:
-                return
-            order.append(path)
+            call, entry.calls = entry.calls, entry.calls + 1
+            if not call:
+                order.append(path)
             layer = audited.get(path, LayerSpec(path, path))
+            if call != (layer.call if isinstance(layer.call, int) else 0):
+                return
             if not isinstance(output, torch.Tensor):
                 entry.output = describe_output(output)
                 if layer.output is None:

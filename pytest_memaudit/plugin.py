@@ -129,10 +129,11 @@ def add_baseline_options(group) -> None:
                     help="compare with a baseline: a saved NAME, a results.json PATH, 'latest' (the newest saved run "
                          "of the model) or, in a checkpoint series, 'previous' (each checkpoint with the one before)")
     group.addoption("--memaudit-compare-fail", dest="memaudit_compare_fail", action="append", default=[],
-                    metavar="[LAYER:]FIGURE:DELTA",
-                    help="fail a layer whose FIGURE rose over the baseline's by more than DELTA (e.g. "
-                         "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); repeatable; needs "
-                         "--memaudit-compare")
+                    metavar="[LAYER:]FIGURE:DELTA[:significant]",
+                    help="a compare gate: fail a layer whose FIGURE rose over the baseline's by more than DELTA (e.g. "
+                         "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); by default on the "
+                         "estimated rise; with :significant only on a rise beyond noise, as a YAML compare gate's "
+                         "when: significant; repeatable; needs --memaudit-compare")
 
 
 @dataclass
@@ -146,6 +147,7 @@ class AuditSession:
     wanted_layers: set[str] = field(default_factory=set)
     multiple_testing: str = "holm"
     unapplied_compare_gates: bool = False  # the audit files have compare gates, and nothing to compare with
+    unevaluated_holdout_gates: set[str] = field(default_factory=set)  # --memaudit-holdout none: gates left out
     _adjusted_p: dict = field(default_factory=dict)
     outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
     session: pytest.Session | None = None
@@ -292,7 +294,7 @@ class AuditSession:
                 check_image_fits(self.settings)
                 check_output_locations(self.config)
                 labels = self.audited_checkpoints()
-                with _progress(self.config) as progress:
+                with _progress(self.config, max(1, self.settings.augmentations)) as progress:
                     if self.series:
                         paths = [self.series[label] for label in labels]
                         self._set_runs(dict(zip(labels, run_series(self.settings, paths, spec, layers, progress))))
@@ -320,6 +322,10 @@ class AuditSession:
             if self.unapplied_compare_gates:
                 result.notes.append("the audit files' compare gates (compare:) were not applied: there was no "
                                     "baseline to compare with (--memaudit-compare NAME|PATH|latest)")
+            if self.unevaluated_holdout_gates:
+                result.notes.append(f"not evaluated: {', '.join(sorted(self.unevaluated_holdout_gates))}: these gates "
+                                    "need held-out images and this run has none (--memaudit-holdout none); the layers "
+                                    "were gated on the rest")
         self.runs = runs
         self.result = list(runs.values())[-1]  # what the summary and report show in full: the last checkpoint
 
@@ -539,6 +545,8 @@ class AuditYamlFile(pytest.File):
                 applied = {name: without_rise_gates(limits) for name, limits in thresholds.items()}
                 state.unapplied_compare_gates |= applied != thresholds
                 thresholds = applied
+            if settings.holdout == "none" and state.stored is None:  # asked for explicitly: gate on the rest
+                thresholds = {name: self._without_holdout_gates(state, limits) for name, limits in thresholds.items()}
             audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
@@ -553,6 +561,15 @@ class AuditYamlFile(pytest.File):
                 name = layer.name if checkpoint is None else f"{layer.name}[{checkpoint}]"
                 yield LayerItem.from_parent(self, name=name, layer=layer, thresholds=thresholds[layer.name],
                                             checkpoint=checkpoint)
+
+    @staticmethod
+    def _without_holdout_gates(state: AuditSession, limits: dict) -> dict:
+        """A layer's thresholds without the gates that need held-out images, which ``state`` records."""
+        from .gates import holdout_gates
+
+        left_out = holdout_gates(limits)
+        state.unevaluated_holdout_gates.update(left_out)
+        return {key: value for key, value in limits.items() if key not in left_out}
 
     def _check_user_layers(self, state: AuditSession, spec: "ModelSpec") -> None:
         """A user model is built now (once) so that a misspelled module path is a collection error;
@@ -799,7 +816,7 @@ def audit_files(config: pytest.Config, roots: list[Path]) -> list[Path]:
 
 def is_rank_zero() -> bool:
     """Whether this process prints and writes: the only one, or rank 0 of a torchrun launch."""
-    from .distributed import launch_rank
+    from .launch import launch_rank  # not .distributed: that imports torch, and this runs in every pytest run
 
     return launch_rank() == 0
 
@@ -992,11 +1009,14 @@ class HtmlReportExtras:
 
 
 class _progress:
-    """A rich progress bar on a terminal, out of pytest's capture; silent elsewhere."""
+    """A rich progress bar on a terminal, out of pytest's capture; elsewhere (a CI log) a line every
+    ``progress.EVERY_S`` seconds. Silent under -q, and in processes that do not print."""
 
-    def __init__(self, config: pytest.Config):
+    def __init__(self, config: pytest.Config, views_per_image: int):
         self.config = config
+        self.views_per_image = views_per_image
         self.bar = None
+        self.lines = None
 
     def __enter__(self):
         from rich.console import Console
@@ -1007,16 +1027,24 @@ class _progress:
         if self._capture:
             self._capture.__enter__()
         console = Console(file=sys.stderr)
-        if console.is_terminal and self.config.get_verbosity() >= 0 and is_rank_zero():
+        shown = self.config.get_verbosity() >= 0 and is_rank_zero() and not parallel.is_worker(self.config)
+        if shown and console.is_terminal:
             self.bar = Progress(TextColumn("memaudit"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                                 TimeRemainingColumn(), console=console, transient=True)
             self.bar.__enter__()
             self.task = self.bar.add_task("audit", total=None)
+        elif shown:
+            from .progress import ProgressLines
+
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            self.lines = ProgressLines(reporter.write_line if reporter else print, self.views_per_image)
         return self.update
 
     def update(self, done: int, total: int) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, total=total)
+        elif self.lines is not None:
+            self.lines(done, total)
 
     def __exit__(self, *exc):
         if self.bar is not None:

@@ -23,9 +23,6 @@ from .stats import CorrelationResult, Interval, LayerStats, depth_correlation
 from .unitmem import UnitMemValues
 
 SCHEMA_VERSION = 2
-# Per data point values (scores, image characteristics) keep 7 significant digits in the JSON: what
-# any reading of them needs, at half the size of full doubles when there are a million data points.
-DATA_POINT_DIGITS = 7
 
 
 @dataclass
@@ -377,10 +374,10 @@ def _memorized_json(memorized: Memorized | None, samples: list[str]) -> dict[str
     return {
         "data_points": {
             "ids": samples,
-            "score": _floats(points.score, DATA_POINT_DIGITS),
+            "score": _floats(points.score),  # kept to datapoints.KEPT_DIGITS when scored
             "argmax_units": points.argmax_units.tolist(),
             "best_rank": [None if math.isnan(r) else int(r) for r in points.best_rank],
-            "characteristics": {name: _floats(values, DATA_POINT_DIGITS)
+            "characteristics": {name: _floats(values)
                                 for name, values in points.characteristics.items()},
             "layer_argmax_units": {name: {"index": np.flatnonzero(counts).tolist(),
                                           "count": counts[counts > 0].tolist()}
@@ -579,12 +576,9 @@ def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def _floats(array: np.ndarray, digits: int | None = None) -> list[float | None]:
-    """JSON numbers of ``array``; ``digits``: significant digits kept (None: all)."""
-    values = np.asarray(array, dtype=np.float64)
-    if digits is not None:
-        return [_number(float(f"{v:.{digits}g}")) for v in values]
-    return [_number(float(v)) for v in values]
+def _floats(array: np.ndarray) -> list[float | None]:
+    """JSON numbers of ``array``, every digit kept (each reads back as the same float64)."""
+    return [_number(v) for v in np.asarray(array, dtype=np.float64).tolist()]
 
 
 def _array(values: list[float | None]) -> np.ndarray:

@@ -40,7 +40,7 @@ def test_three_checkpoints_give_three_tests_per_layer_and_one_report(series, mon
     names = [line.split("::")[1].split(" ")[0] for line in result.outlines if line.startswith("audits/memaudit.yaml::")]
     assert names == [f"{layer}[{label}]" for layer in LAYERS for label in SERIES]
     result.assert_outcomes(passed=8, failed=1)
-    result.stdout.fnmatch_lines(["FAILED audits/memaudit.yaml::head[step-2] - layer head: 1 threshold(s) crossed"])
+    result.stdout.fnmatch_lines(["FAILED audits/memaudit.yaml::head[[]step-2] - layer head: 1 compare gate*"])
     batches = len(calls)
     assert batches == 1  # 8 images x 2 views fit one 32-view batch, augmented once for all three checkpoints
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ..errors import AuditError, CheckpointError, ConfigError, user_code
 
 CHECKPOINT_ENV_VAR = "MEMAUDIT_CHECKPOINT"
-UNIT_LAYOUTS = ("channels_first", "channels_last", "tokens")  # a layer's ``units:``
+UNIT_LAYOUTS = ("channels_first", "channels_last", "token_channels")  # a layer's ``units:``
 TOKEN_CHOICES = ("all", "cls", "patches")  # a layer's ``tokens:``
 
 

@@ -154,8 +154,17 @@ def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
 
 
 def check_cell(check: Check, level: float | None) -> dict[str, Any]:
-    """A figure next to its limit; a crossed check shows the relation it broke."""
-    if check.key.endswith("_max"):
+    """A figure next to its limit, with the rule that decided: the estimate's relation to the limit, or, for a
+    ``when: significant`` gate whose estimate lies past the limit, where its interval lies (so that a passed
+    cell never reads "0.31 ≤ 0.25")."""
+    upper = check.key.endswith("_max")
+    past = check.value > check.limit if upper else check.value < check.limit
+    side = "above" if upper else "below"
+    if check.when == "significant" and past and math.isfinite(check.low) and math.isfinite(check.high):
+        relation = f"interval {'not ' if check.passed else ''}wholly {side}"
+    elif check.when == "significant" and past:
+        relation = f"{'not ' if check.passed else ''}beyond noise {side}"
+    elif upper:
         relation = "≤" if check.passed else ">"
     else:
         relation = "≥" if check.passed else "<"
