@@ -1,11 +1,17 @@
-"""What the machine offers: physical memory, CPU features, and whether bfloat16 runs natively.
+"""What the machine offers: physical memory, the CPUs this process may use, CPU features, and
+whether bfloat16 runs natively.
 
 Imports no torch until a question needs it.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 def physical_memory_bytes() -> int | None:
@@ -13,6 +19,80 @@ def physical_memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
+        return None
+
+
+def usable_cpus(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> tuple[int, str]:
+    """The CPUs this process may keep busy, and where that number comes from: its affinity mask (what
+    taskset or a job scheduler sets), lowered to its cgroup's CPU quota rounded up (what a container's
+    ``--cpus`` or a Kubernetes CPU limit sets). A container on a 64-core host with a 2-CPU quota sees
+    64 cores; 64 threads there are throttled to 2 CPUs' worth of time and mostly wait."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is None:
+        return affinity, f"{affinity} CPU(s) in this process's affinity mask, no cgroup CPU quota"
+    cpus = max(1, math.ceil(quota))
+    if cpus >= affinity:
+        return affinity, f"{affinity} CPU(s) in this process's affinity mask (cgroup CPU quota {quota:g})"
+    return cpus, f"{cpus} CPU(s): the cgroup's CPU quota is {quota:g} CPUs (affinity mask: {affinity})"
+
+
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The smallest CPU quota, in CPUs, of this process's cgroup and the cgroups above it (a limit
+    applies to everything below it): cgroup v2's ``cpu.max``, or v1's ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``. None when no quota is set or none can be read. Inside a container the
+    path in /proc/self/cgroup may be the host's; walking up to the mount point finds its own."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        relative = Path(path.lstrip("/"))
+        if controllers == "":  # v2: one hierarchy, controllers inside it
+            bases, read = [cgroup_root], _v2_quota
+        elif "cpu" in controllers.split(","):
+            bases, read = [cgroup_root / controllers, cgroup_root / "cpu"], _v1_quota
+        else:
+            continue
+        for base in bases:
+            for folder in [base / relative, *(base / relative).parents]:
+                quota = read(folder)
+                if quota is not None:
+                    quotas.append(quota)
+                if folder == base:
+                    break
+    return min(quotas, default=None)
+
+
+def _read_numbers(path: Path) -> list[str] | None:
+    try:
+        return path.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _v2_quota(folder: Path) -> float | None:
+    fields = _read_numbers(folder / "cpu.max")  # "max 100000" or "150000 100000"
+    try:
+        return int(fields[0]) / int(fields[1]) if fields and fields[0] != "max" and int(fields[1]) > 0 else None
+    except (ValueError, IndexError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    quota, period = _read_numbers(folder / "cpu.cfs_quota_us"), _read_numbers(folder / "cpu.cfs_period_us")
+    try:
+        return int(quota[0]) / int(period[0]) if quota and period and int(quota[0]) > 0 and int(period[0]) > 0 \
+            else None  # -1: no quota
+    except (ValueError, IndexError):
         return None
 
 
