@@ -29,8 +29,7 @@ from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
 from .datapoints import DataPoints, embedded_rows, score_data_points, what_gets_memorized
 from .device import (ForwardTimer, check_precision, cpu_threads, faster_layout, intra_op_threads, is_out_of_memory,
-                     precision_mode, process_device,
-                     selected_device)
+                     precision_mode, process_device, selected_device, time_precisions)
 from .distributed import World, join
 from .errors import AuditError, DataError, user_code
 from .hardware import precision_notes, usable_cpus
@@ -303,7 +302,10 @@ def is_model(role: str) -> bool:
 def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], world: World,
            checkpoints: list[str | None]) -> AuditRun:
     """Device, data, model and snapshots, agreed on by every process: a problem on one stops all."""
-    problem = None
+    problem, precision_s = None, None
+    cpus, cpus_why = usable_cpus()
+    threads, threads_why = intra_op_threads(cpus, world.launch.local_size, torch.get_num_threads())
+    views = max(settings.augmentations, 1)
     try:
         device = process_device(settings.device, world.launch.local_rank, world.launch.local_size)
         check_precision(settings.precision, device)  # before the models are built
@@ -322,19 +324,20 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
             layout, seconds = probe_layouts(model_net, (min(views_per_pass(settings, device), 32), 3, image_size,
                                                         image_size), device, settings.precision)
             model_net = model_net.to(memory_format=layout)
+        if settings.precision == "bfloat16":
+            batch = max(1, min(views_per_pass(settings, device), 32) // views) * views  # whole images' views
+            with cpu_threads(threads):
+                precision_s = precision_seconds(model_net, (batch, 3, image_size, image_size), device, layout)
     except Exception as exc:  # noqa: BLE001 (shared with the other processes, then raised)
         problem = exc
     world.agree(problem, "setting up the audit")
     fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size)
     world.agree_on(fingerprint | {"device type": device.type}, "what to audit")
     world.check_devices(device)
-    notes = list(images.notes) + precision_notes(settings.precision, device)  # the forward adds its halvings
+    notes = list(images.notes) + precision_notes(settings.precision, device, precision_s)  # the forward adds halvings
     if device.type == "cuda" and memory_format(spec.input_contract) == torch.channels_last:
         notes.append(f"memory layout on {device}: {layout_name(layout)}, the faster for a forward pass: "
                      + ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in seconds.items()))
-    views = max(settings.augmentations, 1)
-    cpus, cpus_why = usable_cpus()
-    threads, threads_why = intra_op_threads(cpus, world.launch.local_size, torch.get_num_threads())
     run = AuditRun(
         settings, spec, selected, world, device, images, image_size, paths, checkpoint_info, checkpoints, model_net,
         layout, fingerprint, ShardProgress(world.shard(len(images))),
@@ -841,6 +844,16 @@ def probe_layouts(net: torch.nn.Module, shape: tuple[int, ...], device: torch.de
 
     with torch.inference_mode(), precision_mode(precision, device):
         return faster_layout(run, device)
+
+
+def precision_seconds(net: torch.nn.Module, shape: tuple[int, ...], device: torch.device,
+                      layout: torch.memory_format) -> dict[str, float]:
+    """A forward pass of ``net`` on random views of ``shape`` (a batch as the audit runs them) in float32
+    and in bfloat16: bfloat16 is asked for because it should be faster, and on some CPUs it is not."""
+    views = torch.rand(shape, generator=torch.Generator(device).manual_seed(0), device=device)
+    views = views.mul_(2).sub_(1).contiguous(memory_format=layout)
+    with torch.inference_mode(), user_code(f"the forward pass of the model on views of shape {tuple(shape)}"):
+        return time_precisions(lambda: net(views), device)
 
 
 def model_views(pixels: torch.Tensor, augmentations: int, seeds: Sequence[int], contract: InputContract,

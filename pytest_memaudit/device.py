@@ -6,7 +6,8 @@
   user's settings back afterwards.
 - ``is_out_of_memory`` tells a batch that is too large from any other failure.
 - ``ForwardTimer`` adds up the seconds the forward passes take.
-- ``faster_layout`` times a forward pass in both memory layouts and picks the faster.
+- ``faster_layout`` times a forward pass in both memory layouts and picks the faster;
+  ``time_precisions`` times one in float32 and in bfloat16.
 - ``intra_op_threads`` sizes torch's CPU thread pool from the CPUs the process may use, and
   ``cpu_threads`` holds it there while an audit runs.
 """
@@ -200,6 +201,22 @@ class ForwardTimer:
         if exc_type is None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - self._started
+
+
+def time_precisions(run: Callable[[], None], device: torch.device,
+                    precisions: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, float]:
+    """Seconds of one forward pass (``run``) in each of ``precisions`` on ``device``, each timed
+    after a warm-up pass in every precision (the first pass creates the kernels)."""
+    for precision in precisions:
+        with precision_mode(precision, device):
+            run()
+    seconds = {}
+    for precision in precisions:
+        timer = ForwardTimer(device)
+        with precision_mode(precision, device), timer:
+            run()
+        seconds[precision] = timer.seconds
+    return seconds
 
 
 def intra_op_threads(cpus: int, processes_here: int, current: int,
