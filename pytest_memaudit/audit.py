@@ -994,4 +994,5 @@ def environment(device: torch.device, threads: int, cpus: str) -> dict[str, str]
         env["gpu"] = torch.cuda.get_device_name(device)
     env["cpu_threads"] = str(threads)
     env["cpus"] = cpus
+    env["openmp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "not set")
     return env

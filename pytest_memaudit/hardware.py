@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -38,6 +39,18 @@ def usable_cpus(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
     if cpus >= affinity:
         return affinity, f"{affinity} CPU(s) in this process's affinity mask (cgroup CPU quota {quota:g})"
     return cpus, f"{cpus} CPU(s): the cgroup's CPU quota is {quota:g} CPUs (affinity mask: {affinity})"
+
+
+def passive_openmp_waits() -> bool:
+    """Let torch's OpenMP threads sleep while they wait for each other, unless the user chose how
+    (``OMP_WAIT_POLICY``). By default they spin first; on a machine busy with other jobs the spinning
+    threads take the CPU from the ones with work, and a forward pass with 2 threads took 6-8 times
+    longer than with sleeping threads (benchmarks/RESULTS.md, "Busy machines"). OpenMP reads the
+    setting when torch is first imported, so it works only before that; returns whether it did."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
 
 
 def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:

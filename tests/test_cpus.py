@@ -108,3 +108,14 @@ def test_the_run_record_says_the_threads_and_workers(pytester, var_checkpoint, m
                                    "1 usable CPU(s) (torch would use 2)")
     report = (pytester.path / "memaudit-report" / "report.html").read_text()
     assert "<dt>cpu_threads</dt><dd>1</dd>" in report and "<dt>decode workers</dt><dd>0</dd>" in report
+
+
+def test_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert not hardware.passive_openmp_waits()  # the user's choice stays
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert not hardware.passive_openmp_waits()  # torch is imported here: too late to matter, so unchanged
+    assert "OMP_WAIT_POLICY" not in hardware.os.environ
+    monkeypatch.delitem(hardware.sys.modules, "torch")  # as before the audit's first torch import
+    assert hardware.passive_openmp_waits()
+    assert hardware.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
