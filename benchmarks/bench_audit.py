@@ -101,11 +101,11 @@ def child_env(isa: str = "native", bytecode_cache: bool = True) -> dict[str, str
     return env
 
 
-def run_child(args: list[str], log: Path, env: dict[str, str]) -> dict:
+def run_child(args: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> dict:
     """Run ``args`` to completion: wall and CPU seconds, peak RSS (MB) and exit status."""
     started = time.perf_counter()
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
     return {"wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
