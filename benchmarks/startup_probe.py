@@ -1,22 +1,16 @@
 """A pytest plugin for bench_startup.py: writes the wall-clock time (``time.time()``) at which the
 audit's stream of batches starts to the file named by $MEMAUDIT_STARTUP_PROBE. Loaded with
-``-p startup_probe`` (benchmarks/ on PYTHONPATH); it imports the audit module only when the first
-test runs, as the audit itself does a moment later."""
+``-p startup_probe`` (benchmarks/ on PYTHONPATH); it imports the audit module when collection is
+done, as the plugin itself does a moment later to run the audit."""
 
 import os
 import time
 
 import pytest
 
-_patched = False
-
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtest_call(item):
-    global _patched
-    if _patched:
-        return
-    _patched = True
+def pytest_collection_modifyitems(session, config, items):
     import pytest_memaudit.audit as audit
 
     stream = audit.stream
