@@ -189,7 +189,11 @@ class CorrelationResult:
         return asdict(self)
 
 
-_BOOTSTRAP_CELLS = 4_000_000  # resampled values per column ranked at once: bounds memory for large n
+# Resampled values per column ranked at once. The ranking's temporaries take about 65 bytes per
+# value, so this bounds the bootstrap's memory at about 16 MB whatever the number of pairs; at 4M
+# values it took 260 MB once an audit had 2,000 images or more, and an audit's peak memory grew
+# with N (benchmarks/RESULTS.md, "Memory"). Smaller chunks cost no measurable time.
+_BOOTSTRAP_CELLS = 250_000
 # Above this many pairs the bootstrap draws subsamples of this size (m out of n), so that the cost
 # stays that of 20,000 pairs however many images the audit saw (a full-training-set audit has 1.28M).
 BOOTSTRAP_FULL_MAX = 20_000
