@@ -921,10 +921,11 @@ def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, memb
 def default_workers(images: ImageSet, device: torch.device, views: int, processes_here: int = 1,
                     cpus: int | None = None) -> int:
     """Image decoding (or generating) processes, from the ``cpus`` this process may use (default
-    ``hardware.usable_cpus``; shared with the audit's other ``processes_here`` processes on this machine). On the CPU the forward passes need
-    the cores, so files are decoded by at most half of them (8 at most) and generated images are made
-    in process; on a GPU the host only feeds it, so every core but one may decode, as many as the
-    views per image call for (fewer views per image: more images per second)."""
+    ``hardware.usable_cpus``), shared with the audit's other ``processes_here`` processes on this
+    machine. On the CPU the forward passes need the cores, so files are decoded by at most half of
+    them (8 at most) and generated images are made in process; on a GPU the host only feeds it, so
+    every core but one may decode, as many as the views per image call for (fewer views per image:
+    more images per second)."""
     cpus = max(1, (usable_cpus()[0] if cpus is None else cpus) // processes_here)
     if device.type == "cuda":
         return max(1, min(cpus - 1, max(2, 16 // views)))

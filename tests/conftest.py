@@ -5,6 +5,10 @@ import zlib
 
 import numpy as np
 import pytest
+# pytester's in-process runs forget the modules first imported inside them, and numpy's and scipy's
+# C extensions cannot be loaded twice. The audit imports scipy.stats only when it first computes a
+# statistic (a second less before the first batch), so import it before any run, for every test file.
+import scipy.stats  # noqa: F401
 from PIL import Image
 
 from var_checkpoints import write_var_checkpoint
