@@ -21,6 +21,16 @@ CANARY_REPEATS = (1, 1, 4, 4, 16, 16)
 WEIGHTS = Path(__file__).with_name("demo_encoder.pt")
 METADATA = WEIGHTS.with_suffix(".json")
 
+# The ``demo_memorizer``: the demo encoder, then trained alone (its decoder frozen) on a few
+# member images. Generated-image indices (seed DATA_SEED) of its three disjoint sets, all past
+# the demo's own training and held-out images (0 to 2 * DEMO_IMAGES - 1):
+DECODER_START, DECODER_IMAGES = 2 * DEMO_IMAGES, 256  # the decoder is fitted to the frozen demo encoder on these
+MEMBER_START, MEMORIZER_MEMBERS = DECODER_START + DECODER_IMAGES, 24  # the encoder memorizes these
+HOLDOUT_START, MEMORIZER_HOLDOUT = MEMBER_START + MEMORIZER_MEMBERS, 104  # never trained on by either
+MEMORIZER_WEIGHTS = Path(__file__).with_name("demo_memorizer.pt")  # the encoder (float16)
+MEMORIZER_DECODER = Path(__file__).with_name("demo_memorizer_decoder.pt")  # its frozen decoder (float16)
+MEMORIZER_METADATA = MEMORIZER_WEIGHTS.with_suffix(".json")
+
 
 def canary_ids() -> list[str]:
     return [f"{CANARY_PREFIX}{k}" for k in range(len(CANARY_REPEATS))]
@@ -51,6 +61,18 @@ def demo_holdout_set(image_size: int = IMAGE_SIZE, images: int = DEMO_IMAGES) ->
     )
 
 
+def memorizer_member_set(image_size: int = IMAGE_SIZE, members: int = MEMORIZER_MEMBERS) -> ImageSet:
+    """The images the ``demo_memorizer`` encoder was trained on (generated, never seen by the demo)."""
+    return ImageSet(builtin_ids(members, start=MEMBER_START), root=None, size=image_size, seed=DATA_SEED,
+                    description=f"demo_memorizer members ({members} generated images its encoder memorized)")
+
+
+def memorizer_holdout_set(image_size: int = IMAGE_SIZE, images: int = MEMORIZER_HOLDOUT) -> ImageSet:
+    """Generated images that neither the demo, its decoder nor the ``demo_memorizer`` trained on."""
+    return ImageSet(builtin_ids(images, start=HOLDOUT_START), root=None, size=image_size, seed=DATA_SEED,
+                    description=f"demo_memorizer held-out set ({images} generated images it never trained on)")
+
+
 def training_copies(image_set: ImageSet) -> list[int]:
     """Positions of one training epoch: each built-in image once, canary k CANARY_REPEATS[k] times."""
     positions = []
@@ -78,6 +100,15 @@ def locate_demo(given: str | None) -> Path:
     if not path.is_file():
         hint = "" if given else " The installed package is incomplete; reinstall pytest-memaudit."
         raise CheckpointError(f"demo checkpoint {path} does not exist or is not a file.{hint}")
+    return path
+
+
+def locate_memorizer(given: str | None) -> Path:
+    """The user's ``train_demo --memorizer`` output if given, else the shipped memorizer."""
+    path = Path(given).expanduser() if given else MEMORIZER_WEIGHTS
+    if not path.is_file():
+        hint = "" if given else " The installed package is incomplete; reinstall pytest-memaudit."
+        raise CheckpointError(f"demo_memorizer checkpoint {path} does not exist or is not a file.{hint}")
     return path
 
 
