@@ -61,6 +61,29 @@ class SignalResult:
         return asdict(self) | {"auc": self.estimate}
 
 
+def signal_key(role: str, layer: str, signal: str) -> str:
+    """How the stream files a subject's per-image values of one signal at one layer."""
+    return f"{role}\t{layer}\t{signal}"
+
+
+def check_loss(loss, images: int, views: int, model: str) -> np.ndarray:
+    """The per-image loss (mean over its views, float64) from what a ``loss:`` function returned for
+    ``images * views`` views; an AuditError unless that is one finite number per view."""
+    import torch
+
+    from .errors import AuditError
+
+    if not isinstance(loss, torch.Tensor) or loss.numel() != images * views:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise AuditError(f"model {model}: its loss function returned {shape} for a batch of {images * views} views; "
+                         f"it must return one loss per view (a tensor of shape ({images * views},))")
+    values = loss.detach().double().reshape(images, views)
+    if not torch.isfinite(values).all():
+        raise AuditError(f"model {model}: its loss function returned a non-finite loss (NaN or infinity); check it "
+                         "on these views, or remove 'loss:' to audit without the reference attack")
+    return values.mean(dim=1).cpu().numpy()
+
+
 def view_scalars(per_view) -> dict[str, "object"]:
     """Per-image ``view_alignment`` and ``activation_norm`` (float64 tensors of n) and the view-mean
     (n, units) of a layer's per-view unit means, a tensor (n, views, units)."""
@@ -169,3 +192,18 @@ def signal_columns(streamed: Mapping[str, Mapping[str, np.ndarray]], means: Mapp
     if loss is not None:
         columns[("loss", LOSS_LAYER)] = -np.asarray(loss, dtype=np.float64)[pooled]
     return columns
+
+
+def image_signals(role: str, contrast, values: Mapping[str, np.ndarray], layers: Sequence[str], permutations: int,
+                  seed: int) -> list[SignalResult]:
+    """A model subject's signals over its membership ``contrast``'s pooled images (none without
+    held-out images), from the stream's per-image ``values`` (by ``signal_key``, by data point)."""
+    if contrast is None:
+        return []
+    streamed = {layer: {signal: values[signal_key(role, layer, signal)] for signal in STREAMED
+                        if signal_key(role, layer, signal) in values} for layer in layers}
+    means = {layer: values[signal_key(role, layer, "mean")] for layer in layers
+             if signal_key(role, layer, "mean") in values}
+    columns = signal_columns(streamed, means, contrast.layer_counts, contrast.pooled, layers,
+                             values.get(signal_key(role, LOSS_LAYER, "loss")))
+    return contrast_signals(columns, contrast.is_member, permutations, seed)

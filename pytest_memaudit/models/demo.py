@@ -123,3 +123,27 @@ def build_demo(checkpoint: Path | None):
         model = VAREncoder(ch=WIDTH)
     model.load_state_dict(encoder_state_dict(load_checkpoint_file(path), model, str(path)), assign=True)
     return model.eval()
+
+
+def reconstruction_loss(checkpoint: Path | None):
+    """The reference attack's loss for a demo encoder: each view's mean squared error through the
+    ``demo_memorizer``'s decoder (fitted to the frozen demo encoder on images that neither the demo,
+    the memorizer, nor their held-out sets contain)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..train_demo import make_decoder
+
+    encoder = build_demo(checkpoint)
+    decoder = make_decoder()
+    decoder.load_state_dict({k: v.float() for k, v in torch.load(MEMORIZER_DECODER, map_location="cpu",
+                                                                 weights_only=True).items()})
+    decoder.eval().requires_grad_(False)
+    encoder.requires_grad_(False)
+
+    def loss(views: torch.Tensor) -> torch.Tensor:
+        encoder.to(views.device), decoder.to(views.device)
+        x = views.float().contiguous()
+        return F.mse_loss(decoder(encoder(x)), x, reduction="none").mean(dim=(1, 2, 3))
+
+    return loss
