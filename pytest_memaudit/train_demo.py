@@ -93,12 +93,14 @@ def random_flips(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def fit_decoder(encoder: nn.Module, pixels: torch.Tensor, steps: int, seed: int, batch_size: int = 32,
-                lr: float = 2e-3) -> nn.Sequential:
-    """A decoder fitted to the frozen ``encoder`` on ``pixels`` (and their mirror images), then frozen."""
+                lr: float = 2e-3, decoder: nn.Module | None = None) -> nn.Module:
+    """A decoder (``make_decoder``'s, seeded, unless one is given) fitted to the frozen ``encoder`` on
+    ``pixels`` (and their mirror images), then frozen."""
     rng = np.random.default_rng(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        decoder = make_decoder()
+    if decoder is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            decoder = make_decoder()
     both = torch.cat([pixels, pixels.flip(-1)])
     with torch.no_grad():
         codes = torch.cat([encoder(x) for x in both.split(64)])  # the encoder is frozen: encode once
