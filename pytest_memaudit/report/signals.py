@@ -7,8 +7,7 @@ from typing import Any
 
 from ..imagesignals import LOSS_LAYER, SIGNALS
 from ..results import AuditResult
-from ..stats import Interval
-from .format import fmt_interval, fmt_p
+from .format import fmt, fmt_p
 
 
 def signals_section(result: AuditResult) -> dict[str, Any] | None:
@@ -17,8 +16,7 @@ def signals_section(result: AuditResult) -> dict[str, Any] | None:
     columns = [signal for signal in SIGNALS if signal != "loss" and any(s.signal == signal for s in result.signals)]
     cells: dict[str, dict[str, str]] = {}
     for s in result.signals:
-        cells.setdefault(s.layer, {})[s.signal] = (f"{fmt_interval(s.auc, Interval(s.low, s.high))}, "
-                                                   f"p {fmt_p(s.p_value)}")
+        cells.setdefault(s.layer, {})[s.signal] = f"{fmt(s.auc)} [{fmt(s.low)}, {fmt(s.high)}], p {fmt_p(s.p_value)}"
     rows = [{"layer": layer, "cells": [cells[layer].get(signal, "n/a") for signal in columns]}
             for layer in cells if layer != LOSS_LAYER]
     first = result.signals[0]
