@@ -1,6 +1,6 @@
 """Calibration and power of the per-image signals (``imagesignals.py``) and of the loss attack.
 
-    python benchmarks/bench_power.py            # about 20 minutes on 2 CPU cores
+    python benchmarks/bench_power.py            # about 30 minutes on one busy CPU core
     python benchmarks/bench_power.py --quick    # a small run, to check the script runs
 
 Null: the demo encoder on generated images that neither it nor the memorizer's decoder ever
@@ -92,11 +92,11 @@ def main() -> None:
     parser.add_argument("--null-splits", type=int, default=60)
     parser.add_argument("--members", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", default="0,10,25,50,100,200")
+    parser.add_argument("--steps", default="0,25,50,100")
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--permutations", type=int, default=999)
     parser.add_argument("--decoder-steps", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args()
     if args.quick:

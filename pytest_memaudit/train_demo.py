@@ -155,6 +155,7 @@ def train_memorizer(args: argparse.Namespace) -> dict:
     decoder_set = ImageSet.builtin(DECODER_IMAGES, args.image_size, DATA_SEED, start=DECODER_START)
     members, holdout = memorizer_member_set(args.image_size, args.members), memorizer_holdout_set(args.image_size)
     decoder = fit_decoder(encoder, as_pixels(decoder_set), args.decoder_steps, args.seed)
+    print(f"decoder fitted to the frozen demo encoder: {time.perf_counter() - started:.0f} s", flush=True)
     member_pixels, holdout_pixels = as_pixels(members), as_pixels(holdout)
     before = reconstruction_errors(encoder, decoder, member_pixels), reconstruction_errors(encoder, decoder, holdout_pixels)
     memorize(encoder, decoder, member_pixels, args.steps, args.seed, lr=args.lr)
@@ -305,22 +306,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="make the demo_memorizer from the shipped demo encoder instead of training the demo")
     parser.add_argument("--seed", type=int, default=0, help="weight initialization, batch order and flips (default 0)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default 2000; with --memorizer: the encoder's, default 300)")
-    parser.add_argument("--decoder-steps", type=int, default=400,
-                        help="with --memorizer: steps fitting the decoder (default 400)")
+                        help="optimizer steps (default 2000; with --memorizer: the encoder's, default 200)")
+    parser.add_argument("--decoder-steps", type=int, default=300,
+                        help="with --memorizer: steps fitting the decoder (default 300)")
     parser.add_argument("--members", type=int, default=MEMORIZER_MEMBERS,
                         help=f"with --memorizer: images the encoder memorizes (default {MEMORIZER_MEMBERS})")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak Adam learning rate (default 2e-3; with --memorizer: the encoder's, default 5e-4)")
+                        help="peak Adam learning rate (default 2e-3; with --memorizer: the encoder's, default 1e-3)")
     parser.add_argument("--images", type=int, default=DEMO_IMAGES,
                         help=f"generated images in the training set, besides the canaries (default {DEMO_IMAGES})")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help=f"a multiple of 16 (default {IMAGE_SIZE})")
     parser.add_argument("--log-every", type=int, default=100, help="print the mean loss every N steps (default 100)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 2; with --memorizer 1: on a busy 2-core machine a second "
+                             "thread mostly waits)")
     args = parser.parse_args(argv)
-    args.steps = args.steps if args.steps is not None else (300 if args.memorizer else 2000)
-    args.lr = args.lr if args.lr is not None else (5e-4 if args.memorizer else 2e-3)
+    args.steps = args.steps if args.steps is not None else (200 if args.memorizer else 2000)
+    args.lr = args.lr if args.lr is not None else (1e-3 if args.memorizer else 2e-3)
+    args.threads = args.threads if args.threads is not None else (1 if args.memorizer else 2)
     if args.memorizer and (args.decoder_steps < 1 or args.members < 1):
         parser.error("--decoder-steps and --members must be at least 1")
     if args.steps < 1 or args.batch_size < 1 or args.images < 1 or args.log_every < 1 or args.lr <= 0:
