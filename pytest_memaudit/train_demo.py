@@ -118,7 +118,7 @@ def fit_decoder(encoder: nn.Module, pixels: torch.Tensor, steps: int, seed: int,
 
 
 def memorize(encoder: nn.Module, decoder: nn.Module, members: torch.Tensor, steps: int, seed: int,
-             lr: float = 5e-4, keep_at: tuple[int, ...] = ()) -> dict[int, dict[str, torch.Tensor]]:
+             lr: float = 2e-3, keep_at: tuple[int, ...] = ()) -> dict[int, dict[str, torch.Tensor]]:
     """Train only ``encoder`` (in place) to reconstruct ``members`` (every member, randomly flipped,
     at each step) through the frozen ``decoder``. Returns copies of the encoder's weights after each
     step count in ``keep_at`` (0: before training), for a detection curve against strength."""
@@ -306,14 +306,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="make the demo_memorizer from the shipped demo encoder instead of training the demo")
     parser.add_argument("--seed", type=int, default=0, help="weight initialization, batch order and flips (default 0)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default 2000; with --memorizer: the encoder's, default 200)")
-    parser.add_argument("--decoder-steps", type=int, default=300,
-                        help="with --memorizer: steps fitting the decoder (default 300)")
+                        help="optimizer steps (default 2000; with --memorizer: the encoder's, default 100)")
+    parser.add_argument("--decoder-steps", type=int, default=150,
+                        help="with --memorizer: steps fitting the decoder (default 150)")
     parser.add_argument("--members", type=int, default=MEMORIZER_MEMBERS,
                         help=f"with --memorizer: images the encoder memorizes (default {MEMORIZER_MEMBERS})")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak Adam learning rate (default 2e-3; with --memorizer: the encoder's, default 1e-3)")
+                        help="peak Adam learning rate (default 2e-3; with --memorizer: the encoder's, default 2e-3)")
     parser.add_argument("--images", type=int, default=DEMO_IMAGES,
                         help=f"generated images in the training set, besides the canaries (default {DEMO_IMAGES})")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help=f"a multiple of 16 (default {IMAGE_SIZE})")
@@ -322,8 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch CPU threads (default 2; with --memorizer 1: on a busy 2-core machine a second "
                              "thread mostly waits)")
     args = parser.parse_args(argv)
-    args.steps = args.steps if args.steps is not None else (200 if args.memorizer else 2000)
-    args.lr = args.lr if args.lr is not None else (1e-3 if args.memorizer else 2e-3)
+    args.steps = args.steps if args.steps is not None else (100 if args.memorizer else 2000)
+    args.lr = args.lr if args.lr is not None else 2e-3
     args.threads = args.threads if args.threads is not None else (1 if args.memorizer else 2)
     if args.memorizer and (args.decoder_steps < 1 or args.members < 1):
         parser.error("--decoder-steps and --members must be at least 1")

@@ -124,7 +124,7 @@ def test_the_shipped_memorizer_is_reproducible_from_its_metadata():
 
 def test_memorizer_options():
     args = parse_args(["--out", "x.pt", "--memorizer"])
-    assert (args.steps, args.lr, args.decoder_steps, args.members, args.threads) == (200, 1e-3, 300, MEMORIZER_MEMBERS, 1)
+    assert (args.steps, args.lr, args.decoder_steps, args.members, args.threads) == (100, 2e-3, 150, MEMORIZER_MEMBERS, 1)
     assert (parse_args(["--out", "x.pt"]).steps, parse_args(["--out", "x.pt"]).lr) == (2000, 2e-3)
     with pytest.raises(SystemExit):
         parse_args(["--out", "x.pt", "--memorizer", "--members", "0"])
