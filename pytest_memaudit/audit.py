@@ -432,10 +432,11 @@ def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
                         for signal, scalars in view_scalars(per_view.view(n, views, -1)).items():
                             signals[signal_key(subject.role, name, signal)] = scalars.cpu().numpy()
                 if subject.role in run.losses:
-                    with run.timer, user_code(f"the loss of {run.spec.name} ({subject.role}) on views of shape "
-                                              f"{tuple(batch_views.shape)}"):
-                        loss = run.losses[subject.role](batch_views)
-                    signals[signal_key(subject.role, LOSS_LAYER, "loss")] = check_loss(loss, n, views, run.spec.name)
+                    plain = model_views(pixels, 0, seeds, run.spec.input_contract, run.layout)
+                    with run.timer, user_code(f"the loss of {run.spec.name} ({subject.role}) on images of shape "
+                                              f"{tuple(plain.shape)}"):
+                        loss = run.losses[subject.role](plain)
+                    signals[signal_key(subject.role, LOSS_LAYER, "loss")] = check_loss(loss, n, run.spec.name)
             run.measured.add(batch.positions, batch.characteristics, embedding, signals)
         run.progress.done += n + len(batch.skipped)
         if progress:

@@ -14,8 +14,8 @@ memorization is expected to do to a member:
   is expected to lie apart.
 - ``argmax_units``: the units whose argmax over the pooled images is the image (the membership
   test's argmax counts, per image).
-- ``loss``: a per-image loss the model's ``loss:`` factory gives (lower loss: more memorized, so
-  minus the loss), the reference attack.
+- ``loss``: the loss the model's ``loss:`` factory gives for the plain (unaugmented) image (lower
+  loss: more memorized, so minus the loss), the reference attack.
 
 Contrast: the AUC (probability that a member's value exceeds a held-out image's, ties counting
 half), DeLong's 95% interval for it, and a one-sided permutation p over data points (the members'
@@ -66,22 +66,22 @@ def signal_key(role: str, layer: str, signal: str) -> str:
     return f"{role}\t{layer}\t{signal}"
 
 
-def check_loss(loss, images: int, views: int, model: str) -> np.ndarray:
-    """The per-image loss (mean over its views, float64) from what a ``loss:`` function returned for
-    ``images * views`` views; an AuditError unless that is one finite number per view."""
+def check_loss(loss, images: int, model: str) -> np.ndarray:
+    """The per-image loss (float64) from what a ``loss:`` function returned for a batch of
+    ``images`` plain images; an AuditError unless that is one finite number per image."""
     import torch
 
     from .errors import AuditError
 
-    if not isinstance(loss, torch.Tensor) or loss.numel() != images * views:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != images:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise AuditError(f"model {model}: its loss function returned {shape} for a batch of {images * views} views; "
-                         f"it must return one loss per view (a tensor of shape ({images * views},))")
-    values = loss.detach().double().reshape(images, views)
+        raise AuditError(f"model {model}: its loss function returned {shape} for a batch of {images} images; it "
+                         f"must return one loss per image (a tensor of shape ({images},))")
+    values = loss.detach().double().reshape(images)
     if not torch.isfinite(values).all():
         raise AuditError(f"model {model}: its loss function returned a non-finite loss (NaN or infinity); check it "
-                         "on these views, or remove 'loss:' to audit without the reference attack")
-    return values.mean(dim=1).cpu().numpy()
+                         "on these images, or remove 'loss:' to audit without the reference attack")
+    return values.cpu().numpy()
 
 
 def view_scalars(per_view) -> dict[str, "object"]:

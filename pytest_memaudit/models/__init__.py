@@ -100,8 +100,8 @@ class ModelSpec:
     # A user model is audited on the images given with --memaudit-data ('builtin' for the generated
     # set); the generated set alone says nothing about what it memorized of its training data.
     requires_data: bool = False
-    # loss(checkpoint) -> a function of a batch of views (as the model takes them) giving each
-    # view's loss (a tensor of one value per view): the reference attack's per-image loss. None: none.
+    # loss(checkpoint) -> a function of a batch of plain (unaugmented) images, as the model takes
+    # them, giving each image's loss (a tensor of one value per image): the reference attack. None: none.
     loss: Callable[[Path | None], Callable[[Any], Any]] | None = field(compare=False, default=None)
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
@@ -286,7 +286,7 @@ def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
 
 
 def _user_loss(name: str, loss_ref: str, folder: Path, source: str) -> Callable[[Path | None], Callable]:
-    """The YAML's ``loss: module:function``: function(checkpoint_path_or_None) -> per-view loss function."""
+    """The YAML's ``loss: module:function``: function(checkpoint_path_or_None) -> per-image loss function."""
 
     def loss(checkpoint: Path | None) -> Callable:
         factory = _import_factory(name, loss_ref, folder, source)
@@ -294,7 +294,7 @@ def _user_loss(name: str, loss_ref: str, folder: Path, source: str) -> Callable[
             function = factory(None if checkpoint is None else str(checkpoint))
         if not callable(function):
             raise AuditError(f"model {name!r}: its loss factory {loss_ref} returned {type(function).__name__}, not a "
-                             "function. It must return a function of a batch of views giving one loss per view.")
+                             "function. It must return a function of a batch of images giving one loss per image.")
         return function
 
     return loss

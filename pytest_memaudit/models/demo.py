@@ -126,7 +126,7 @@ def build_demo(checkpoint: Path | None):
 
 
 def reconstruction_loss(checkpoint: Path | None):
-    """The reference attack's loss for a demo encoder: each view's mean squared error through the
+    """The reference attack's loss for a demo encoder: each image's mean squared error through the
     ``demo_memorizer``'s decoder (fitted to the frozen demo encoder on images that neither the demo,
     the memorizer, nor their held-out sets contain)."""
     import torch
@@ -141,9 +141,9 @@ def reconstruction_loss(checkpoint: Path | None):
     decoder.eval().requires_grad_(False)
     encoder.requires_grad_(False)
 
-    def loss(views: torch.Tensor) -> torch.Tensor:
-        encoder.to(views.device), decoder.to(views.device)
-        x = views.float().contiguous()
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        encoder.to(images.device), decoder.to(images.device)
+        x = images.float().contiguous()
         return F.mse_loss(decoder(encoder(x)), x, reduction="none").mean(dim=(1, 2, 3))
 
     return loss
