@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-from pytest_memaudit.audit import model_views, view_seed
+from pytest_memaudit.audit import model_input
+from pytest_memaudit.views import resolve_recipe, view_seed
 from pytest_memaudit.data import ImageSet
 from pytest_memaudit.hooks import LayerRecorder
 from pytest_memaudit.imagesignals import LOSS_LAYER, contrast_signals, signal_columns, view_scalars
@@ -46,11 +47,13 @@ def columns_of(encoder, decoder, images: ImageSet, views: int, seed: int = 0) ->
     """Every (signal, layer) column of per-image values over ``images``, as the audit computes them
     (the argmax counts over these images pooled), with minus the decoder's loss."""
     per_view: dict[str, list] = {}
+    recipe = resolve_recipe("seed", views, images.size)
     with torch.inference_mode(), LayerRecorder(encoder, LAYERS) as recorder:
         for start in range(0, len(images), 16):
             positions = range(start, min(start + 16, len(images)))
             pixels = torch.stack([images.load(i) for i in positions]).float().div(255)
-            batch = model_views(pixels, views, [view_seed(seed, images.ids[i]) for i in positions], VAR_INPUT)
+            batch = model_input(recipe.make(pixels, views, [view_seed(seed, images.ids[i]) for i in positions]),
+                                VAR_INPUT)
             encoder(batch)
             for name, values in recorder.take().items():
                 per_view.setdefault(name, []).append(values.clone().view(len(positions), max(views, 1), -1))

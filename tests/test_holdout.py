@@ -88,10 +88,13 @@ def test_builtin_held_out_images_follow_the_members():
 
 def test_the_quick_start_shows_the_three_results(tmp_path):
     """The README's main command on the shipped demo: it passes, the planted control is found (its
-    membership p below 0.001, recall at least 0.9), and the random control stays quiet (p above 0.05)."""
+    membership p below 0.001, recall at least 0.9), and the random control stays quiet (p above 0.05).
+
+    No wall-clock limit: the demo takes 43 s on a quiet 2-core machine and an hour on a loaded one, and
+    only its answers are under test (a hang would still show, as pytest never finishing)."""
     shutil.copytree(REPO / "audits", tmp_path / "audits")
     run = subprocess.run([sys.executable, "-m", "pytest", "audits/", "-p", "no:cacheprovider"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads((tmp_path / "memaudit-report" / "results.json").read_text())
     planted, control = data["planted"], data["control"]["membership"]
