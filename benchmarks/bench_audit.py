@@ -101,24 +101,27 @@ def child_env(isa: str = "native", bytecode_cache: bool = True) -> dict[str, str
     return env
 
 
-def run_child(args: list[str], log: Path, env: dict[str, str]) -> dict:
+def run_child(args: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> dict:
     """Run ``args`` to completion: wall and CPU seconds, peak RSS (MB) and exit status."""
     started = time.perf_counter()
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
     return {"wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
             "peak_mb": usage.ru_maxrss / 1024, "rc": process.returncode}
 
 
-def pytest_args(ckpt, data, size, views, precision, device, batch_size, out) -> list[str]:
-    args = [sys.executable, "-m", "pytest", "audits/", "-q", "-p", "no:cacheprovider",
-            "--memaudit-model", "var_d16", "--memaudit-checkpoint", str(ckpt), "--memaudit-data", str(data),
-            "--memaudit-image-size", str(size), "--memaudit-augmentations", str(views),
+def pytest_args(ckpt, data, size, views, precision, device, batch_size, out, model="var_d16", control="none",
+                holdout="none") -> list[str]:
+    """A whole ``pytest audits/`` run. By default the work the naive pipeline does: the model alone (no
+    control), on the members alone (no held-out set); ``None`` for ``ckpt``, ``data``, ``size``,
+    ``control`` or ``holdout`` leaves that option to the model's default."""
+    given = {"checkpoint": ckpt, "data": data, "image-size": size, "control": control, "holdout": holdout}
+    args = [sys.executable, "-m", "pytest", "audits/", "-q", "-p", "no:cacheprovider", "--memaudit-model", model,
+            *[arg for key, value in given.items() if value is not None for arg in (f"--memaudit-{key}", str(value))],
+            "--memaudit-augmentations", str(views),
             "--memaudit-precision", precision, "--memaudit-device", device, "--memaudit-json", str(out),
-            # the work the naive pipeline does: the model alone, on the members alone
-            "--memaudit-control", "none", "--memaudit-holdout", "none",
             *[f"--memaudit-threshold={key}=off" for key in MEMORIZATION_GATES]]
     return args + (["--memaudit-batch-size", str(batch_size)] if batch_size else [])
 

@@ -2,12 +2,14 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_memory.py                # 200 and 2,000 images, 32x32, 0 augmentations
+    python benchmarks/bench_memory.py                # 500 and 20,000 images, 32x32, 0 augmentations
     python benchmarks/bench_memory.py --counts 20 200 --decode-images 64
+    python benchmarks/bench_memory.py --cases mean --holdout --workers   # + held-out images: both controls
 
 1. Peak RSS of ``run_audit`` (each in a child process of its own; full-width var_d16, random
-   weights, float32, on the CPU) for each image count, for the mean reduction (which should not
-   grow with N), the median reduction in memory (its law: N x units x 4 bytes, 8,192 units), and
+   weights, float32, on the CPU, the default controls: the random control, and the planted one when
+   ``--holdout`` adds as many generated held-out images) for each image count, for the mean
+   reduction (which should not grow with N), the median reduction in memory (its law: N x units x 4 bytes, 8,192 units), and
    the median kept on disk (``median_memory`` below the matrix). A matrix kept on disk is an
    ``np.memmap``: the pages it touches count in RSS, but they are file-backed, so the kernel can
    write them out and drop them instead of running out of memory.
@@ -26,14 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_audit import child_args, machine, run_child, write_checkpoint, write_images
+from bench_audit import child_args, child_env, machine, run_child, write_checkpoint, write_images
 
 UNITS = 8192  # var_d16's 22 audited layers
+CASES = [("mean", {"reduce": "mean"}), ("median, in memory", {"reduce": "median"}),
+         ("median, on disk", {"reduce": "median", "median_memory": 1})]
 
 
 def rss_runs(opts, ckpt: Path, workdir: Path) -> list[dict]:
-    cases = [("mean", {"reduce": "mean"}), ("median, in memory", {"reduce": "median"}),
-             ("median, on disk", {"reduce": "median", "median_memory": 1})]
+    cases = [case for case in CASES if case[0].split(",")[0] in opts.cases]
+    held_out = {"holdout": "builtin"} if opts.holdout else {}
     peaks: dict[tuple[str, int], list[float]] = {}
     for _ in range(opts.repeats):
         for count in opts.counts:
@@ -41,14 +45,15 @@ def rss_runs(opts, ckpt: Path, workdir: Path) -> list[dict]:
             for name, extra in cases:
                 out, log = workdir / f"rss-{count}.json", workdir / f"rss-{count}.log"
                 args = child_args("run_audit", ckpt, data, opts.size, opts.views, "float32", "cpu", None, out)
-                run = run_child(args + ["--extra", json.dumps(extra)], log)
+                run = run_child(args + ["--extra", json.dumps(extra | held_out)], log, child_env())
                 if run["rc"] != 0:
                     sys.exit(f"run_audit failed: {log.read_text()[-3000:]}")
-                on_disk = any("kept on disk" in note for note in json.loads(out.read_text())["notes"])
+                result = json.loads(out.read_text())
+                on_disk = any("kept on disk" in note for note in result["notes"])
                 assert on_disk == (name == "median, on disk"), name
                 peaks.setdefault((name, count), []).append(run["peak_mb"])
-                print(f"  {name:<18} {count:>6} images: peak {run['peak_mb']:.0f} MB ({run['wall_s']:.0f} s)",
-                      flush=True)
+                print(f"  {name:<18} {count:>6} images: peak {run['peak_mb']:.0f} MB ({run['wall_s']:.0f} s), "
+                      f"controls {result['settings']['control']}, {len(result['samples'])} data points", flush=True)
     return [{"case": name, "images": count, "peak_mb": statistics.median(values), "peaks_mb": values}
             for (name, count), values in peaks.items()]
 
@@ -71,7 +76,11 @@ def decode_rates(opts, workdir: Path) -> list[dict]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[200, 2000])
+    parser.add_argument("--counts", type=int, nargs="+", default=[500, 20000])
+    parser.add_argument("--cases", nargs="+", choices=("mean", "median"), default=["mean", "median"],
+                        help="reductions to measure (median: in memory and on disk)")
+    parser.add_argument("--holdout", action="store_true",
+                        help="add as many generated held-out images as members, so that the planted control runs too")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--views", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; medians are reported")

@@ -28,11 +28,11 @@ from .config import RunSettings, control_roles
 from .controls import random_weights_copy
 from .data import BUILTIN_PREFIX, ImageBatch, ImageSet, UnreadableImage, lost_worker
 from .datapoints import DataPoints, embedded_rows, score_data_points, what_gets_memorized
-from .device import (ForwardTimer, check_precision, faster_layout, is_out_of_memory, precision_mode, process_device,
-                     selected_device)
+from .device import (ForwardTimer, check_precision, cpu_threads, faster_layout, intra_op_threads, is_out_of_memory,
+                     precision_mode, process_device, selected_device, time_precisions)
 from .distributed import World, join
 from .errors import AuditError, DataError, user_code
-from .hardware import precision_notes
+from .hardware import precision_notes, usable_cpus
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
 from .imagesignals import LOSS_LAYER, check_loss, image_signals, signal_key, view_scalars
@@ -169,6 +169,8 @@ class AuditRun:
     timer: ForwardTimer | None = None
     measured: Measured = field(default_factory=Measured)
     embedding_layer: str | None = None  # whose activations embed images for clustering
+    threads: int = 1  # torch's intra-op threads during the audit
+    cpus: str = ""  # the CPUs this process may use, and why (hardware.usable_cpus)
     losses: dict[str, Callable] = field(default_factory=dict)  # by model role: its ``loss:`` function
 
     @property
@@ -327,7 +329,7 @@ def _audit(
     try:
         run = set_up(settings, spec, selected, world, list(checkpoints or [settings.checkpoint]))
         with torch.inference_mode(), selected_device(run.device), precision_mode(settings.precision, run.device), \
-                reuse_freed_memory(run.device), terminate_as_interrupt():
+                reuse_freed_memory(run.device), cpu_threads(run.threads), terminate_as_interrupt():
             add_subjects(run)
             stream(run, progress)
             clock = time.perf_counter()
@@ -366,7 +368,9 @@ def is_model(role: str) -> bool:
 def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], world: World,
            checkpoints: list[str | None]) -> AuditRun:
     """Device, data, model and snapshots, agreed on by every process: a problem on one stops all."""
-    problem = None
+    problem, precision_s = None, None
+    cpus, cpus_why = usable_cpus()
+    threads, threads_why = intra_op_threads(cpus, world.launch.local_size, torch.get_num_threads())
     try:
         device = process_device(settings.device, world.launch.local_rank, world.launch.local_size)
         check_precision(settings.precision, device)  # before the models are built
@@ -377,6 +381,7 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
         planted = settings.planted_units if "planted" in control_roles(settings, spec) else 0
         images = open_images(settings, spec, image_size, planted=planted)
         recipe = recipe_for(settings, spec)
+        views = recipe.views_per_image(settings.augmentations)
         paths = [spec.locate(given) for given in checkpoints]
         checkpoint_info = [checkpoint_record(path) for path in paths]
         layout = memory_format(spec.input_contract)
@@ -387,25 +392,30 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
                                                         spec.input_contract.channels, image_size, image_size),
                                             device, settings.precision)
             model_net = model_net.to(memory_format=layout)
+        if settings.precision == "bfloat16":
+            batch = max(1, min(views_per_pass(settings, device), 32) // views) * views  # whole images' views
+            with cpu_threads(threads):
+                precision_s = precision_seconds(model_net, (batch, spec.input_contract.channels, image_size, image_size),
+                                                device, layout)
     except Exception as exc:  # noqa: BLE001 (shared with the other processes, then raised)
         problem = exc
     world.agree(problem, "setting up the audit")
     fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size, recipe)
     world.agree_on(fingerprint | {"device type": device.type}, "what to audit")
     world.check_devices(device)
-    notes = list(images.notes) + precision_notes(settings.precision, device)  # the forward adds its halvings
+    notes = list(images.notes) + precision_notes(settings.precision, device, precision_s)  # the forward adds halvings
     notes += what_is_not_tested(spec, paths[0], images)
     if device.type == "cuda" and memory_format(spec.input_contract) == torch.channels_last:
         notes.append(f"memory layout on {device}: {layout_name(layout)}, the faster for a forward pass: "
                      + ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in seconds.items()))
-    views = recipe.views_per_image(settings.augmentations)
     run = AuditRun(
         settings, spec, selected, world, device, images, image_size, paths, checkpoint_info, checkpoints, model_net,
         layout, recipe, fingerprint, ShardProgress(world.shard(len(images))),
         settings.workers if settings.workers is not None else default_workers(images, device, views,
-                                                                             world.launch.local_size),
+                                                                             world.launch.local_size, cpus),
         AdaptiveForward(views_per_pass(settings, device), device, notes), notes, timer=ForwardTimer(device),
         checker=OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None,
+        threads=threads, cpus=f"{cpus_why}; {threads} intra-op thread(s): {threads_why}",
     )
     if settings.state:
         run.snapshots = Snapshots(settings.state, world.rank, world.size, fingerprint, settings.state_every)
@@ -692,7 +702,7 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
                 "views": n_views,
                 "views_per_s": n_views / timing["wall_s"] if timing["wall_s"] > 0 else 0.0,
             },
-            environment=environment(run.device),
+            environment=environment(run.device, run.threads, run.cpus),
             notes=list(notes),
             canaries=[sample for sample in samples if sample in planted_ids],
             holdout_source=images.holdout_description,
@@ -942,26 +952,19 @@ def holdout_images(settings: RunSettings, spec: ModelSpec, image_size: int, memb
     return images
 
 
-def default_workers(images: ImageSet, device: torch.device, views: int, processes_here: int = 1) -> int:
-    """Image decoding (or generating) processes, from the CPUs this process may use (shared with the
-    audit's other ``processes_here`` processes on this machine). On the CPU the forward passes need
+def default_workers(images: ImageSet, device: torch.device, views: int, processes_here: int = 1,
+                    cpus: int | None = None) -> int:
+    """Image decoding (or generating) processes, from the ``cpus`` this process may use (default
+    ``hardware.usable_cpus``; shared with the audit's other ``processes_here`` processes on this machine). On the CPU the forward passes need
     the cores, so files are decoded by at most half of them (8 at most) and generated images are made
     in process; on a GPU the host only feeds it, so every core but one may decode, as many as the
     views per image call for (fewer views per image: more images per second)."""
-    cpus = max(1, available_cpus() // processes_here)
+    cpus = max(1, (usable_cpus()[0] if cpus is None else cpus) // processes_here)
     if device.type == "cuda":
         return max(1, min(cpus - 1, max(2, 16 // views)))
     if images.root is None:
         return 0
     return max(1, min(8, cpus // 2))
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which a job scheduler sets)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def memory_format(contract: InputContract) -> torch.memory_format:
@@ -987,6 +990,16 @@ def probe_layouts(net: torch.nn.Module, shape: tuple[int, ...], device: torch.de
 
     with torch.inference_mode(), precision_mode(precision, device):
         return faster_layout(run, device)
+
+
+def precision_seconds(net: torch.nn.Module, shape: tuple[int, ...], device: torch.device,
+                      layout: torch.memory_format) -> dict[str, float]:
+    """A forward pass of ``net`` on random views of ``shape`` (a batch as the audit runs them) in float32
+    and in bfloat16: bfloat16 is asked for because it should be faster, and on some CPUs it is not."""
+    views = torch.rand(shape, generator=torch.Generator(device).manual_seed(0), device=device)
+    views = views.mul_(2).sub_(1).contiguous(memory_format=layout)
+    with torch.inference_mode(), user_code(f"the forward pass of the model on views of shape {tuple(shape)}"):
+        return time_precisions(lambda: net(views), device)
 
 
 def model_input(views: torch.Tensor, contract: InputContract,
@@ -1107,7 +1120,7 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def environment(device: torch.device) -> dict[str, str]:
+def environment(device: torch.device, threads: int, cpus: str) -> dict[str, str]:
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -1119,6 +1132,7 @@ def environment(device: torch.device) -> dict[str, str]:
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu_threads"] = str(torch.get_num_threads())
+    env["cpu_threads"] = str(threads)
+    env["cpus"] = cpus
+    env["openmp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "not set")
     return env

@@ -6,7 +6,10 @@
   user's settings back afterwards.
 - ``is_out_of_memory`` tells a batch that is too large from any other failure.
 - ``ForwardTimer`` adds up the seconds the forward passes take.
-- ``faster_layout`` times a forward pass in both memory layouts and picks the faster.
+- ``faster_layout`` times a forward pass in both memory layouts and picks the faster;
+  ``time_precisions`` times one in float32 and in bfloat16.
+- ``intra_op_threads`` sizes torch's CPU thread pool from the CPUs the process may use, and
+  ``cpu_threads`` holds it there while an audit runs.
 """
 
 from __future__ import annotations
@@ -198,6 +201,52 @@ class ForwardTimer:
         if exc_type is None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - self._started
+
+
+def time_precisions(run: Callable[[], None], device: torch.device,
+                    precisions: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, float]:
+    """Seconds of one forward pass (``run``) in each of ``precisions`` on ``device``, each timed
+    after a warm-up pass in every precision (the first pass creates the kernels)."""
+    for precision in precisions:
+        with precision_mode(precision, device):
+            run()
+    seconds = {}
+    for precision in precisions:
+        timer = ForwardTimer(device)
+        with precision_mode(precision, device), timer:
+            run()
+        seconds[precision] = timer.seconds
+    return seconds
+
+
+def intra_op_threads(cpus: int, processes_here: int, current: int,
+                     environment: dict[str, str] | None = None) -> tuple[int, str]:
+    """torch's intra-op threads for an audit, and why: ``current`` (torch's own choice, by default
+    the cores it sees) at most, and at most this process's share of the ``cpus`` it may use
+    (``hardware.usable_cpus``), shared by the ``processes_here`` processes of a launch on this
+    machine. More threads than CPUs never compute faster: they wait for each other at every
+    operation, which on a throttled or busy machine makes an audit many times slower. An
+    ``OMP_NUM_THREADS`` in the environment (torchrun sets 1) is the user's choice and is kept."""
+    environment = os.environ if environment is None else environment
+    if environment.get("OMP_NUM_THREADS"):
+        return current, f"OMP_NUM_THREADS={environment['OMP_NUM_THREADS']}"
+    share = max(1, cpus // processes_here)
+    if current <= share:
+        return current, f"torch's default, within {cpus} usable CPU(s)" + (
+            f" shared by {processes_here} processes" if processes_here > 1 else "")
+    return share, f"{cpus} usable CPU(s)" + (f" shared by {processes_here} processes" if processes_here > 1 else "") \
+        + f" (torch would use {current})"
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the block, and put back afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}

@@ -1,11 +1,18 @@
-"""What the machine offers: physical memory, CPU features, and whether bfloat16 runs natively.
+"""What the machine offers: physical memory, the CPUs this process may use, CPU features, and
+whether bfloat16 runs natively.
 
 Imports no torch until a question needs it.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 def physical_memory_bytes() -> int | None:
@@ -13,6 +20,92 @@ def physical_memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
+        return None
+
+
+def usable_cpus(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> tuple[int, str]:
+    """The CPUs this process may keep busy, and where that number comes from: its affinity mask (what
+    taskset or a job scheduler sets), lowered to its cgroup's CPU quota rounded up (what a container's
+    ``--cpus`` or a Kubernetes CPU limit sets). A container on a 64-core host with a 2-CPU quota sees
+    64 cores; 64 threads there are throttled to 2 CPUs' worth of time and mostly wait."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is None:
+        return affinity, f"{affinity} CPU(s) in this process's affinity mask, no cgroup CPU quota"
+    cpus = max(1, math.ceil(quota))
+    if cpus >= affinity:
+        return affinity, f"{affinity} CPU(s) in this process's affinity mask (cgroup CPU quota {quota:g})"
+    return cpus, f"{cpus} CPU(s): the cgroup's CPU quota is {quota:g} CPUs (affinity mask: {affinity})"
+
+
+def passive_openmp_waits() -> bool:
+    """Let torch's OpenMP threads sleep while they wait for each other, unless the user chose how
+    (``OMP_WAIT_POLICY``). By default they spin first; on a machine busy with other jobs the spinning
+    threads take the CPU from the ones with work, and a forward pass with 2 threads took 6-8 times
+    longer than with sleeping threads (benchmarks/RESULTS.md, "Busy machines"). OpenMP reads the
+    setting when torch is first imported, so it works only before that; returns whether it did."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The smallest CPU quota, in CPUs, of this process's cgroup and the cgroups above it (a limit
+    applies to everything below it): cgroup v2's ``cpu.max``, or v1's ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``. None when no quota is set or none can be read. Inside a container the
+    path in /proc/self/cgroup may be the host's; walking up to the mount point finds its own."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        relative = Path(path.lstrip("/"))
+        if controllers == "":  # v2: one hierarchy, controllers inside it
+            bases, read = [cgroup_root], _v2_quota
+        elif "cpu" in controllers.split(","):
+            bases, read = [cgroup_root / controllers, cgroup_root / "cpu"], _v1_quota
+        else:
+            continue
+        for base in bases:
+            for folder in [base / relative, *(base / relative).parents]:
+                quota = read(folder)
+                if quota is not None:
+                    quotas.append(quota)
+                if folder == base:
+                    break
+    return min(quotas, default=None)
+
+
+def _read_numbers(path: Path) -> list[str] | None:
+    try:
+        return path.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _v2_quota(folder: Path) -> float | None:
+    fields = _read_numbers(folder / "cpu.max")  # "max 100000" or "150000 100000"
+    try:
+        return int(fields[0]) / int(fields[1]) if fields and fields[0] != "max" and int(fields[1]) > 0 else None
+    except (ValueError, IndexError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    quota, period = _read_numbers(folder / "cpu.cfs_quota_us"), _read_numbers(folder / "cpu.cfs_period_us")
+    try:
+        return int(quota[0]) / int(period[0]) if quota and period and int(quota[0]) > 0 and int(period[0]) > 0 \
+            else None  # -1: no quota
+    except (ValueError, IndexError):
         return None
 
 
@@ -81,12 +174,20 @@ def bf16_native(device) -> tuple[bool, str]:
     return False, f"{cpu} has no bfloat16 instructions (AVX512_BF16, AMX or Arm BF16)"
 
 
-def precision_notes(precision: str, device) -> list[str]:
-    """A note for the results when the chosen precision is emulated, and so slower, on ``device``."""
+BF16_NOISE = 0.05  # a single timed pass: bfloat16 within 5% of float32 is not called slower
+
+
+def precision_notes(precision: str, device, seconds: dict[str, float] | None) -> list[str]:
+    """A note for the results when bfloat16 was asked for and measured slower than float32 on
+    ``device``, and by how much. ``seconds``: a forward pass of the same views in each precision
+    (``device.time_precisions``). Measured, not judged from the CPU's flags: a CPU whose flags say
+    bfloat16 is native (AVX512_BF16 without AMX) can still run a model slower in it than in float32."""
     if precision != "bfloat16":
         return []
-    native, why = bf16_native(device)
-    if native:
+    float32, bfloat16 = seconds["float32"], seconds["bfloat16"]
+    if bfloat16 <= float32 * (1 + BF16_NOISE):
         return []
-    return [f"--memaudit-precision bfloat16: {why}, so bfloat16 is emulated and slower than float32 here; "
-            "use --memaudit-precision float32"]
+    _, why = bf16_native(device)
+    return [f"--memaudit-precision bfloat16: bfloat16 is slower than float32 here: a forward pass of the audit's "
+            f"views took {1000 * bfloat16:.0f} ms in bfloat16 against {1000 * float32:.0f} ms in float32 "
+            f"({bfloat16 / float32 - 1:.0%} slower; {why}); use --memaudit-precision float32"]

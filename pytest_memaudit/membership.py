@@ -25,9 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import rankdata
 
-from .stats import Interval, jackknife_interval
+from .stats import Interval, jackknife_interval, scipy_stats
 from .unitmem import LayerState
 
 DEFAULT_PERMUTATIONS = 10_000
@@ -135,7 +134,7 @@ def rank_permutation_test(columns: np.ndarray, is_member: np.ndarray, permutatio
     members = int(np.count_nonzero(is_member))
     if members in (0, n) or permutations < 1:
         return [math.nan] * tests
-    ranks = rankdata(columns, axis=0)
+    ranks = scipy_stats().rankdata(columns, axis=0)
     observed = ranks[is_member].sum(axis=0)
     rng = np.random.default_rng(seed)
     template = np.zeros(n)

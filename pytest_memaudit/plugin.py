@@ -521,7 +521,9 @@ class AuditYamlFile(pytest.File):
 
     def collect(self):
         from .errors import ConfigError
+        from .hardware import passive_openmp_waits
 
+        passive_openmp_waits()  # an audit is asked for: before anything imports torch
         state = self.config.stash[audit_session_key]
         try:
             settings = state.load_settings()

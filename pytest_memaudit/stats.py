@@ -7,9 +7,17 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from .errors import AuditError
+
+
+def scipy_stats():
+    """scipy.stats, imported when a statistic is first computed, not with this module: its import
+    takes 0.5-1 s, which an audit would otherwise spend before its first batch (the gates import
+    this module when the options are read)."""
+    from scipy import stats
+
+    return stats
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,7 @@ def welch_ttest(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
         return math.nan, math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        result = scipy_stats.ttest_ind(a, b, equal_var=False)
+        result = scipy_stats().ttest_ind(a, b, equal_var=False)
     return float(result.statistic), float(result.pvalue)
 
 
@@ -109,7 +117,7 @@ def jackknife_interval(estimate: float, leave_one_out: np.ndarray, confidence: f
     if g < 2 or not math.isfinite(estimate):
         return Interval(float(estimate), math.nan, math.nan, math.nan, g)
     se = math.sqrt((g - 1) / g * float(np.sum((theta - theta.mean()) ** 2)))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, g - 1)) * se
+    half = float(scipy_stats().t.ppf(0.5 + confidence / 2, g - 1)) * se
     return Interval(float(estimate), se, float(estimate) - half, float(estimate) + half, g)
 
 
@@ -127,7 +135,7 @@ def difference_interval(current: Interval, baseline: Interval, confidence: float
     if se == 0:
         return Interval(difference, 0.0, difference, difference, groups)
     df = (v1 + v2) ** 2 / (v1**2 / (current.groups - 1) + v2**2 / (baseline.groups - 1))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df)) * se
+    half = float(scipy_stats().t.ppf(0.5 + confidence / 2, df)) * se
     return Interval(difference, se, difference - half, difference + half, groups)
 
 
@@ -139,7 +147,7 @@ def distribution_shift_p(current: np.ndarray, baseline: np.ndarray) -> float:
         return math.nan
     if np.ptp(np.concatenate([current, baseline])) == 0:
         return 1.0
-    return float(scipy_stats.mannwhitneyu(current, baseline, alternative="two-sided").pvalue)
+    return float(scipy_stats().mannwhitneyu(current, baseline, alternative="two-sided").pvalue)
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -161,7 +169,7 @@ def depth_correlation(layer_means: list[float]) -> tuple[float, float]:
     """Spearman rank correlation of a layer's mean UnitMem with its depth, and its p-value."""
     if len(layer_means) < 3 or np.ptp(layer_means) == 0:
         return math.nan, math.nan
-    result = scipy_stats.spearmanr(np.arange(len(layer_means)), layer_means)
+    result = scipy_stats().spearmanr(np.arange(len(layer_means)), layer_means)
     return float(result.statistic), float(result.pvalue)
 
 
@@ -181,7 +189,11 @@ class CorrelationResult:
         return asdict(self)
 
 
-_BOOTSTRAP_CELLS = 4_000_000  # resampled values per column ranked at once: bounds memory for large n
+# Resampled values per column ranked at once. The ranking's temporaries take about 65 bytes per
+# value, so this bounds the bootstrap's memory at about 16 MB whatever the number of pairs; at 4M
+# values it took 260 MB once an audit had 2,000 images or more, and an audit's peak memory grew
+# with N (benchmarks/RESULTS.md, "Memory"). Smaller chunks cost no measurable time.
+_BOOTSTRAP_CELLS = 250_000
 # Above this many pairs the bootstrap draws subsamples of this size (m out of n), so that the cost
 # stays that of 20,000 pairs however many images the audit saw (a full-training-set audit has 1.28M).
 BOOTSTRAP_FULL_MAX = 20_000
@@ -213,7 +225,7 @@ def spearman_interval(x: np.ndarray, y: np.ndarray, *, resamples: int = 2000, se
     n, dropped = int(x.size), int(np.count_nonzero(~kept))
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return CorrelationResult(math.nan, math.nan, math.nan, math.nan, n, dropped)
-    result = scipy_stats.spearmanr(x, y)
+    result = scipy_stats().spearmanr(x, y)
     rho = float(result.statistic)
     rng = np.random.default_rng(seed)
     size = min(n, BOOTSTRAP_FULL_MAX)
@@ -229,15 +241,15 @@ def spearman_interval(x: np.ndarray, y: np.ndarray, *, resamples: int = 2000, se
     elif rhos.size < 2:  # no spread to scale
         low, high = math.nan, math.nan
     else:
-        half = scipy_stats.norm.ppf(1 - tail) * float(np.std(rhos, ddof=1)) * math.sqrt(size / n)
+        half = scipy_stats().norm.ppf(1 - tail) * float(np.std(rhos, ddof=1)) * math.sqrt(size / n)
         low, high = max(-1.0, rho - half), min(1.0, rho + half)
     return CorrelationResult(rho, float(low), float(high), float(result.pvalue), n, dropped)
 
 
 def _rank_correlations(x: np.ndarray, y: np.ndarray, draws: np.ndarray) -> np.ndarray:
     """Spearman's rho of each row of resampled pair indices; NaN for a row with a constant column."""
-    rx = scipy_stats.rankdata(x[draws], axis=1)
-    ry = scipy_stats.rankdata(y[draws], axis=1)
+    rx = scipy_stats().rankdata(x[draws], axis=1)
+    ry = scipy_stats().rankdata(y[draws], axis=1)
     rx -= rx.mean(axis=1, keepdims=True)
     ry -= ry.mean(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -254,5 +266,5 @@ def kruskal_wallis(groups: list[np.ndarray]) -> tuple[float, float]:
     groups = [g for g in groups if g.size]
     if len(groups) < 2 or np.ptp(np.concatenate(groups)) == 0:
         return math.nan, math.nan
-    result = scipy_stats.kruskal(*groups)
+    result = scipy_stats().kruskal(*groups)
     return float(result.statistic), float(result.pvalue)

@@ -17,6 +17,14 @@ from .results import AuditResult
 from .views import record_of
 
 
+def _threads_and_workers(result: AuditResult) -> str:
+    """``; 2 CPU threads, 1 decode worker`` as the audit chose them (older results lack the threads)."""
+    threads, workers = result.environment.get("cpu_threads"), result.settings.get("workers")
+    if threads is None or workers is None:
+        return ""
+    return f"; {threads} CPU thread(s), {workers} decode worker(s)"
+
+
 def _fmt(value: float | None, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -61,7 +69,7 @@ def render_summary(result: AuditResult, markup: bool = False, comparison: Compar
         f"at {result.settings.get('image_size')}px, reduce={result.settings.get('reduce')}, "
         f"precision={result.settings.get('precision')}, device={result.settings.get('device')}; {result.units} units; "
         f"{_fmt(result.timing.get('wall_s'), '.1f')} s ({_fmt(result.timing.get('views_per_s'), '.1f')} views/s)"
-    )
+    ) + _threads_and_workers(result)
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=markup, no_color=not markup, width=1000,
                       highlight=False, soft_wrap=True)

@@ -252,13 +252,12 @@ def test_each_process_of_a_machine_needs_its_own_device():
             process_device("cuda", 0, 2)
 
 
-def test_decoding_workers_share_the_machine_between_its_processes(monkeypatch):
+def test_decoding_workers_share_the_machine_between_its_processes():
     import pytest_memaudit.audit as audit
     from pytest_memaudit.data import ImageSet
 
     folder = ImageSet(["a.png"], Path("/data"), 16, 0)
-    monkeypatch.setattr(audit, "available_cpus", lambda: 96)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [audit.default_workers(folder, cpu, 10, processes) for processes in (1, 8, 48, 96)] == [8, 6, 1, 1]
-    assert audit.default_workers(ImageSet.builtin(2, 16, 0), cpu, 10, 1) == 0  # generated images: in process
-    assert [audit.default_workers(folder, cuda, 1, processes) for processes in (1, 8)] == [16, 11]  # a GPU per process
+    assert [audit.default_workers(folder, cpu, 10, processes, 96) for processes in (1, 8, 48, 96)] == [8, 6, 1, 1]
+    assert audit.default_workers(ImageSet.builtin(2, 16, 0), cpu, 10, 1, 96) == 0  # generated images: in process
+    assert [audit.default_workers(folder, cuda, 1, processes, 96) for processes in (1, 8)] == [16, 11]  # a GPU each

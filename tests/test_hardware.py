@@ -1,4 +1,4 @@
-"""bfloat16 detection from CPU flags and GPU compute capability, and the note an emulated run gets."""
+"""bfloat16 detection from CPU flags and GPU compute capability, and the note a run gets when bfloat16 measures slower."""
 
 import json
 
@@ -70,22 +70,55 @@ def test_bf16_native_on_a_gpu(monkeypatch, capability, native):
         + (" (bfloat16 needs 8.0)" if not native else ""))
 
 
-def test_emulated_bf16_run_gets_a_note(pytester, var_checkpoint, monkeypatch):
+def test_bf16_measured_slower_gets_a_note(pytester, var_checkpoint, monkeypatch):
+    """Timings injected: the audit's own measurement decides, and the note says by how much."""
+    import pytest_memaudit.audit as audit_module
+
     monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: AVX2_ONLY)
+    timed = []
+    monkeypatch.setattr(audit_module, "time_precisions",
+                        lambda run, device: timed.append(run) or {"float32": 0.100, "bfloat16": 0.137})
     pytester.mkdir("audits")
     (pytester.path / "audits" / "memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
     args = ["audits", "--memaudit-model", "var_d16", "--memaudit-checkpoint", str(var_checkpoint), "--memaudit-data",
             "builtin", "--memaudit-samples", "3", "--memaudit-image-size", "32", "--memaudit-augmentations", "0",
             "--memaudit-device", "cpu", "-k", "conv.out", "--memaudit-json", "out.json", "-p", "no:cacheprovider"]
     result = pytester.runpytest(*args, "--memaudit-precision", "bfloat16")
-    assert result.ret == 0
-    note = ("--memaudit-precision bfloat16: the CPU (Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz) has no bfloat16 "
-            "instructions (AVX512_BF16, AMX or Arm BF16), so bfloat16 is emulated and slower than float32 here; "
-            "use --memaudit-precision float32")
+    assert result.ret == 0 and len(timed) == 1
+    note = ("--memaudit-precision bfloat16: bfloat16 is slower than float32 here: a forward pass of the audit's views "
+            "took 137 ms in bfloat16 against 100 ms in float32 (37% slower; the CPU (Intel(R) Xeon(R) CPU E5-2680 v4 "
+            "@ 2.40GHz) has no bfloat16 instructions (AVX512_BF16, AMX or Arm BF16)); use --memaudit-precision float32")
     result.stdout.fnmatch_lines([f"note: {note}"])
     assert note in json.loads((pytester.path / "out.json").read_text())["notes"]
-    result = pytester.runpytest(*args)  # float32: no note
-    assert "is emulated" not in result.stdout.str()
+    assert "37% slower" in (pytester.path / "memaudit-report" / "report.html").read_text()
+    result = pytester.runpytest(*args)  # float32: nothing timed, no note
+    assert len(timed) == 1 and "slower than float32" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("float32, bfloat16, slower", [
+    (0.100, 0.137, "37% slower"),
+    (0.100, 0.104, None),  # within a single pass's noise (5%)
+    (0.100, 0.050, None),  # faster: what it was asked for
+])
+def test_precision_note_from_injected_timings(monkeypatch, float32, bfloat16, slower):
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: SAPPHIRE_RAPIDS)
+    notes = hardware.precision_notes("bfloat16", "cpu", {"float32": float32, "bfloat16": bfloat16})
+    assert [slower in note for note in notes] == ([True] if slower else [])
+    if slower:  # the flags say native: the measurement overrules them
+        assert "the CPU (Intel(R) Xeon(R) Platinum 8480+) has AVX512_BF16, AMX" in notes[0]
+    assert hardware.precision_notes("float32", "cpu", None) == []
+
+
+def test_time_precisions_warms_up_both_then_times_each(monkeypatch):
+    """A fake clock (no wall-clock): each precision's pass is timed after a warm-up pass in both."""
+    from pytest_memaudit import device as device_module
+
+    clock = iter([0.0, 0.25, 1.0, 1.5])  # float32 timed 0.25 s, bfloat16 0.5 s
+    monkeypatch.setattr(device_module.time, "perf_counter", lambda: next(clock))
+    passes = []
+    seconds = device_module.time_precisions(lambda: passes.append(torch.is_autocast_enabled("cpu")), torch.device("cpu"))
+    assert passes == [False, True, False, True]  # warm-up float32, bfloat16; then timed float32, bfloat16
+    assert seconds == {"float32": 0.25, "bfloat16": 0.5}
 
 
 def test_an_instruction_set_cap_makes_bf16_emulated(monkeypatch):

@@ -292,6 +292,7 @@ def run_record(result: AuditResult) -> list[tuple[str, str]]:
         ("precision", str(s.get("precision"))),
         ("device", str(s.get("device"))),
         ("batch size", f"{s.get('batch_size')} views"),
+        ("decode workers", str(s.get("workers"))),
         ("top-k kept per unit", str(s.get("topk"))),
         ("control", str(s.get("control"))),
     ]
