@@ -35,6 +35,7 @@ from .errors import AuditError, DataError, user_code
 from .hardware import precision_notes, usable_cpus
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
+from .imagesignals import LOSS_LAYER, check_loss, image_signals, signal_key, view_scalars
 from .labelled import LabelledImages, labelled_images
 from .membership import Contrast, membership_contrast
 from .models import InputContract, LayerSpec, ModelSpec, get_model_spec
@@ -109,10 +110,14 @@ class Measured:
     positions: list[np.ndarray] = field(default_factory=list)
     characteristics: list[dict[str, np.ndarray]] = field(default_factory=list)
     embedding: list[np.ndarray] = field(default_factory=list)  # (images, units) per batch
+    # per batch, the per-image signal values of the model's subjects, by signal_key (imagesignals.py)
+    signals: list[dict[str, np.ndarray]] = field(default_factory=list)
 
-    def add(self, positions: list[int], characteristics: dict[str, np.ndarray], embedding: np.ndarray | None) -> None:
+    def add(self, positions: list[int], characteristics: dict[str, np.ndarray], embedding: np.ndarray | None,
+            signals: dict[str, np.ndarray]) -> None:
         self.positions.append(np.asarray(positions, dtype=np.int64))
         self.characteristics.append(characteristics)
+        self.signals.append(signals)
         if embedding is not None:
             self.embedding.append(embedding)
 
@@ -124,11 +129,14 @@ class Measured:
             "characteristics": {name: torch.from_numpy(np.concatenate([c[name] for c in self.characteristics]))
                                 for name in names},
             "embedding": torch.from_numpy(np.concatenate(self.embedding)) if self.embedding else None,
+            "signals": {key: torch.from_numpy(np.concatenate([s[key] for s in self.signals if key in s]))
+                        for key in dict.fromkeys(key for s in self.signals for key in s)},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.positions = [state["positions"].numpy()]
         self.characteristics = [{name: values.numpy() for name, values in state["characteristics"].items()}]
+        self.signals = [{key: values.numpy() for key, values in state["signals"].items()}]
         self.embedding = [] if state["embedding"] is None else [state["embedding"].numpy()]
 
 
@@ -163,6 +171,7 @@ class AuditRun:
     embedding_layer: str | None = None  # whose activations embed images for clustering
     threads: int = 1  # torch's intra-op threads during the audit
     cpus: str = ""  # the CPUs this process may use, and why (hardware.usable_cpus)
+    losses: dict[str, Callable] = field(default_factory=dict)  # by model role: its ``loss:`` function
 
     @property
     def views(self) -> int:
@@ -272,6 +281,7 @@ class Merged:
     notes: list[str]
     waited_s: float  # of the merge's time, spent waiting for the other processes to finish their shards
     characteristics: dict[str, np.ndarray]  # per data point (new index)
+    signals: dict[str, np.ndarray]  # per data point (new index), by imagesignals.signal_key
 
 
 def run_audit(
@@ -336,13 +346,18 @@ def _audit(
                                             list(range(len(LABELS))), merged.read.size, merged.characteristics)
             for subject in run.subjects if is_model(subject.role)
         }
+        signals = {subject.role: image_signals(subject.role, finished[subject.role][1], merged.signals,
+                                               [layer.name for layer in run.selected], settings.permutations,
+                                               settings.seed)
+                   for subject in run.subjects if is_model(subject.role)}
         embedding = gather_embedding(run, merged, points["model"])
         timing["finalize_s"] = time.perf_counter() - clock
     finally:
         if run is not None:
             run.close()
         world.close()
-    return assemble(run, merged, finished, points, embedding, timing | {"wall_s": time.perf_counter() - started})
+    return assemble(run, merged, finished, points, signals, embedding,
+                    timing | {"wall_s": time.perf_counter() - started})
 
 
 def is_model(role: str) -> bool:
@@ -430,6 +445,10 @@ def add_subjects(run: AuditRun) -> None:
         with user_code(f"building model {run.spec.name} from {checkpoint}"):
             net = prepare(run.spec.build(checkpoint), run.device, run.layout)
         run.subjects.append(Subject(f"model:{i}", net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
+    if run.spec.loss is not None:
+        for i, checkpoint in enumerate(run.checkpoints):
+            with user_code(f"building the loss of model {run.spec.name}"):
+                run.losses["model" if i == 0 else f"model:{i}"] = run.spec.loss(checkpoint)
     if "random" in run.controls:
         control_net = prepare(random_weights_copy(run.model_net, settings.seed), run.device, run.layout)
         run.subjects.append(Subject("control", control_net, (MEMBER,), (MEMBER,), (HOLDOUT, PLANTED)))
@@ -509,7 +528,7 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
             index = torch.tensor(batch.positions, dtype=torch.int64, device=device)
             label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
             group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
-            embedding = None
+            embedding, signals = None, {}
             for subject in run.subjects:
                 with run.timer, user_code(f"the forward pass of {run.spec.name} ({subject.role}) on views of shape "
                                           f"{tuple(batch_views.shape)}"):
@@ -519,7 +538,17 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
                     subject.states[name].update(values, index, label, group)
                     if subject.role == "model" and name == run.embedding_layer:
                         embedding = values.float().cpu().numpy()
-            run.measured.add(batch.positions, batch.characteristics, embedding)
+                    if is_model(subject.role):
+                        for signal, scalars in view_scalars(per_view.view(n, views, -1)).items():
+                            signals[signal_key(subject.role, name, signal)] = scalars.cpu().numpy()
+                if subject.role in run.losses:
+                    plain = model_input(batch.images.to(device).float().div_(127.5).sub_(1), run.spec.input_contract,
+                                        run.layout)
+                    with run.timer, user_code(f"the loss of {run.spec.name} ({subject.role}) on images of shape "
+                                              f"{tuple(plain.shape)}"):
+                        loss = run.losses[subject.role](plain)
+                    signals[signal_key(subject.role, LOSS_LAYER, "loss")] = check_loss(loss, n, run.spec.name)
+            run.measured.add(batch.positions, batch.characteristics, embedding, signals)
         run.progress.done += n + len(batch.skipped)
         if progress:
             progress(run.progress.done, len(run.progress.positions))
@@ -558,26 +587,30 @@ def merge(run: AuditRun) -> Merged:
         for state in states:
             state.reindex(new_index)
     characteristics = gather_characteristics(run, new_index, read.size)
+    signals = gather_characteristics(run, new_index, read.size, "signals")
     notes = list(dict.fromkeys(note for theirs in everyone for note in theirs["notes"]))
     resumed = sum(theirs["resumed"] for theirs in everyone)
     if resumed:
         notes.append(f"resumed from the snapshots in {run.settings.state}: {resumed} of {len(images)} data points "
                      "had been streamed before")
-    return Merged(read, skipped_ids, [theirs["read"] for theirs in everyone], new_index, notes, waited, characteristics)
+    return Merged(read, skipped_ids, [theirs["read"] for theirs in everyone], new_index, notes, waited, characteristics,
+                  signals)
 
 
-def gather_characteristics(run: AuditRun, new_index: np.ndarray, count: int) -> dict[str, np.ndarray]:
-    """Every process's image characteristics, as arrays by data point (new index)."""
+def gather_characteristics(run: AuditRun, new_index: np.ndarray, count: int,
+                           part: str = "characteristics") -> dict[str, np.ndarray]:
+    """Every process's image characteristics (or another ``part`` of what it measured per image),
+    as arrays by data point (new index)."""
     mine = run.measured.state_dict()
     everyone = run.world.all_gather_object(
-        (mine["positions"].numpy(), {name: values.numpy() for name, values in mine["characteristics"].items()}),
-        "gathering the image characteristics")
+        (mine["positions"].numpy(), {name: values.numpy() for name, values in mine[part].items()}),
+        f"gathering the image {part}")
     merged: dict[str, np.ndarray] = {}
     for positions, values in everyone:
         rows = new_index[positions]
         kept = rows >= 0
         for name, column in values.items():
-            merged.setdefault(name, np.full(count, np.nan))[rows[kept]] = column[kept]
+            merged.setdefault(name, np.full((count, *column.shape[1:]), np.nan))[rows[kept]] = column[kept]
     return merged
 
 
@@ -603,7 +636,7 @@ def gather_embedding(run: AuditRun, merged: Merged, points: DataPoints) -> np.nd
 
 
 def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, DataPoints],
-             embedding: np.ndarray | None, timing: dict[str, float]) -> list[AuditResult]:
+             signals: dict[str, list], embedding: np.ndarray | None, timing: dict[str, float]) -> list[AuditResult]:
     """The AuditResult of the finished subjects: the model's, then each later checkpoint's."""
     settings, images = run.settings, run.images
     samples = [images.ids[position] for position in merged.read.tolist()]
@@ -680,6 +713,7 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
             planted=planted,
             distributed={"world_size": run.world.size, "backend": run.world.backend(run.device),
                          "shards": merged.shards},
+            signals=signals[role],
         )
 
     return [result_of("model", 0)] + [result_of(f"model:{i}", i) for i in range(1, len(run.checkpoints))]

@@ -230,7 +230,7 @@ _TOP_KEYS = ("version", "thresholds", "layers", "models", "multiple_testing", "a
 _GATE_FIELDS = ("limit", "when", "severity")
 Partial = dict[str, Any]  # what one level of configuration sets of a threshold: some of a Gate's fields, or "value"
 _MODEL_KEYS = ("factory", "audited_layers", "image_size", "description", "thresholds", "layers", "checkpoint",
-               "input_range", "normalize", "channels_last", "channels", "order", "views")
+               "input_range", "normalize", "channels_last", "channels", "order", "views", "loss")
 _LAYER_KEYS = ("module", "name", "units", "units_axis", "tokens", "output", "call")
 
 
@@ -436,6 +436,10 @@ def _user_model(path, where, name, entry) -> ModelSpec:
     checkpoint = entry.get("checkpoint")
     if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint.strip()):
         raise ConfigError(f"{path}: {where}: checkpoint must be a path (relative to the YAML's folder), got {checkpoint!r}")
+    loss = entry.get("loss")
+    if loss is not None and (not isinstance(loss, str) or ":" not in loss):
+        raise ConfigError(f"{path}: {where}: loss must be 'package.module:function' (a function of the checkpoint "
+                          f"returning each view's loss), got {quote(loss)}")
     values = {**entry, "layers": tuple(specs), "input": _input_contract(path, where, entry)}
     return user_model_spec(name, values, str(path))
 

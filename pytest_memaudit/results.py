@@ -16,6 +16,7 @@ from .datapoints import Classes, Clusters, DataPoints, Memorized
 from .errors import ConfigError
 from .gates import Check, Gate, GateOutcome, as_json
 from .hooks import UnitAxis
+from .imagesignals import SignalResult
 from .membership import Membership
 from .planted import PlantedResult, PlantedUnit, PlantedUnitResult
 from .resultschema import check_document
@@ -79,6 +80,8 @@ class AuditResult:
     multiple_testing: str = "holm"  # how the gates corrected p-values across layers (set when gating)
     # the processes that computed it: world_size, backend (None for one process), shards (data points per process)
     distributed: dict[str, Any] | None = None
+    # per-image signals, members against held-out images, per (signal, layer) (imagesignals.py)
+    signals: list[SignalResult] = field(default_factory=list)
 
     def layer(self, name: str) -> LayerResult:
         return _find_layer(self.layers, name)
@@ -165,6 +168,7 @@ class AuditResult:
             "layers": [_layer_json(layer) for layer in self.layers],
             "control": None if self.control is None else _subject_json(self.control),
             "planted": _planted_json(self.planted, self.samples),
+            "signals": [_signal_json(signal) for signal in self.signals],
         }
 
     @classmethod
@@ -191,6 +195,7 @@ class AuditResult:
             planted=_planted_from_json(data.get("planted"), samples),
             multiple_testing=data["summary"].get("multiple_testing", "holm"),
             distributed=data.get("distributed"),
+            signals=[_signal_from_json(entry) for entry in data.get("signals") or []],
         )
 
 
@@ -563,6 +568,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _signal_json(signal: SignalResult) -> dict[str, Any]:
+    return {key: _number(value) if isinstance(value, float) else value for key, value in signal.as_dict().items()}
+
+
+def _signal_from_json(data: dict[str, Any]) -> SignalResult:
+    return SignalResult(data["signal"], data["layer"], _float(data["estimate"]), _float(data["low"]),
+                        _float(data["high"]), _float(data["p_value"]), int(data["n_members"]), int(data["n_heldout"]),
+                        int(data["permutations"]))
 
 
 def _number(value: float | None) -> float | None:

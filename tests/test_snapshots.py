@@ -118,6 +118,11 @@ def test_interrupted_audit_with_controls_and_holdout_resumes_to_the_same_figures
             assert a.values.max_sample.tolist() == b.values.max_sample.tolist()
     assert [u.unitmem for u in resumed.planted.units] == pytest.approx([u.unitmem for u in uninterrupted.planted.units])
     assert resumed.membership.member_share == uninterrupted.membership.member_share
+    # The per-image signals streamed before the interruption came back from the snapshot.
+    assert [(s.signal, s.layer) for s in resumed.signals] == [(s.signal, s.layer) for s in uninterrupted.signals]
+    assert len(resumed.signals) == 4 * len(resumed.layers)
+    np.testing.assert_allclose([(s.auc, s.low, s.high, s.p_value) for s in resumed.signals],
+                               [(s.auc, s.low, s.high, s.p_value) for s in uninterrupted.signals], rtol=1e-6)
 
 
 def _damage(path, change):

@@ -120,6 +120,9 @@ class ModelSpec:
     requires_data: bool = False
     views: str = "seed"  # the view recipe it is audited with unless --memaudit-views says otherwise (views.py)
     views_folder: str | None = None  # where a views factory's module is found: the declaring YAML's folder
+    # loss(checkpoint) -> a function of a batch of plain (unaugmented) images, as the model takes
+    # them, giving each image's loss (a tensor of one value per image): the reference attack. None: none.
+    loss: Callable[[Path | None], Callable[[Any], Any]] | None = field(compare=False, default=None)
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
         for layer in self.layers:
@@ -168,6 +171,36 @@ def _locate_demo(given: str | None) -> Path:
     return locate_demo(given)
 
 
+def _build_memorizer(checkpoint: Path | None):
+    from .demo import build_demo, locate_memorizer
+
+    return build_demo(checkpoint or locate_memorizer(None))
+
+
+def _locate_memorizer(given: str | None) -> Path:
+    from .demo import locate_memorizer
+
+    return locate_memorizer(given)
+
+
+def _demo_loss(checkpoint: Path | None):
+    from .demo import reconstruction_loss
+
+    return reconstruction_loss(checkpoint)
+
+
+def _memorizer_data(image_size: int, seed: int):
+    from .demo import memorizer_member_set
+
+    return memorizer_member_set(image_size)
+
+
+def _memorizer_holdout(image_size: int):
+    from .demo import memorizer_holdout_set
+
+    return memorizer_holdout_set(image_size)
+
+
 def _demo_data(image_size: int, seed: int):
     from .demo import demo_image_set
 
@@ -197,6 +230,21 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         default_data=_demo_data,
         default_holdout=_demo_holdout,
         input_layer_channels=32,
+        loss=_demo_loss,
+    ),
+    "demo_memorizer": ModelSpec(
+        name="demo_memorizer",
+        layers=var_layer_specs(),
+        build=_build_memorizer,
+        input_contract=VAR_INPUT,
+        locate=_locate_memorizer,
+        description="the demo encoder, then trained alone (its decoder frozen) by pytest_memaudit.train_demo "
+        "--memorizer to reconstruct 24 member images: memorization the encoder itself carries",
+        default_image_size=64,
+        default_data=_memorizer_data,
+        default_holdout=_memorizer_holdout,
+        input_layer_channels=32,
+        loss=_demo_loss,
     ),
     "var_d16": ModelSpec(
         name="var_d16",
@@ -253,7 +301,23 @@ def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
         factory=factory_ref,
         checkpoint=declared,
         requires_data=True,
+        loss=None if entry.get("loss") is None else _user_loss(name, entry["loss"], folder, source),
     )
+
+
+def _user_loss(name: str, loss_ref: str, folder: Path, source: str) -> Callable[[Path | None], Callable]:
+    """The YAML's ``loss: module:function``: function(checkpoint_path_or_None) -> per-image loss function."""
+
+    def loss(checkpoint: Path | None) -> Callable:
+        factory = import_factory(f"model {name!r} (declared in {source}): its loss", loss_ref, folder)
+        with user_code(f"model {name!r}: its loss factory {loss_ref}({'None' if checkpoint is None else repr(str(checkpoint))})"):
+            function = factory(None if checkpoint is None else str(checkpoint))
+        if not callable(function):
+            raise AuditError(f"model {name!r}: its loss factory {loss_ref} returned {type(function).__name__}, not a "
+                             "function. It must return a function of a batch of images giving one loss per image.")
+        return function
+
+    return loss
 
 
 def import_factory(where: str, factory_ref: str, folder: Path) -> Callable:

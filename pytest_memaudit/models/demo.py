@@ -21,6 +21,16 @@ CANARY_REPEATS = (1, 1, 4, 4, 16, 16)
 WEIGHTS = Path(__file__).with_name("demo_encoder.pt")
 METADATA = WEIGHTS.with_suffix(".json")
 
+# The ``demo_memorizer``: the demo encoder, then trained alone (its decoder frozen) on a few
+# member images. Generated-image indices (seed DATA_SEED) of its three disjoint sets, all past
+# the demo's own training and held-out images (0 to 2 * DEMO_IMAGES - 1):
+DECODER_START, DECODER_IMAGES = 2 * DEMO_IMAGES, 256  # the decoder is fitted to the frozen demo encoder on these
+MEMBER_START, MEMORIZER_MEMBERS = DECODER_START + DECODER_IMAGES, 24  # the encoder memorizes these
+HOLDOUT_START, MEMORIZER_HOLDOUT = MEMBER_START + MEMORIZER_MEMBERS, 104  # never trained on by either
+MEMORIZER_WEIGHTS = Path(__file__).with_name("demo_memorizer.pt")  # the encoder (float16)
+MEMORIZER_DECODER = Path(__file__).with_name("demo_memorizer_decoder.pt")  # its frozen decoder (float16)
+MEMORIZER_METADATA = MEMORIZER_WEIGHTS.with_suffix(".json")
+
 
 def canary_ids() -> list[str]:
     return [f"{CANARY_PREFIX}{k}" for k in range(len(CANARY_REPEATS))]
@@ -49,6 +59,18 @@ def demo_holdout_set(image_size: int = IMAGE_SIZE, images: int = DEMO_IMAGES) ->
         seed=DATA_SEED,
         description=f"demo held-out set ({images} generated images it never trained on)",
     )
+
+
+def memorizer_member_set(image_size: int = IMAGE_SIZE, members: int = MEMORIZER_MEMBERS) -> ImageSet:
+    """The images the ``demo_memorizer`` encoder was trained on (generated, never seen by the demo)."""
+    return ImageSet(builtin_ids(members, start=MEMBER_START), root=None, size=image_size, seed=DATA_SEED,
+                    description=f"demo_memorizer members ({members} generated images its encoder memorized)")
+
+
+def memorizer_holdout_set(image_size: int = IMAGE_SIZE, images: int = MEMORIZER_HOLDOUT) -> ImageSet:
+    """Generated images that neither the demo, its decoder nor the ``demo_memorizer`` trained on."""
+    return ImageSet(builtin_ids(images, start=HOLDOUT_START), root=None, size=image_size, seed=DATA_SEED,
+                    description=f"demo_memorizer held-out set ({images} generated images it never trained on)")
 
 
 def training_copies(image_set: ImageSet) -> list[int]:
@@ -81,6 +103,15 @@ def locate_demo(given: str | None) -> Path:
     return path
 
 
+def locate_memorizer(given: str | None) -> Path:
+    """The user's ``train_demo --memorizer`` output if given, else the shipped memorizer."""
+    path = Path(given).expanduser() if given else MEMORIZER_WEIGHTS
+    if not path.is_file():
+        hint = "" if given else " The installed package is incomplete; reinstall pytest-memaudit."
+        raise CheckpointError(f"demo_memorizer checkpoint {path} does not exist or is not a file.{hint}")
+    return path
+
+
 def build_demo(checkpoint: Path | None):
     """The demo encoder in eval mode, its weights read safely (``weights_only=True``)."""
     import torch
@@ -92,3 +123,27 @@ def build_demo(checkpoint: Path | None):
         model = VAREncoder(ch=WIDTH)
     model.load_state_dict(encoder_state_dict(load_checkpoint_file(path), model, str(path)), assign=True)
     return model.eval()
+
+
+def reconstruction_loss(checkpoint: Path | None):
+    """The reference attack's loss for a demo encoder: each image's mean squared error through the
+    ``demo_memorizer``'s decoder (fitted to the frozen demo encoder on images that neither the demo,
+    the memorizer, nor their held-out sets contain)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..train_demo import make_decoder
+
+    encoder = build_demo(checkpoint)
+    decoder = make_decoder()
+    decoder.load_state_dict({k: v.float() for k, v in torch.load(MEMORIZER_DECODER, map_location="cpu",
+                                                                 weights_only=True).items()})
+    decoder.eval().requires_grad_(False)
+    encoder.requires_grad_(False)
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        encoder.to(images.device), decoder.to(images.device)
+        x = images.float().contiguous()
+        return F.mse_loss(decoder(encoder(x)), x, reduction="none").mean(dim=(1, 2, 3))
+
+    return loss

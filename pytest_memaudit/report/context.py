@@ -21,6 +21,7 @@ from ..views import record_of
 from . import figures
 from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section
+from .signals import signals_section
 from .format import fmt, fmt_interval, fmt_p
 from .memorized import memorized_section
 from .series import series_section
@@ -64,6 +65,7 @@ def report_context(result: AuditResult, gallery: Gallery, comparison: Comparison
         "evidence": evidence(result),
         "membership": membership_section(result, gallery, adjusted),
         "planted": planted_section(result, gallery),
+        "signals": signals_section(result),
         "memorized": memorized_section(result, gallery),
         "top_units": [top_images(result.layers[i], u, gallery) for i, u in ranked[:FIGURE3_UNITS]],
         "most_picked": picked(result, top, gallery),
