@@ -274,8 +274,8 @@ def _audit(
             timing["merge_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         run.selected = run.subjects[0].recorder.ordered(run.selected)  # forward order, as the first pass ran it
-        labels, groups = run.images.labels[merged.read], run.images.groups[merged.read]
-        finished = {subject.role: finalize(subject, run.selected, settings, labels, groups)
+        labels = run.images.labels[merged.read]
+        finished = {subject.role: finalize(subject, run.selected, settings, labels)
                     for subject in run.subjects}
         points = {
             subject.role: score_data_points({layer.name: subject.states[layer.name] for layer in run.selected},
@@ -609,8 +609,8 @@ def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], imag
     }
 
 
-def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings, point_labels: np.ndarray,
-             point_groups: np.ndarray) -> tuple[list[LayerResult], Contrast | None, dict[str, np.ndarray]]:
+def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings,
+             point_labels: np.ndarray) -> tuple[list[LayerResult], Contrast | None, dict[str, np.ndarray]]:
     """A subject's per-layer results with jackknife intervals, its membership contrast, and each
     layer's mean UnitMem with each group left out (for paired comparisons between subjects)."""
     results, leave_out_means = [], {}
@@ -632,7 +632,7 @@ def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSetti
         results.append(LayerResult(layer.name, layer.module, values, layer_stats(values.unitmem, values.dead),
                                    intervals, unit_axis=subject.recorder.axes.get(layer.name)))
     contrast = membership_contrast(
-        {layer.name: subject.states[layer.name] for layer in selected}, point_labels, point_groups,
+        {layer.name: subject.states[layer.name] for layer in selected}, point_labels,
         subject.members, subject.holdout, permutations=settings.permutations, seed=settings.seed,
     )
     if contrast is not None:
