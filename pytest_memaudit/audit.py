@@ -46,6 +46,7 @@ from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .stats import jackknife_interval, layer_stats, spread_figures
 from .tarshards import open_image_folder
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
+from .verdict import Verdict, decide, membership_tests
 
 ProgressCallback = Callable[[int, int], None]  # (data points done, in all) of this process's share
 # Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in, for models
@@ -525,6 +526,7 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
             settings.planted_strength,
             None if planted_contrast is None else planted_contrast.overall,
         )
+        planted.verdict = subject_verdict(planted_layers, settings)
         if planted.recall < 0.9:
             notes.append(
                 f"the planted control was found in only {planted.recall:.0%} of its units at strength "
@@ -535,7 +537,8 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
     if "control" in finished:
         control_layers, control_contrast, _ = finished["control"]
         control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
-                                None if control_contrast is None else control_contrast.overall)
+                                None if control_contrast is None else control_contrast.overall,
+                                subject_verdict(control_layers, settings))
 
     def result_of(role: str, checkpoint: int) -> AuditResult:
         layers_out, contrast, leave_out = finished[role]
@@ -568,11 +571,18 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
                                           run.embedding_layer, settings.seed, folders=folders),
             control=control,
             planted=planted,
+            verdict=subject_verdict(layers_out, settings),
             distributed={"world_size": run.world.size, "backend": run.world.backend(run.device),
                          "shards": merged.shards},
         )
 
     return [result_of("model", 0)] + [result_of(f"model:{i}", i) for i in range(1, len(run.checkpoints))]
+
+
+def subject_verdict(layers: list[LayerResult], settings: RunSettings) -> Verdict | None:
+    """The verdict (verdict.py) of one audited subject's tests; None without held-out images."""
+    tests = membership_tests(layers)
+    return decide(tests, permutations=settings.permutations) if tests else None
 
 
 def attach_control(layers: list[LayerResult], leave_out: dict[str, np.ndarray], control_layers: list[LayerResult],

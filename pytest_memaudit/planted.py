@@ -30,6 +30,7 @@ from .hooks import UnitAxis, output_part, with_part
 from .membership import Membership
 from .models import LayerSpec
 from .unitmem import UnitMemValues
+from .verdict import Verdict
 
 DEFAULT_UNITS = 16  # planted images, one default-strength unit each
 DEFAULT_STRENGTH = 8.0  # the planted image's activation over the unit's mean
@@ -68,6 +69,7 @@ class PlantedResult:
     top_share: float
     membership: Membership | None = None
     curve: list[dict] = field(default_factory=list)  # per strength: units, recall, argmax_hits, measured strength
+    verdict: Verdict | None = None  # the model's rule on the planted subject's tests: was it detected?
 
     @property
     def default_units(self) -> list[PlantedUnitResult]:

@@ -1,0 +1,145 @@
+"""One verdict on memorization from a family of tests: detected, inconclusive or none.
+
+A test is any object with ``signal, layer, estimate, low, high, p_value`` (its figure, the figure's
+95% interval and its one-sided p-value; ``MembershipTest`` is the argmax-membership test of one
+layer). The tests of one audited model form one family, corrected together (Holm, across signals
+and layers), and the verdict says:
+
+- ``detected``: some test's corrected p-value is below ``level`` (VERDICT_LEVEL, the level of the
+  default ``membership_p_min`` gate, so that the verdict and the default gates agree);
+- ``inconclusive``: none is, but some test shows a signal before the correction (its p below
+  ``level``, or its interval wholly above 0), or the permutations cannot reach ``level`` after the
+  correction; the verdict then gives the estimate, its interval and why there is no verdict;
+- ``none``: no test shows a signal, before or after the correction. A family with no test that
+  could run (every unit dead or constant: a network blind to its input) also gives none, saying so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .stats import holm
+
+VERDICT_LEVEL = 0.01
+MEMBERSHIP_SIGNAL = "argmax_membership"  # the membership test's name among signals
+OUTCOMES = ("detected", "inconclusive", "none")
+
+
+@dataclass(frozen=True)
+class MembershipTest:
+    """One layer's argmax-membership test (``membership.Membership``) as a test of the family."""
+
+    signal: str
+    layer: str
+    estimate: float  # the member-share excess
+    low: float
+    high: float
+    p_value: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    memorization: str  # detected / inconclusive / none
+    p_value: float  # the deciding test's corrected p-value (NaN: no test could run)
+    signal: str | None  # the deciding test
+    layer: str | None
+    estimate: float
+    low: float
+    high: float
+    raw_p_value: float  # its p-value before the correction
+    tests: int  # tests in the family (with a p-value)
+    correction: str  # how the family was corrected, in words
+    level: float
+    reason: str  # why this verdict, in words, with the rule
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+                for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Verdict:
+        values = {key: (math.nan if data.get(key) is None and key in _FLOATS else data.get(key)) for key in _FIELDS}
+        return cls(**values)
+
+
+_FIELDS = tuple(Verdict.__dataclass_fields__)
+_FLOATS = ("p_value", "estimate", "low", "high", "raw_p_value", "level")
+
+
+def membership_tests(layers: Iterable[Any]) -> list[MembershipTest]:
+    """The argmax-membership test of every layer that has one (objects with ``name`` and
+    ``membership``, as ``results.LayerResult``)."""
+    tests = []
+    for layer in layers:
+        m = layer.membership
+        if m is None:
+            continue
+        interval = m.excess_interval
+        tests.append(MembershipTest(MEMBERSHIP_SIGNAL, layer.name, m.excess,
+                                    math.nan if interval is None else interval.low,
+                                    math.nan if interval is None else interval.high, m.p_value))
+    return tests
+
+
+def smallest_corrected_p(tests: int, permutations: int, method: str = "holm") -> float:
+    """The smallest corrected p-value ``tests`` permutation tests of ``permutations`` relabellings
+    can give: 1 / (permutations + 1) each, times the family's size under Holm (its first step)."""
+    return (tests if method == "holm" else 1) / (permutations + 1)
+
+
+def decide(tests: Sequence[Any], level: float = VERDICT_LEVEL, method: str = "holm",
+           permutations: int | None = None) -> Verdict:
+    """The verdict of a family of tests (see the module's docstring); ``permutations``: how many
+    relabellings the p-values came from, to tell when ``level`` is out of reach."""
+    usable = [t for t in tests if t.p_value is not None and math.isfinite(t.p_value)]
+    m = len(usable)
+    signals = sorted({t.signal for t in usable})
+    correction = (f"Holm across {m} test(s): {', '.join(signals) or 'none'} x "
+                  f"{len({t.layer for t in usable})} layer(s)" if method == "holm" else
+                  f"none: {m} test(s) uncorrected")
+    if not usable:
+        return Verdict("none", math.nan, None, None, math.nan, math.nan, math.nan, math.nan, 0, correction, level,
+                       "no test could run: every unit responds alike to every image (dead or constant units, "
+                       "e.g. a network blind to its input), so nothing tells members from held-out images")
+    adjusted = holm([t.p_value for t in usable]) if method == "holm" else [t.p_value for t in usable]
+    order = sorted(range(m), key=lambda i: (adjusted[i], usable[i].p_value, -_finite(usable[i].estimate)))
+    best = order[0]
+    reachable = permutations is None or smallest_corrected_p(m, permutations, method) < level
+    rule = (f"detected when a test's corrected p is below {level:g}; inconclusive when none is but one shows a "
+            f"signal before the correction (p below {level:g}, or its 95% interval wholly above 0)")
+    if adjusted[best] < level:
+        outcome, chosen = "detected", best
+        why = (f"{usable[chosen].signal} at {usable[chosen].layer}: corrected p = {_p(adjusted[chosen])} "
+               f"< {level:g}")
+    else:
+        signalled = [i for i in order if usable[i].p_value < level or _finite(usable[i].low, -1) > 0]
+        if signalled or not reachable:
+            outcome = "inconclusive"
+            chosen = signalled[0] if signalled else best
+            t = usable[chosen]
+            if not reachable:
+                why = (f"{permutations:,} permutations cannot give a corrected p below {level:g} for {m} tests "
+                       f"(the smallest is {smallest_corrected_p(m, permutations, method):.3g}): use at least "
+                       f"{math.ceil(m / level) if method == 'holm' else math.ceil(1 / level)} permutations")
+            else:
+                why = (f"{t.signal} at {t.layer}: estimate {t.estimate:+.3f}, 95% interval "
+                       f"[{t.low:+.3f}, {t.high:+.3f}], p = {_p(t.p_value)} before the correction, "
+                       f"{_p(adjusted[chosen])} after it: not below {level:g}")
+        else:
+            outcome, chosen = "none", best
+            why = (f"no test shows a signal: the smallest p is {_p(usable[best].p_value)} "
+                   f"({usable[best].layer}), and no interval lies wholly above 0")
+    t = usable[chosen]
+    return Verdict(outcome, float(adjusted[chosen]), t.signal, t.layer, float(t.estimate), float(t.low),
+                   float(t.high), float(t.p_value), m, correction, level, f"{why}. Rule: {rule}.")
+
+
+def _finite(value: float, default: float = 0.0) -> float:
+    return value if value is not None and math.isfinite(value) else default
+
+
+def _p(value: float) -> str:
+    return f"{value:.2g}" if value >= 0.001 else f"{value:.1e}"
