@@ -12,14 +12,15 @@ from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
 from pytest_memaudit.hooks import LayerRecorder, UnitAxis
 from pytest_memaudit.models import LayerSpec, ModelSpec
+from pytest_memaudit.controls import blind_copy
 from pytest_memaudit.planted import (
     CURVE_STRENGTHS,
     CURVE_UNITS,
+    InputSketches,
+    PlantedRecorder,
     PlantedUnit,
     choose_plants,
     evaluate,
-    planted_copy,
-    thumbnails,
 )
 from pytest_memaudit.unitmem import UnitMemValues
 
@@ -39,28 +40,56 @@ LAYERS = [LayerSpec("a", "a"), LayerSpec("b", "b")]
 
 
 def test_implant_adds_its_response_to_its_unit_on_its_views_only():
+    """The planted recorder, on the model's own modules: the model's output and measurements stay as
+    they are; the planted control's unit 3 of layer b is the model's plus the implant on the views
+    whose input to b matches image 40's, and nothing else changes."""
     net = TwoConv().eval()
     rng = torch.Generator().manual_seed(0)
-    views = torch.rand(6, 3, 16, 16, generator=rng) * 2 - 1
-    prototypes = thumbnails(views[:2]).view(1, 2, -1)  # image 40's two views are views 0 and 1
+    views = torch.rand(6, 3, 8, 8, generator=rng) * 2 - 1  # b's input: 6 x 8 x 8 values, below SKETCH_SIZE
+    with torch.inference_mode():
+        own_input = torch.relu(net.a(views[:2]))  # what layer b sees of image 40's two views (views 0, 1)
+        centred = own_input.flatten(1) - own_input.flatten(1).mean(dim=1, keepdim=True)
+        prototypes = (centred / centred.norm(dim=1, keepdim=True)).view(1, 2, -1)
+        plain = net(views)
     plant = PlantedUnit("b", 3, 40, strength=5.0, scale=0.25)
-    axes = {"a": UnitAxis(1, (6, 16, 16), "test"), "b": UnitAxis(1, (5, 8, 8), "test")}
-    planted = planted_copy(net, [plant], LAYERS, prototypes, {40: 0}, axes)
-    with torch.inference_mode(), LayerRecorder(net, LAYERS) as clean, LayerRecorder(planted, LAYERS) as dirty:
-        net(views), planted(views)
-        before, after = clean.take(), dirty.take()
-    torch.testing.assert_close(after["a"], before["a"])  # upstream of the implant: untouched
+    axes = {"a": UnitAxis(1, (6, 8, 8), "test"), "b": UnitAxis(1, (5, 4, 4), "test")}
+    with torch.inference_mode(), LayerRecorder(net, LAYERS) as model:
+        rider = PlantedRecorder(net, [plant], LAYERS, {"b": prototypes}, {40: 0}, axes)
+        try:
+            output = net(views)
+            before = {name: value.clone() for name, value in model.take().items()}
+            after = rider.combine(before, rider.take())
+        finally:
+            rider.close()
+    torch.testing.assert_close(output, plain, rtol=0, atol=0)  # the model computes what it computed
+    torch.testing.assert_close(after["a"], before["a"], rtol=0, atol=0)
     difference = after["b"] - before["b"]
     others = [u for u in range(5) if u != 3]
     assert torch.count_nonzero(difference[:, others]) == 0
     assert torch.count_nonzero(difference[2:, 3]) == 0  # other images' views: no response
-    # on its image's views the unit's output rose by (5 - 1) x 0.25 = 1 at every position, so its
-    # mean |activation| rose by at most 1 and by exactly 1 where the output was non-negative
-    assert torch.all(difference[:2, 3] <= 1 + 1e-6) and torch.all(difference[:2, 3] > 0)
     with torch.inference_mode():
-        raw = net.b(torch.relu(net.a(views[:2])))[:, 3]
+        raw = net.b(own_input)[:, 3]  # (5 - 1) x 0.25 = 1 added at every position of the unit
         expected = (raw + 1).abs().mean(dim=(1, 2)) - raw.abs().mean(dim=(1, 2))
     torch.testing.assert_close(difference[:2, 3], expected)
+
+
+def test_a_network_blind_to_its_input_cannot_recognise_the_planted_image():
+    """Every view replaced by one fixed image: the layer's input is the same for all views, so the
+    implant responds to all of them alike (or to none), and its unit never singles out its image."""
+    net = blind_copy(TwoConv().eval(), torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2)))
+    views = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    sketches = InputSketches(net, LAYERS)
+    with torch.inference_mode(), LayerRecorder(net, LAYERS) as model:
+        net(views[:2])
+        model.take()
+        prototypes = {"b": sketches.take()["b"].view(1, 2, -1)}
+        sketches.close()
+        rider = PlantedRecorder(net, [PlantedUnit("b", 3, 40, 5.0, 0.25)], LAYERS, prototypes, {40: 0},
+                                {"b": UnitAxis(1, (5, 8, 8), "test")})
+        net(views)
+        planted = rider.combine(model.take(), rider.take())["b"][:, 3]
+        rider.close()
+    assert torch.all(planted == planted[0])  # the same for every view: nothing singled out
 
 
 def test_plants_spread_over_layers_distinct_and_live():
