@@ -52,7 +52,7 @@ class Membership:
     p_value: float
     permutations: int
     excess_interval: Interval | None = None
-    units: int = 0  # units in the statistic (with an argmax)
+    units: int | None = None  # units in the statistic (with an argmax); None: not recorded (an older file)
     excluded_units: int = 0  # dead or constant units, left out
 
     @property

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hooks import LayerRecorder, UnitAxis, find_module, measured_tokens, output_part, unit_means
-from .membership import Membership
+from .membership import CONSTANT_TOLERANCE, Membership
 from .models import LayerSpec
 from .unitmem import UnitMemValues
 from .verdict import Verdict
@@ -270,10 +270,11 @@ def evaluate(plants: Sequence[PlantedUnit], layers: dict[str, UnitMemValues], st
         rank = 1 + int(np.count_nonzero(natural >= unitmem))
         in_top = values.top_samples[:, plant.unit] == plant.image
         activation = float(values.top_values[in_top, plant.unit][0]) if in_top.any() else math.nan
-        rest = float(values.mu_rest[plant.unit])
+        rest, top = float(values.mu_rest[plant.unit]), float(values.mu_max[plant.unit])
+        picks = top - rest > CONSTANT_TOLERANCE * abs(top)  # a constant unit's argmax is a tie-break, not a hit
         results.append(PlantedUnitResult(
             plant, unitmem, rank, rank <= slots,
-            bool(values.max_sample[plant.unit] == plant.image), activation / rest if rest > 0 else math.nan,
+            bool(picks and values.max_sample[plant.unit] == plant.image), activation / rest if rest > 0 else math.nan,
         ))
     result = PlantedResult(results, strength, TOP_SHARE, membership)
     for s in sorted({p.strength for p in plants}):

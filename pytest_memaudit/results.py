@@ -340,7 +340,7 @@ def _membership_from_json(data: dict | None) -> Membership | None:
     return Membership(data["members"], data["holdout"], _float(data["member_share"]), _float(data["expected_share"]),
                       _float(data["topk_member_share"]), data["distinct_argmax"], _float(data["p_value"]),
                       data["permutations"], _interval_from_json(data.get("excess_interval")),
-                      data.get("units", 0), data.get("excluded_units", 0))
+                      data.get("units"), data.get("excluded_units", 0))
 
 
 def _check_json(check: Check) -> dict[str, Any]:

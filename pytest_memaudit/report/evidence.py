@@ -87,7 +87,7 @@ def _verdict_sentence(v: Verdict) -> str:
 def _membership_sentence(m: Membership, members: str = "a member") -> str:
     left_out = f"; {m.excluded_units} dead or constant units left out" if m.excluded_units else ""
     return (
-        f"{m.member_share:.1%} of {m.units or 'the'} units have {members} as argmax against {m.expected_share:.1%} "
+        f"{m.member_share:.1%} of {'the' if m.units is None else m.units} units have {members} as argmax against {m.expected_share:.1%} "
         f"expected (excess {fmt_interval(m.excess, m.excess_interval, '+.3f')}); p = {fmt_p(m.p_value)} "
         f"({m.permutations:,} permutations over {m.members + m.holdout} data points; "
         f"{m.distinct_argmax} distinct argmax images{left_out})."
