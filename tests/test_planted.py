@@ -151,3 +151,94 @@ def test_an_audit_finds_its_planted_units():
     assert result.control is not None and result.control.membership is not None
     again = run_audit(settings, spec)  # seeded: the same plants, the same figures
     assert [(u.plant, u.unitmem) for u in again.planted.units] == [(u.plant, u.unitmem) for u in planted.units]
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 48, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
+    """The planted control rides on the model's pass. Reference, computed here: a copy of the model
+    whose planted units really add the implant to their output on the views of their planted image
+    (known here by image, not recognised), every view through it, UnitMem and the membership
+    contrast in float64 numpy. Same recall, argmax hits and member share; the membership p within
+    permutation noise (2,000 relabellings each). The audited layer is the last, as a planted layer
+    in a full-pass copy would also change what later layers compute (the control measured in the
+    model's pass leaves them as the model has them)."""
+    import copy
+
+    from pytest_memaudit.audit import model_views, open_images, view_seed
+    from pytest_memaudit.unitmem import HOLDOUT, MEMBER, PLANTED
+
+    spec = ModelSpec(name="small", layers=(LayerSpec("b", "b"),), build=lambda checkpoint: Small(),
+                     default_image_size=16)
+    settings = make_settings(model="small", data="builtin", samples=40, holdout="builtin", augmentations=2,
+                             planted_units=8, planted_strength=30, device="cpu", control="planted", permutations=2000)
+    result = run_audit(settings, spec)
+    planted = result.planted
+
+    images = open_images(settings, spec, 16, planted=8)
+    assert list(images.ids) == result.samples
+    net = copy.deepcopy(Small()).eval()
+    current = {}  # the image whose views go through the copy now
+
+    def implant(layer_name):
+        def hook(module, inputs, output):
+            output = output.clone()
+            for unit in planted.units:
+                if unit.plant.layer == layer_name and unit.plant.image == current["image"]:
+                    output[:, unit.plant.unit] += (unit.plant.strength - 1) * unit.plant.scale
+            return output
+        return hook
+
+    measured = {"b": []}
+    net.b.register_forward_hook(implant("b"))
+    net.b.register_forward_hook(lambda m, i, o: measured["b"].append(o.abs().double().mean(dim=(2, 3)).mean(0)))
+    with torch.inference_mode():
+        for i, image_id in enumerate(images.ids):
+            current["image"] = i
+            pixels = images.load(i)[None].float() / 255
+            net(model_views(pixels, 2, [view_seed(settings.seed, image_id)], spec.input_contract))
+    a = {name: torch.stack(rows).numpy() for name, rows in measured.items()}  # (data points, units)
+    labels = images.labels
+
+    # recall and argmax hits: UnitMem over members and planted images, natural units' top 5%
+    over = np.isin(labels, (MEMBER, PLANTED))
+    unitmem = {}
+    for name, matrix in a.items():
+        m = matrix[over]
+        top = m.max(axis=0)
+        rest = (m.sum(axis=0) - top) / (m.shape[0] - 1)
+        unitmem[name] = (top - rest) / (top + rest)
+    natural = np.concatenate([np.delete(unitmem[name], [u.plant.unit for u in planted.units if u.plant.layer == name])
+                              for name in a])
+    slots = math.ceil(0.05 * natural.size)
+    index = np.flatnonzero(over)
+    found = [1 + np.count_nonzero(natural >= unitmem[u.plant.layer][u.plant.unit]) <= slots
+             for u in planted.default_units]
+    hits = [index[a[u.plant.layer][over][:, u.plant.unit].argmax()] == u.plant.image for u in planted.default_units]
+    assert planted.recall == np.mean(found) == 1.0
+    assert planted.argmax_hits == sum(hits) == 8
+
+    # the pooled membership test: planted images against the other held-out images, over both layers
+    pooled = np.flatnonzero(np.isin(labels, (PLANTED, HOLDOUT)))
+    is_planted = labels[pooled] == PLANTED
+    counts = np.zeros(pooled.size)
+    for matrix in a.values():
+        m = matrix[pooled]
+        picks = m.max(axis=0) - m.mean(axis=0) > 1e-5 * m.max(axis=0)
+        counts += np.bincount(m.argmax(axis=0)[picks], minlength=pooled.size)
+    observed = counts[is_planted].sum()
+    rng = np.random.default_rng(123)
+    null = np.array([counts[rng.permutation(pooled.size)[: is_planted.sum()]].sum() for _ in range(2000)])
+    p = (1 + np.count_nonzero(null >= observed)) / 2001
+    assert planted.membership.member_share == pytest.approx(observed / counts.sum())
+    noise = 4 * math.sqrt(max(p, 1 / 2001) * (1 - p) / 2000)
+    assert abs(planted.membership.p_value - p) <= noise + 1 / 2001
