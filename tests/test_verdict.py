@@ -125,3 +125,15 @@ def test_on_the_encoder_itself_the_planted_control_is_found_and_the_random_contr
     # the model's own verdict and its gates say the same: generated images, untrained weights
     assert result.verdict.memorization in ("none", "inconclusive")
     assert all(o.status == "passed" for o in outcomes.values())
+
+
+def test_a_p_gate_the_permutations_cannot_reach_is_warned_about(pytester):
+    """The demo's 22 layers, Holm, membership_p_min 0.01: 100 permutations give at best 22 / 101."""
+    pytester.mkdir("audits")
+    (pytester.path / "audits" / "memaudit.yaml").write_text(DEFAULT_AUDIT.read_text())
+    result = pytester.runpytest("audits", "--collect-only", "--memaudit-permutations", "100", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*membership_p_min = 0.01 cannot fail: with 100 permutations the smallest p-value "
+                                 "after the holm correction over 22 layer(s) is 0.218; use --memaudit-permutations "
+                                 "2200 or more*"])
+    quiet = pytester.runpytest("audits", "--collect-only", "--memaudit-permutations", "2200", "-p", "no:cacheprovider")
+    assert "cannot fail" not in quiet.stdout.str()

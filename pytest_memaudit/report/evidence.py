@@ -110,6 +110,7 @@ def membership_section(result: AuditResult, gallery: Gallery, adjusted: dict[str
             "excess": fmt_interval(m.excess, m.excess_interval, "+.3f"),
             "topk": fmt(m.topk_member_share),
             "distinct": m.distinct_argmax,
+            "units": "n/a" if m.units is None else f"{m.units} ({m.excluded_units})",
             "p": fmt_p(m.p_value),
             "p_adjusted": fmt_p(adjusted[layer.name].get("membership_p", math.nan)),
             "control_share": fmt(other.membership.member_share) if other and other.membership else None,
@@ -161,6 +162,7 @@ def planted_section(result: AuditResult, gallery: Gallery) -> dict | None:
         "hits": f"{planted.argmax_hits} of {len(planted.default_units)}",
         "membership": None if planted.membership is None else _membership_sentence(planted.membership,
                                                                                     "a planted image"),
+        "verdict": None if planted.verdict is None else _verdict_sentence(planted.verdict),
         "detection": "none of the strengths tried" if planted.detection_strength is None
         else f"{planted.detection_strength:g}",
         "curve": [{"strength": f"{point['strength']:g}", "units": point["units"], "recall": f"{point['recall']:.0%}",
