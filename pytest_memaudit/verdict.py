@@ -7,11 +7,15 @@ and layers), and the verdict says:
 
 - ``detected``: some test's corrected p-value is below ``level`` (VERDICT_LEVEL, the level of the
   default ``membership_p_min`` gate, so that the verdict and the default gates agree);
-- ``inconclusive``: none is, but some test shows a signal before the correction (its p below
-  ``level``, or its interval wholly above 0), or the permutations cannot reach ``level`` after the
-  correction; the verdict then gives the estimate, its interval and why there is no verdict;
-- ``none``: no test shows a signal, before or after the correction. A family with no test that
-  could run (every unit dead or constant: a network blind to its input) also gives none, saying so.
+- ``inconclusive``: none is, but one is below ``SUGGESTIVE_LEVEL`` (5 times ``level``), or the
+  permutations cannot reach ``level`` after the correction; the verdict then gives the estimate,
+  its interval, its p before and after the correction, and why there is no verdict;
+- ``none``: no corrected p-value is below ``SUGGESTIVE_LEVEL``. A family with no test that could
+  run (every unit dead or constant: a network blind to its input) also gives none, saying so.
+
+Both levels are family-wise: without memorization, an audit says detected at most 1% of the time
+and inconclusive or detected at most 5% (a signal in one of 22 layers before the correction is
+what chance gives, and is not reported as a signal).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from .stats import holm
 
 VERDICT_LEVEL = 0.01
+SUGGESTIVE_FACTOR = 5  # inconclusive below SUGGESTIVE_FACTOR x level (0.05 for 0.01), corrected
 MEMBERSHIP_SIGNAL = "argmax_membership"  # the membership test's name among signals
 OUTCOMES = ("detected", "inconclusive", "none")
 
@@ -108,37 +113,30 @@ def decide(tests: Sequence[Any], level: float = VERDICT_LEVEL, method: str = "ho
     order = sorted(range(m), key=lambda i: (adjusted[i], usable[i].p_value, -_finite(usable[i].estimate)))
     best = order[0]
     reachable = permutations is None or smallest_corrected_p(m, permutations, method) < level
-    rule = (f"detected when a test's corrected p is below {level:g}; inconclusive when none is but one shows a "
-            f"signal before the correction (p below {level:g}, or its 95% interval wholly above 0)")
+    suggestive = SUGGESTIVE_FACTOR * level
+    rule = (f"detected when a test's corrected p is below {level:g}, inconclusive when it is below {suggestive:g}, "
+            "none otherwise")
+    chosen, t = best, usable[best]
     if adjusted[best] < level:
-        outcome, chosen = "detected", best
-        why = (f"{usable[chosen].signal} at {usable[chosen].layer}: corrected p = {_p(adjusted[chosen])} "
-               f"< {level:g}")
-    else:
-        signalled = [i for i in order if usable[i].p_value < level or _finite(usable[i].low, -1) > 0]
-        if signalled or not reachable:
-            outcome = "inconclusive"
-            chosen = signalled[0] if signalled else best
-            t = usable[chosen]
-            if not reachable:
-                why = (f"{permutations:,} permutations cannot give a corrected p below {level:g} for {m} tests "
-                       f"(the smallest is {smallest_corrected_p(m, permutations, method):.3g}): use at least "
-                       f"{math.ceil(m / level) if method == 'holm' else math.ceil(1 / level)} permutations")
-            else:
-                why = (f"{t.signal} at {t.layer}: estimate {t.estimate:+.3f}, 95% interval "
-                       f"[{t.low:+.3f}, {t.high:+.3f}], p = {_p(t.p_value)} before the correction, "
-                       f"{_p(adjusted[chosen])} after it: not below {level:g}")
+        outcome, why = "detected", f"the smallest corrected p is {_p(adjusted[best])}"
+    elif adjusted[best] < suggestive or not reachable:
+        outcome = "inconclusive"
+        if not reachable:
+            why = (f"{permutations:,} permutations cannot give a corrected p below {level:g} for {m} tests "
+                   f"(the smallest is {smallest_corrected_p(m, permutations, method):.3g}): use at least "
+                   f"{math.ceil(m / level) if method == 'holm' else math.ceil(1 / level)} permutations")
         else:
-            outcome, chosen = "none", best
-            why = (f"no test shows a signal: the smallest p is {_p(usable[best].p_value)} "
-                   f"({usable[best].layer}), and no interval lies wholly above 0")
-    t = usable[chosen]
+            why = (f"the smallest corrected p, {_p(adjusted[best])} ({_p(t.p_value)} before the correction), is "
+                   f"below {suggestive:g} but not below {level:g}")
+    else:
+        outcome = "none"
+        why = f"the smallest corrected p is {_p(adjusted[best])} ({_p(t.p_value)} before the correction)"
     return Verdict(outcome, float(adjusted[chosen]), t.signal, t.layer, float(t.estimate), float(t.low),
                    float(t.high), float(t.p_value), m, correction, level, f"{why}. Rule: {rule}.")
 
 
-def _finite(value: float, default: float = 0.0) -> float:
-    return value if value is not None and math.isfinite(value) else default
+def _finite(value: float) -> float:
+    return value if value is not None and math.isfinite(value) else 0.0
 
 
 def _p(value: float) -> str:

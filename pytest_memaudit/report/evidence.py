@@ -59,10 +59,10 @@ def evidence(result: AuditResult) -> list[dict[str, str]]:
     answers.append({
         "question": f"Does {result.model} single out its training images?",
         "answer": {"detected": "yes: memorization detected (members are picked by units more than held-out images)",
-                   "inconclusive": "inconclusive: a signal before the correction, no verdict after it",
+                   "inconclusive": "inconclusive: a weak signal, not enough for a verdict",
                    "none": "no evidence: members are not picked more than held-out images"}[verdict.memorization],
         "css": {"detected": "signal", "inconclusive": "signal", "none": "yes"}[verdict.memorization],
-        "detail": f"{_verdict_sentence(verdict)} Over all layers: {_membership_sentence(result.membership)}",
+        "detail": _verdict_sentence(verdict),
     })
     return answers
 
@@ -79,9 +79,9 @@ def _overall_verdict(m: Membership) -> Verdict:
 def _verdict_sentence(v: Verdict) -> str:
     if v.layer is None:
         return f"verdict {v.memorization}: {v.reason}"
-    return (f"verdict {v.memorization}, from {v.signal} at {v.layer}: estimate {v.estimate:+.3f} "
+    return (f"verdict {v.memorization}: the strongest test, {v.signal} at {v.layer}, estimate {v.estimate:+.3f} "
             f"[{v.low:+.3f}, {v.high:+.3f}] (95%), p = {fmt_p(v.raw_p_value)}, {fmt_p(v.p_value)} corrected "
-            f"({v.correction}). {v.reason}")
+            f"({v.correction}); {v.reason}")
 
 
 def _membership_sentence(m: Membership, members: str = "a member") -> str:
