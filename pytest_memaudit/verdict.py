@@ -7,10 +7,10 @@ and layers), and the verdict says:
 
 - ``detected``: some test's corrected p-value is below ``level`` (VERDICT_LEVEL, the level of the
   default ``membership_p_min`` gate, so that the verdict and the default gates agree);
-- ``inconclusive``: none is, but one is below ``SUGGESTIVE_LEVEL`` (5 times ``level``), or the
-  permutations cannot reach ``level`` after the correction; the verdict then gives the estimate,
+- ``inconclusive``: none is, but one is below ``SUGGESTIVE_FACTOR`` times ``level`` (0.05), or the
+  permutations could not even reach that after the correction; the verdict then gives the estimate,
   its interval, its p before and after the correction, and why there is no verdict;
-- ``none``: no corrected p-value is below ``SUGGESTIVE_LEVEL``. A family with no test that could
+- ``none``: no corrected p-value is below that. A family with no test that could
   run (every unit dead or constant: a network blind to its input) also gives none, saying so.
 
 Both levels are family-wise: without memorization, an audit says detected at most 1% of the time
@@ -112,18 +112,18 @@ def decide(tests: Sequence[Any], level: float = VERDICT_LEVEL, method: str = "ho
     adjusted = holm([t.p_value for t in usable]) if method == "holm" else [t.p_value for t in usable]
     order = sorted(range(m), key=lambda i: (adjusted[i], usable[i].p_value, -_finite(usable[i].estimate)))
     best = order[0]
-    reachable = permutations is None or smallest_corrected_p(m, permutations, method) < level
+    smallest = 0.0 if permutations is None else smallest_corrected_p(m, permutations, method)
     suggestive = SUGGESTIVE_FACTOR * level
     rule = (f"detected when a test's corrected p is below {level:g}, inconclusive when it is below {suggestive:g}, "
             "none otherwise")
     chosen, t = best, usable[best]
     if adjusted[best] < level:
         outcome, why = "detected", f"the smallest corrected p is {_p(adjusted[best])}"
-    elif adjusted[best] < suggestive or not reachable:
+    elif adjusted[best] < suggestive or smallest >= suggestive:  # a signal, or no test could show one
         outcome = "inconclusive"
-        if not reachable:
+        if smallest >= level:
             why = (f"{permutations:,} permutations cannot give a corrected p below {level:g} for {m} tests "
-                   f"(the smallest is {smallest_corrected_p(m, permutations, method):.3g}): use at least "
+                   f"(the smallest is {smallest:.3g}): use at least "
                    f"{math.ceil(m / level) if method == 'holm' else math.ceil(1 / level)} permutations")
         else:
             why = (f"the smallest corrected p, {_p(adjusted[best])} ({_p(t.p_value)} before the correction), is "

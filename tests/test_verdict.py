@@ -73,6 +73,10 @@ def test_too_few_permutations_for_the_level_after_holm():
     v = decide(tests, permutations=1000)
     assert v.memorization == "inconclusive"
     assert "cannot give a corrected p below 0.01" in v.reason and "at least 2200 permutations" in v.reason
+    assert decide([test(f"l{i}", 0.5) for i in range(22)], permutations=1000).memorization == "none"
+    # 100 permutations: the smallest corrected p, 22 / 101, cannot even reach 0.05: no verdict is possible
+    v = decide([test(f"l{i}", 0.5) for i in range(22)], permutations=100)
+    assert v.memorization == "inconclusive" and "use at least 2200 permutations" in v.reason
     assert decide([test("a", 0.001)], permutations=2200).memorization == "detected"
 
 
