@@ -12,7 +12,7 @@ On a generated var_d16 checkpoint (random weights, the released shapes) and gene
    memory, and the layout the audit itself would choose;
 3. accuracy: UnitMem of a 16-image, 0-augmentation audit on the device in float32 against an
    independent float64 computation on the CPU (``tests/var_reference.py``): the largest absolute
-   difference (README promises 1e-4 for float32, which is why TF32 is off in float32 audits).
+   difference (docs/statistics.md promises 1e-4 for float32, which is why TF32 is off in float32 audits).
 
 It prints a table and writes ``--json``. Put the figures in ``benchmarks/RESULTS.md``.
 """

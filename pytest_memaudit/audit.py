@@ -9,13 +9,14 @@ Usable without pytest::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,10 +24,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .augment import augment_views
 from .config import RunSettings, control_roles
 from .controls import random_weights_copy
-from .data import BUILTIN_PREFIX, ImageSet, UnreadableImage
+from .data import BUILTIN_PREFIX, ImageBatch, ImageSet, UnreadableImage, lost_worker
 from .datapoints import DataPoints, embedded_rows, score_data_points, what_gets_memorized
 from .device import (ForwardTimer, check_precision, faster_layout, is_out_of_memory, precision_mode, process_device,
                      selected_device)
@@ -47,6 +47,7 @@ from .stats import jackknife_interval, layer_stats, spread_figures
 from .tarshards import open_image_folder
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
 from .verdict import Verdict, decide, membership_tests
+from .views import PipelineViews, ViewRecipe, recipe_for, view_seed
 
 ProgressCallback = Callable[[int, int], None]  # (data points done, in all) of this process's share
 # Weights and views in NHWC, the layout oneDNN and cuDNN convolutions run fastest in, for models
@@ -154,6 +155,7 @@ class AuditRun:
     given: list[str | None]  # the checkpoints as the user named them
     model_net: torch.nn.Module
     layout: torch.memory_format
+    recipe: ViewRecipe
     fingerprint: dict
     progress: ShardProgress
     workers: int
@@ -169,7 +171,7 @@ class AuditRun:
 
     @property
     def views(self) -> int:
-        return max(self.settings.augmentations, 1)
+        return self.recipe.views_per_image(self.settings.augmentations)
 
     @property
     def batch_size(self) -> int:
@@ -195,6 +197,7 @@ class AuditRun:
         }
 
     def restore(self, saved: dict) -> None:
+        """Load a snapshot, then check it: a damaged one is refused, never resumed into wrong figures."""
         try:
             for subject in self.subjects:
                 for name, state in subject.states.items():
@@ -203,9 +206,57 @@ class AuditRun:
             if self.checker is not None:
                 self.checker.load_state_dict(saved["overlap"])
             self.measured.load_state_dict(saved["measured"])
-        except (KeyError, TypeError) as exc:
-            raise AuditError(f"the snapshot {self.snapshots.path} lacks part of this audit's state ({exc}); "
-                             "delete it to start this process's share over") from None
+            problem = self.restored_problem()
+        except KeyError as exc:
+            problem = f"it lacks part of this audit's state ({exc})"
+        except AuditError as exc:
+            problem = str(exc)
+        except Exception as exc:  # noqa: BLE001 (a snapshot is read from disk: any malformed field is damage)
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            raise AuditError(f"the snapshot {self.snapshots.path} is damaged: {problem}. Delete it to start this "
+                             "process's share over.")
+
+    def restored_problem(self) -> str | None:
+        """What in a loaded snapshot disagrees with this audit or with itself (None: nothing).
+
+        Its progress must lie within this process's share and its skipped data points among those
+        streamed; every layer state, the stored values, the measured characteristics and the
+        held-out digests must hold exactly the data points streamed and read, with their labels
+        and groups. A wrong counter would otherwise stream data twice or leave some out, silently."""
+        progress, positions = self.progress, self.progress.positions
+        if not 0 <= progress.done <= len(positions):
+            return f"its progress counter says {progress.done} data points, this process's share has {len(positions)}"
+        streamed = np.asarray(positions[: progress.done], dtype=np.int64)
+        skipped = np.array([position for position, _ in progress.skipped], dtype=np.int64)
+        if np.unique(skipped).size != skipped.size or not np.isin(skipped, streamed).all():
+            return (f"its {skipped.size} skipped data points are not distinct data points among the {streamed.size} "
+                    "it has streamed")
+        read = np.setdiff1d(streamed, skipped)
+        labels, groups = self.images.labels[read].astype(np.int64), self.images.groups[read].astype(np.int64)
+        for subject in self.subjects:
+            for name, state in subject.states.items():
+                expected = torch.zeros_like(state.counts, device="cpu")
+                expected.view(-1).index_add_(0, torch.from_numpy(labels * state.groups + groups),
+                                             torch.ones(read.size, dtype=torch.int64))
+                if not torch.equal(state.counts.cpu(), expected):
+                    return (f"the {subject.role} state of layer {name} holds {int(state.counts.sum())} data points, "
+                            f"not the {read.size} its progress says were read")
+                if state.values is not None and not np.array_equal(np.sort(state.values.index[: state.values.count]), read):
+                    return f"the stored values of layer {name} ({subject.role}) are not those of the data points read"
+        measured = self.measured.state_dict()
+        if not np.array_equal(measured["positions"].numpy(), read):
+            return f"it lists {measured['positions'].numel()} data points measured, not the {read.size} read"
+        sizes = [len(values) for values in measured["characteristics"].values()]
+        if measured["embedding"] is not None:
+            sizes.append(measured["embedding"].shape[0])
+        if any(size != read.size for size in sizes):
+            return f"its image characteristics or embedding cover {sizes} data points, not the {read.size} read"
+        if self.checker is not None:
+            digested = [position for _, position in [*self.checker.members.items(), *self.checker.holdout]]
+            if not np.isin(np.array(digested, dtype=np.int64), read).all():
+                return "its held-out check lists data points it has not read"
+        return None
 
     def close(self) -> None:
         for subject in self.subjects:
@@ -317,29 +368,32 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
         image_size = settings.image_size or spec.default_image_size
         planted = settings.planted_units if "planted" in control_roles(settings, spec) else 0
         images = open_images(settings, spec, image_size, planted=planted)
+        recipe = recipe_for(settings, spec)
         paths = [spec.locate(given) for given in checkpoints]
         checkpoint_info = [checkpoint_record(path) for path in paths]
         layout = memory_format(spec.input_contract)
         with user_code(f"building model {spec.name}"):
             model_net = prepare(spec.build(paths[0]), device, layout)
         if layout == torch.channels_last and device.type == "cuda":
-            layout, seconds = probe_layouts(model_net, (min(views_per_pass(settings, device), 32), 3, image_size,
-                                                        image_size), device, settings.precision)
+            layout, seconds = probe_layouts(model_net, (min(views_per_pass(settings, device), 32),
+                                                        spec.input_contract.channels, image_size, image_size),
+                                            device, settings.precision)
             model_net = model_net.to(memory_format=layout)
     except Exception as exc:  # noqa: BLE001 (shared with the other processes, then raised)
         problem = exc
     world.agree(problem, "setting up the audit")
-    fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size)
+    fingerprint = audit_fingerprint(settings, selected, images, checkpoint_info, world.size, recipe)
     world.agree_on(fingerprint | {"device type": device.type}, "what to audit")
     world.check_devices(device)
     notes = list(images.notes) + precision_notes(settings.precision, device)  # the forward adds its halvings
+    notes += what_is_not_tested(spec, paths[0], images)
     if device.type == "cuda" and memory_format(spec.input_contract) == torch.channels_last:
         notes.append(f"memory layout on {device}: {layout_name(layout)}, the faster for a forward pass: "
                      + ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in seconds.items()))
-    views = max(settings.augmentations, 1)
+    views = recipe.views_per_image(settings.augmentations)
     run = AuditRun(
         settings, spec, selected, world, device, images, image_size, paths, checkpoint_info, checkpoints, model_net,
-        layout, fingerprint, ShardProgress(world.shard(len(images))),
+        layout, recipe, fingerprint, ShardProgress(world.shard(len(images))),
         settings.workers if settings.workers is not None else default_workers(images, device, views,
                                                                              world.launch.local_size),
         AdaptiveForward(views_per_pass(settings, device), device, notes), notes, timer=ForwardTimer(device),
@@ -348,6 +402,20 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
     if settings.state:
         run.snapshots = Snapshots(settings.state, world.rank, world.size, fingerprint, settings.state_every)
     return run
+
+
+def what_is_not_tested(spec: ModelSpec, checkpoint: Path | None, images: ImageSet) -> list[str]:
+    """Notes on what a run cannot show: a user model built without a checkpoint (the shipped examples' factories
+    then give random weights, which learned nothing), and no held-out images (no membership test)."""
+    notes = []
+    if checkpoint is None and spec.factory is not None:
+        notes.append(f"no checkpoint given: {spec.name} was built by its factory as build(None), which in the shipped "
+                     "examples means random weights: a model that learned nothing, so nothing it could memorize. Give "
+                     "--memaudit-checkpoint PATH (or checkpoint: in the audit YAML) to audit trained weights")
+    if not images.count(HOLDOUT):
+        notes.append("no held-out images: whether the model singles out its training images is not tested. Give "
+                     "--memaudit-holdout DIR (images of the training distribution it never trained on)")
+    return notes
 
 
 def add_subjects(run: AuditRun) -> None:
@@ -365,11 +433,12 @@ def add_subjects(run: AuditRun) -> None:
     if "planted" in (settings.control or "") and not images.count(PLANTED):  # asked for, not the default
         run.notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
     if images.count(PLANTED) and "planted" in run.controls:
-        run.plants, planted = build_planted(run.model_net, run.selected, images, settings, run.spec.input_contract,
-                                            run.layout, run.device, run.forward, run.world)
+        run.plants, planted = build_planted(run.model_net, run.selected, images, settings, run.recipe,
+                                            run.spec.input_contract, run.layout, run.device, run.forward, run.world)
         if planted is not None:  # the model's net: it rides on the model's pass
             run.subjects.append(Subject("planted", run.model_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,), planted))
-    probe = torch.zeros(1, 3, run.image_size, run.image_size, device=run.device).contiguous(memory_format=run.layout)
+    probe = torch.zeros(1, run.spec.input_contract.channels, run.image_size, run.image_size, device=run.device)
+    probe = probe.contiguous(memory_format=run.layout)
     budget = settings.median_memory * 2**20 // len(run.subjects)
     units = {}
     for subject in run.subjects:  # the model first: a rider measures the model's layers
@@ -385,6 +454,10 @@ def add_subjects(run: AuditRun) -> None:
         run.notes += spill_notes(subject.role, subject.states, settings.median_memory)
     run.embedding_layer = (run.spec.layer(settings.embedding_layer).name if settings.embedding_layer
                            else run.subjects[0].recorder.ordered(run.selected)[-1].name)
+    if run.embedding_layer not in {layer.name for layer in run.selected}:
+        run.notes.append(f"the memorized images were not clustered: the embedding layer {run.embedding_layer} "
+                         "(--memaudit-embedding-layer) is not audited in this run (deselected, e.g. by -k); select "
+                         "its test, or name an audited layer")
     problem, saved = None, None
     try:
         saved = run.snapshots.load() if run.snapshots else None
@@ -397,19 +470,45 @@ def add_subjects(run: AuditRun) -> None:
 
 def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
     """Stream this process's remaining shard through every subject, in batches of data points;
-    a snapshot now and then and at the end."""
-    settings, images, device, views = run.settings, run.images, run.device, run.views
-    batches = images.iter_batches(max(1, run.batch_size // views), run.workers, pin_memory=device.type == "cuda",
-                                  positions=run.progress.remaining(), characteristics=True)
+    a snapshot now and then and at the end. A decoding worker that dies is named as such."""
+    settings, recipe = run.settings, run.recipe
+    # A user pipeline makes its views one image at a time, in the decode workers; the others, batched here.
+    in_workers = None if recipe.pipeline is None else PipelineViews(recipe.pipeline, settings.augmentations,
+                                                                    settings.seed)
+    batches = run.images.iter_batches(max(1, run.batch_size // run.views), run.workers,
+                                      pin_memory=run.device.type == "cuda", positions=run.progress.remaining(),
+                                      characteristics=True, views=in_workers)
+    try:
+        with contextlib.closing(batches):  # the decoding workers and their files go however the stream ends
+            stream_batches(run, batches, progress)
+    except (AuditError, RuntimeError) as exc:
+        lost = lost_worker(exc)  # torch raises it wherever the main process is, the model's forward pass too
+        if lost is None:
+            raise
+        raise DataError(f"{lost} while the audit read {run.source}; the model's forward pass is not at fault. "
+                        "Rerun the audit (with --memaudit-state DIR a rerun resumes), with fewer --memaudit-workers if "
+                        "memory ran short") from None
+    if run.snapshots:
+        run.snapshots.save(run.snapshot())
+
+
+def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: ProgressCallback | None) -> None:
+    settings, images, device, views, recipe = run.settings, run.images, run.device, run.views, run.recipe
     for batch in batches:
         run.progress.skipped += batch.skipped
         n = len(batch.positions)
         if n:
             if run.checker:
                 run.checker.add(batch.positions, batch.images)
-            pixels = batch.images.to(device, non_blocking=True).float().div_(255)
-            seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
-            batch_views = model_views(pixels, settings.augmentations, seeds, run.spec.input_contract, run.layout)
+            if batch.problem:
+                raise AuditError(batch.problem)
+            if batch.views is not None:
+                made = batch.views.to(device, non_blocking=True).float().mul_(2).sub_(1)
+            else:
+                pixels = batch.images.to(device, non_blocking=True).float().div_(255)
+                seeds = [view_seed(settings.seed, images.ids[pos]) for pos in batch.positions]
+                made = recipe.make(pixels, settings.augmentations, seeds)
+            batch_views = model_input(made, run.spec.input_contract, run.layout)
             index = torch.tensor(batch.positions, dtype=torch.int64, device=device)
             label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
             group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
@@ -437,8 +536,6 @@ def stream(run: AuditRun, progress: ProgressCallback | None) -> None:
             progress(run.progress.done, len(run.progress.positions))
         if run.snapshots and run.snapshots.due():
             run.snapshots.save(run.snapshot())
-    if run.snapshots:
-        run.snapshots.save(run.snapshot())
 
 
 def merge(run: AuditRun) -> Merged:
@@ -530,6 +627,8 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
         "device": str(run.device),
         "workers": run.workers,
         "control": ",".join(run.controls) or "none",
+        "views": run.recipe.name,
+        "views_recipe": run.recipe.record(),
         "views_per_image": run.views,
         "input": run.spec.input_contract.describe(),
         "memory_format": layout_name(run.layout),
@@ -622,7 +721,7 @@ def views_per_pass(settings: RunSettings, device: torch.device) -> int:
 
 
 def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], images: LabelledImages,
-                      checkpoints: list[dict | None], processes: int) -> dict:
+                      checkpoints: list[dict | None], processes: int, recipe: ViewRecipe) -> dict:
     """What decides an audit's numbers: processes must agree on it, and a snapshot must match it."""
     sha256s = [None if checkpoint is None else checkpoint["sha256"] for checkpoint in checkpoints]
     listing = hashlib.sha256()
@@ -631,8 +730,10 @@ def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], imag
     return {
         "pytest-memaudit version": __version__,
         "snapshot format": STATE_FORMAT,
+        # the checkpoint file's sha256 and the views' recipe (however it was named) are below
         "settings": {key: value for key, value in settings.as_dict().items()
-                     if key not in RESUMABLE_CHANGES and key != "checkpoint"},  # the file's sha256 is below
+                     if key not in RESUMABLE_CHANGES and key not in ("checkpoint", "views")},
+        "views": f"{recipe.name}, sha256 {recipe.sha256}",  # a user pipeline's transforms are in the hash
         "layers": [layer.name for layer in selected],
         "checkpoint sha256": sha256s[0] if len(sha256s) == 1 else sha256s,  # one, or a series
         "data listing": f"{len(images)} data points, sha256 {listing.hexdigest()[:16]}",
@@ -681,6 +782,13 @@ def check_read(images: LabelledImages, read: np.ndarray, skipped: list[dict[str,
             "Check that the files are images (jpg, png, webp, bmp) and not truncated."
         )
     labels = images.labels[read]
+    members = int(np.count_nonzero(labels == MEMBER))
+    if members < 2:  # else every layer would stop later, saying only that it saw fewer than 2
+        first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+        raise DataError(
+            f"only {members} of the {images.count(MEMBER)} member images in {source} could be read ({first}); "
+            "UnitMem needs at least 2. Check that the files are images (jpg, png, webp, bmp) and not truncated."
+        )
     if images.count(HOLDOUT, PLANTED) and not np.isin(labels, (HOLDOUT, PLANTED)).any():
         raise DataError(
             f"none of the {images.count(HOLDOUT, PLANTED)} held-out images ({images.holdout_description}) could "
@@ -747,8 +855,9 @@ def _digest_pairs(table: dict[str, torch.Tensor]) -> list[tuple[bytes, int]]:
 
 
 def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,
-                  settings: RunSettings, contract: InputContract, layout: torch.memory_format, device: torch.device,
-                  forward: AdaptiveForward, world: World) -> tuple[list[PlantedUnit], PlantedRecorder | None]:
+                  settings: RunSettings, recipe: ViewRecipe, contract: InputContract, layout: torch.memory_format,
+                  device: torch.device, forward: AdaptiveForward,
+                  world: World) -> tuple[list[PlantedUnit], PlantedRecorder | None]:
     """The planted control: one forward pass over the planted images' views gives the sketches of
     each plantable layer's input (the implants' references) and the model's mean |activation| per
     unit (the implants' scale); then the units, and the recorder that plants them in the model's
@@ -764,7 +873,8 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
         return [], None
     x = torch.stack(pixels).to(device).float().div_(255)
     seeds = [view_seed(settings.seed, images.ids[position]) for position in kept]
-    planted_views = model_views(x, settings.augmentations, seeds, contract, layout)
+    made = recipe.make(x, settings.augmentations, seeds, [images.ids[position] for position in kept])
+    planted_views = model_input(made, contract, layout)
     layers = plantable(selected)
     sketches = InputSketches(model_net, layers)
     try:
@@ -773,7 +883,7 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
         found = sketches.take()
     finally:
         sketches.close()
-    views = max(settings.augmentations, 1)
+    views = recipe.views_per_image(settings.augmentations)
     prototypes = {name: found[name].view(len(kept), views, -1) for name in found}
     scales = {name: values.double().mean(dim=0).cpu().numpy() for name, values in outputs.items()  # forward order
               if name in prototypes}
@@ -885,12 +995,12 @@ def probe_layouts(net: torch.nn.Module, shape: tuple[int, ...], device: torch.de
         return faster_layout(run, device)
 
 
-def model_views(pixels: torch.Tensor, augmentations: int, seeds: Sequence[int], contract: InputContract,
+def model_input(views: torch.Tensor, contract: InputContract,
                 layout: torch.memory_format | None = None) -> torch.Tensor:
-    """The views of ``pixels`` (n, 3, H, W) in [0, 1] as the model takes them: augmented (in [-1, 1]),
-    mapped to its input range or normalization, in its memory layout (``layout``, default the
+    """Views (n, 3, H, W) in [-1, 1], RGB, as the model takes them: its channels (luma for one) in its
+    order, mapped to its input range or normalization, in its memory layout (``layout``, default the
     contract's). Every subject (the model and its controls) gets these same tensors."""
-    views = augment_views(pixels, augmentations, seeds)
+    views = contract.arrange(views)
     affine = contract.affine()
     if affine is not None:
         scale, shift = (torch.tensor(values, dtype=views.dtype, device=views.device).view(1, -1, 1, 1)
@@ -986,7 +1096,7 @@ def new_states(
 
 
 def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list[str]:
-    spilled = [state.values for state in states.values() if state.values is not None and state.values.spill_path]
+    spilled = [state.values for state in states.values() if state.values is not None and state.values.spill_dir]
     if not spilled:
         return []
     rows = spilled[0].capacity
@@ -994,14 +1104,8 @@ def spill_notes(role: str, states: dict[str, LayerState], limit_mb: int) -> list
     return [
         f"median reduction ({role}): the {rows} x units matrix ({size:,.0f} MB) is over "
         f"--memaudit-median-memory ({limit_mb} MB), so it is kept on disk in "
-        f"{os.path.dirname(spilled[0].spill_path)}"
+        f"{spilled[0].spill_dir}"
     ]
-
-
-def view_seed(seed: int, image_id: str) -> int:
-    """The seed of an image's views: depends on the audit seed and the image, not on batching."""
-    digest = hashlib.blake2b(f"{seed}:{image_id}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def checkpoint_record(path: Path | None) -> dict | None:

@@ -125,11 +125,29 @@ def check_architecture(model: str, layers: list[tuple[str, str]], baseline: Audi
         raise ConfigError(f"{where} is of another architecture: {'; '.join(moved)}")
 
 
+def check_views(current: dict[str, Any], baseline: AuditResult, label: str) -> None:
+    """ConfigError unless ``baseline`` was audited with the view recipe whose record is ``current``:
+    the recipe moves UnitMem by more than the changes a comparison looks for."""
+    from .views import describe, record_of
+
+    then = record_of(baseline.settings)
+    if then["sha256"] != current["sha256"]:
+        raise ConfigError(
+            f"the baseline {label} was audited on other views: {describe(then)}; this run's are {describe(current)}. "
+            "UnitMem depends on the views (two recipes on the same model differ by more than a change worth "
+            "gating), so the runs cannot be compared: audit this run with the baseline's views (--memaudit-views, "
+            "or views: under the model in the audit YAML), or save a new baseline with these views"
+        )
+
+
 def compare(current: AuditResult, baseline: AuditResult, label: str,
             thresholds: dict[str, dict] | None = None) -> Comparison:
-    """Compare ``current`` with ``baseline`` on ``current``'s layers (``check_architecture`` first).
-    ``thresholds`` (per layer) give each layer's ``fraction_above_level``."""
+    """Compare ``current`` with ``baseline`` on ``current``'s layers (``check_architecture`` and
+    ``check_views`` first). ``thresholds`` (per layer) give each layer's ``fraction_above_level``."""
+    from .views import record_of
+
     check_architecture(current.model, [(layer.name, layer.module) for layer in current.layers], baseline, label)
+    check_views(record_of(current.settings), baseline, label)
     pairs = [(layer, baseline.layer(layer.name)) for layer in current.layers]
     widths = [f"{now.name} has {now.channels} units here and {then.channels} there" for now, then in pairs
               if now.channels != then.channels]

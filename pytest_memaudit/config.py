@@ -26,7 +26,7 @@ import glob
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from .models import (
 from .yamlsafe import quote, shorten
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
+VIEW_RECIPES = ("seed", "simclr", "plain")  # --memaudit-views and a model's views:, or a 'module:function' factory
 CONTROLS = ("random", "planted")  # --memaudit-control: none, or a comma-separated list of these
 DEFAULT_THRESHOLDS: dict[str, Gate | float] = {key: Gate(None) for key in LIMITS} | {
     "fraction_above_level": 0.9
@@ -57,6 +58,7 @@ class RunSettings:
     samples: int | None = None
     image_size: int | None = None  # None: the model's default
     augmentations: int = 10
+    views: str | None = None  # the view recipe (VIEW_RECIPES or 'module:function'); None: the model's
     reduce: str = "mean"
     batch_size: int | None = None  # views per forward pass; None: by device
     device: str = "auto"
@@ -80,9 +82,14 @@ class RunSettings:
         return asdict(self)
 
 
-_INT_FIELDS = {"samples": 2, "image_size": 16, "augmentations": 0, "batch_size": 1, "seed": 0, "topk": 1, "workers": 0,
-               "median_memory": 0, "planted_units": 1, "groups": 2, "permutations": 100, "state_every": 0,
-               "dist_timeout": 1}
+# (least, most) of each whole-number setting. The most is a bound no sensible audit reaches, set
+# so that a mistyped value is refused here, not after the compute as an overflow (the seed: what
+# torch's generators take) or as an allocation of gigabytes (views, top-k lists, groups).
+INT64_MAX = 2**63 - 1
+_INT_FIELDS = {"samples": (2, INT64_MAX), "image_size": (16, 2**20), "augmentations": (0, 10_000),
+               "batch_size": (1, 2**31), "seed": (0, INT64_MAX), "topk": (1, 100_000), "workers": (0, 1024),
+               "median_memory": (0, 2**40), "planted_units": (1, 1_000_000), "groups": (2, 100_000),
+               "permutations": (100, 10**9), "state_every": (0, 10**9), "dist_timeout": (1, 10**7)}
 _CHOICES = {"reduce": ("mean", "median"), "precision": PRECISIONS}
 
 
@@ -93,14 +100,16 @@ def make_settings(**values: Any) -> RunSettings:
     unknown = set(given) - known
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    for key, minimum in _INT_FIELDS.items():
+    for key, (least, most) in _INT_FIELDS.items():
         if key in given:
             try:
                 given[key] = int(given[key])
             except (TypeError, ValueError):
                 raise ConfigError(f"--memaudit-{key.replace('_', '-')} must be a whole number, got {given[key]!r}") from None
-            if given[key] < minimum:
-                raise ConfigError(f"--memaudit-{key.replace('_', '-')} must be at least {minimum}, got {given[key]}")
+            if given[key] < least:
+                raise ConfigError(f"--memaudit-{key.replace('_', '-')} must be at least {least}, got {given[key]}")
+            if given[key] > most:
+                raise ConfigError(f"--memaudit-{key.replace('_', '-')} must be at most {most}, got {given[key]}")
     if "image_size" in given and given["image_size"] % 16:
         raise ConfigError(
             f"--memaudit-image-size must be a multiple of 16 (the encoder downsamples 4 times), got {given['image_size']}"
@@ -126,10 +135,21 @@ def make_settings(**values: Any) -> RunSettings:
                 f"got {given['control']!r}"
             )
         given["control"] = ",".join(roles)
+    if "views" in given:
+        check_views_value("--memaudit-views", given["views"])
     if "device" in given and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(given["device"])):
         raise ConfigError(f"--memaudit-device must be auto, cpu, cuda or cuda:N (N: a GPU number, 0 the first), "
                           f"got {quote(given['device'])}")
     return RunSettings(**given)
+
+
+def check_views_value(where: str, value: Any) -> None:
+    """ConfigError unless ``value`` names a view recipe or a 'package.module:function' factory."""
+    if value in VIEW_RECIPES or (isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value)):
+        return
+    raise ConfigError(f"{where} must be {', '.join(VIEW_RECIPES)} or 'package.module:function' (a function in your "
+                      f"code that takes the image size and returns your torchvision transforms v2 pipeline), "
+                      f"got {quote(value)}")
 
 
 def checkpoint_series(given: list[str], base: Path) -> dict[str, str]:
@@ -168,17 +188,19 @@ def settings_from_record(record: dict[str, Any]) -> RunSettings:
 
 
 def check_image_fits(settings: RunSettings) -> None:
-    """ConfigError when one view at ``settings.image_size`` cannot fit in the machine's memory.
+    """ConfigError when an image's views at ``settings.image_size`` cannot fit in the machine's memory.
 
-    The law is a lower bound, so that only impossible sizes are refused: a view holds at least its
-    RGB input and the first layer's output at full resolution, as float32 (the first layer's width
-    is known for the built-in models; for a user model only the input counts)."""
-    size = settings.image_size
+    The law is a lower bound, so that only impossible sizes are refused: an image's views are made
+    together, as float32 RGB, and one view goes through the model at least with its first layer's
+    output at full resolution (the first layer's width is known for the built-in models; for a user
+    model only the input counts)."""
+    spec = BUILTIN_MODELS.get(settings.model)
+    size = settings.image_size or (spec.default_image_size if spec else None)
     memory = hardware.physical_memory_bytes()
     if size is None or memory is None:
         return
-    spec = BUILTIN_MODELS.get(settings.model)
     channels = spec.input_layer_channels if spec else 0
+    views = max(settings.augmentations, 1)
     needed = size * size * (3 + channels) * 4
     if needed > memory:
         per_pixel = "the RGB input" + (f" and its first layer's {channels} channels" if channels else "")
@@ -187,6 +209,12 @@ def check_image_fits(settings: RunSettings) -> None:
             f"{_binary_size(needed)} ({3 + channels} float32 values per pixel: {per_pixel}), more than this "
             f"machine's {_binary_size(memory)} of memory. Audit at a smaller size"
             + (f" (the model's own is {spec.default_image_size})." if spec else ".")
+        )
+    if 3 * views > 3 + channels and 3 * views * size * size * 4 > memory:
+        raise ConfigError(
+            f"--memaudit-augmentations {settings.augmentations}: one image's {views} views at {size}x{size} need "
+            f"{_binary_size(3 * views * size * size * 4)} (3 float32 values per pixel each), more than this "
+            f"machine's {_binary_size(memory)} of memory. Audit with fewer augmentations or at a smaller size."
         )
 
 
@@ -202,7 +230,7 @@ _TOP_KEYS = ("version", "thresholds", "layers", "models", "multiple_testing", "a
 _GATE_FIELDS = ("limit", "when", "severity")
 Partial = dict[str, Any]  # what one level of configuration sets of a threshold: some of a Gate's fields, or "value"
 _MODEL_KEYS = ("factory", "audited_layers", "image_size", "description", "thresholds", "layers", "checkpoint",
-               "input_range", "normalize", "channels_last")
+               "input_range", "normalize", "channels_last", "channels", "order", "views")
 _LAYER_KEYS = ("module", "name", "units", "units_axis", "tokens", "output", "call")
 
 
@@ -220,9 +248,10 @@ class AuditFile:
     compare_layers: dict[str, dict[str, Partial]] = field(default_factory=dict)  # ... per layer
     multiple_testing: str = "holm"  # how p-value gates are corrected across the audited layers
     allow_no_gates: bool = False  # an audit that gates nothing is a measurement, not a mistake
+    model_views: dict[str, str] = field(default_factory=dict)  # a model's views: (built-in models' too)
 
     def model_spec(self, name: str) -> ModelSpec:
-        return get_model_spec(name, self.user_models)
+        return with_views(get_model_spec(name, self.user_models), self.model_views, self.path)
 
     def applies_to(self, model: str) -> bool:
         """A file that declares models of its own (a factory) is about them and the models it names
@@ -274,7 +303,7 @@ class AuditFile:
             return
         raise ConfigError(
             f"{self.path}: no layer has a threshold{' (after --memaudit-threshold)' if overridden else ''}, so every "
-            "layer would pass whatever it measures. Set thresholds (see the README, Thresholds), or write "
+            "layer would pass whatever it measures. Set thresholds (see docs/yaml.md in the repository), or write "
             "'allow_no_gates: true' at the top level to run the audit as a measurement only."
         )
 
@@ -296,6 +325,8 @@ class AuditCatalog:
     files: dict[Path, AuditFile] = field(default_factory=dict)
     models: dict[str, ModelSpec] = field(default_factory=dict)  # user models, by name
     declared_in: dict[str, Path] = field(default_factory=dict)
+    views: dict[str, str] = field(default_factory=dict)  # the views: files set for models, by model
+    views_in: dict[str, Path] = field(default_factory=dict)
 
     def add(self, audit: AuditFile) -> None:
         """Register ``audit`` and its models; ConfigError when another file declares one differently."""
@@ -308,10 +339,23 @@ class AuditCatalog:
                 )
             self.models.setdefault(name, spec)
             self.declared_in.setdefault(name, audit.path)
+        for name, views in audit.model_views.items():
+            if self.views.get(name, views) != views:
+                raise ConfigError(f"model {name!r} is audited with views {self.views[name]!r} in {self.views_in[name]} "
+                                  f"and {views!r} in {audit.path}: set its views: in one file")
+            self.views[name] = views
+            self.views_in.setdefault(name, audit.path)
         self.files[audit.path] = audit
 
     def model_spec(self, name: str) -> ModelSpec:
-        return get_model_spec(name, self.models)
+        return with_views(get_model_spec(name, self.models), self.views, self.views_in.get(name))
+
+
+def with_views(spec: ModelSpec, views: dict[str, str], path: Path | None) -> ModelSpec:
+    """``spec`` with the views: an audit file sets for it (a user factory found beside that file)."""
+    if spec.name not in views:
+        return spec
+    return replace(spec, views=views[spec.name], views_folder=str(Path(path).resolve().parent) if path else None)
 
 
 def load_catalog(paths: list[Path]) -> AuditCatalog:
@@ -341,6 +385,9 @@ def load_audit_file(path: str | Path) -> AuditFile:
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     document = {} if document is None else document
     _expect_mapping(path, "the top level", document)
+    if "views" in document:
+        raise ConfigError(f"{path}: views: is a model's (the views it trained on): write it under models: NAME: "
+                          "views: (a built-in model's name works too, e.g. models: demo: views: simclr)")
     _check_keys(path, "the top level", document, _TOP_KEYS)
     audit = AuditFile(path=path)
     if "multiple_testing" in document:
@@ -362,6 +409,9 @@ def load_audit_file(path: str | Path) -> AuditFile:
         _check_keys(path, where, entry, _MODEL_KEYS)
         audit.model_thresholds[str(name)] = _threshold_block(path, f"{where}: thresholds", entry.get("thresholds"))
         audit.model_layers[str(name)] = _layer_block(path, f"{where}: layers", entry.get("layers"))
+        if "views" in entry:
+            check_views_value(f"{path}: {where}: views", entry["views"])
+            audit.model_views[str(name)] = entry["views"]
         if "factory" in entry or "audited_layers" in entry:
             audit.user_models[str(name)] = _user_model(path, where, str(name), entry)
     return audit
@@ -404,6 +454,9 @@ def _layer_spec(path, where, item) -> LayerSpec:
     if "units" in item and "units_axis" in item:
         raise ConfigError(f"{path}: {where}: give units or units_axis, not both")
     units = item.get("units")
+    if units == "tokens":
+        raise ConfigError(f"{path}: {where}: 'units: tokens' is now 'units: token_channels' (the channels of each "
+                          "token, axis 2 of a (batch, tokens, channels) output); rename it")
     if units is not None and units not in UNIT_LAYOUTS:
         raise ConfigError(f"{path}: {where}: units must be one of {', '.join(UNIT_LAYOUTS)}, got {units!r} "
                           "(or give the axis number as units_axis)")
@@ -425,10 +478,22 @@ def _layer_spec(path, where, item) -> LayerSpec:
 
 
 def _input_contract(path, where, entry) -> InputContract:
-    """``input_range: [low, high]`` or ``normalize: {mean, std}`` (one of them), and ``channels_last``."""
+    """``input_range: [low, high]`` or ``normalize: {mean, std}`` (one of them), ``channels_last``, and
+    ``channels`` (1 or 3) with their ``order`` (RGB or BGR)."""
     channels_last = entry.get("channels_last", False)
     if not isinstance(channels_last, bool):
         raise ConfigError(f"{path}: {where}: channels_last must be true or false, got {channels_last!r}")
+    channels = entry.get("channels", 3)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ConfigError(f"{path}: {where}: channels must be 3 (colour) or 1 (greyscale: the model gets each view's "
+                          f"luma), got {quote(channels)}")
+    order = entry.get("order", "RGB")
+    if order not in ("RGB", "BGR"):
+        raise ConfigError(f"{path}: {where}: order must be RGB or BGR (the model's channel order), got {quote(order)}")
+    if channels == 1 and "order" in entry:
+        raise ConfigError(f"{path}: {where}: order is the order of 3 channels; a 1-channel model has none, "
+                          "leave it out")
+    layout = {"channels_last": channels_last, "channels": channels, "order": order}
     if "input_range" in entry and "normalize" in entry:
         raise ConfigError(f"{path}: {where}: give input_range or normalize, not both (normalize applies to images "
                           "in [0, 1])")
@@ -437,18 +502,20 @@ def _input_contract(path, where, entry) -> InputContract:
         _expect_mapping(path, f"{where}: normalize", normalize)
         _check_keys(path, f"{where}: normalize", normalize, ("mean", "std"))
         mean, std = normalize.get("mean"), normalize.get("std")
+        names = "the grey channel" if channels == 1 else ", ".join(order)
         for key, values in (("mean", mean), ("std", std)):
-            if not (isinstance(values, list) and len(values) == 3 and all(_number(v) for v in values)):
-                raise ConfigError(f"{path}: {where}: normalize: {key} must be 3 numbers (R, G, B), got {values!r}")
+            if not (isinstance(values, list) and len(values) == channels and all(_number(v) for v in values)):
+                raise ConfigError(f"{path}: {where}: normalize: {key} must be {channels} number{'s' * (channels > 1)} "
+                                  f"({names}, in the model's order), got {values!r}")
         if any(v <= 0 for v in std):
             raise ConfigError(f"{path}: {where}: normalize: std must be positive, got {std!r}")
-        return InputContract(mean=tuple(map(float, mean)), std=tuple(map(float, std)), channels_last=channels_last)
+        return InputContract(mean=tuple(map(float, mean)), std=tuple(map(float, std)), **layout)
     value_range = entry.get("input_range", [-1, 1])
     if not (isinstance(value_range, list) and len(value_range) == 2 and all(_number(v) for v in value_range)
             and value_range[0] < value_range[1]):
         raise ConfigError(f"{path}: {where}: input_range must be [low, high] with low < high, e.g. [-1, 1] or "
                           f"[0, 1], got {value_range!r}")
-    return InputContract(value_range=(float(value_range[0]), float(value_range[1])), channels_last=channels_last)
+    return InputContract(value_range=(float(value_range[0]), float(value_range[1])), **layout)
 
 
 def _whole(value) -> bool:
@@ -592,14 +659,23 @@ def compare_limit(where: str, figure: str, value: Any) -> Partial:
 
 
 def parse_compare_option(text: str) -> tuple[str, str, Partial]:
-    """``FIGURE:DELTA`` or ``LAYER:FIGURE:DELTA`` from --memaudit-compare-fail -> (layer or '*', gate key, partial).
-    DELTA is an absolute rise (0.02) or a percentage of the baseline's value (10%)."""
-    target, _, delta = text.rpartition(":")
+    """``[LAYER:]FIGURE:DELTA[:WHEN]`` from --memaudit-compare-fail -> (layer or '*', gate key, partial).
+    DELTA is an absolute rise (0.02) or a percentage of the baseline's value (10%); WHEN, as a compare gate's
+    ``when`` in the YAML: ``estimate`` (the default: the estimated rise alone) or ``significant`` (only a rise
+    beyond noise)."""
+    gate, _, when = text.rpartition(":")
+    when = when.strip()
+    if ":" not in gate or not when.isalpha() or when.lower() in ("off", "none", "null"):
+        gate, when = text, ""
+    elif when not in WHEN:
+        raise ConfigError(f"--memaudit-compare-fail {quote(text)}: {quote(when)} is not when a compare gate fails: "
+                          "write significant (only a rise beyond noise) or estimate (the estimated rise, the default)")
+    target, _, delta = gate.rpartition(":")
     layer, _, figure = target.rpartition(":")
     figure, delta = figure.strip(), delta.strip()
     if not target or not figure or not delta:
-        raise ConfigError(f"--memaudit-compare-fail {quote(text)}: write FIGURE:DELTA or LAYER:FIGURE:DELTA, "
-                          "e.g. mean_unitmem:0.02 or mean_unitmem:10%")
+        raise ConfigError(f"--memaudit-compare-fail {quote(text)}: write [LAYER:]FIGURE:DELTA[:significant], "
+                          "e.g. mean_unitmem:0.02, mean_unitmem:10% or mean_unitmem:0.02:significant")
     if figure not in COMPARED:
         if figure in P_VALUE_FIGURES:
             hint = " A p-value's change is no effect size: gate the rise of membership_excess instead."
@@ -618,7 +694,10 @@ def parse_compare_option(text: str) -> tuple[str, str, Partial]:
         except ValueError:
             raise ConfigError(f"--memaudit-compare-fail {quote(text)}: {quote(delta)} is not a number, a percentage "
                               "(10%) or 'off'") from None
-    return layer.strip() or "*", f"{figure}_rise_max", compare_limit(f"--memaudit-compare-fail {figure}", figure, value)
+    partial = compare_limit(f"--memaudit-compare-fail {figure}", figure, value)
+    if when:
+        partial["when"] = when
+    return layer.strip() or "*", f"{figure}_rise_max", partial
 
 
 def _layer_block(path, where, block) -> dict[str, dict[str, float | None]]:

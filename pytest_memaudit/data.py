@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import shutil
 import stat
+import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -46,6 +49,13 @@ def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | N
     forever, so they are never opened) or cannot be reached (a broken link).
     """
     root = Path(root)
+    try:
+        os.stat(root)
+    except FileNotFoundError:
+        pass  # said below
+    except OSError as exc:
+        raise DataError(f"cannot read data directory {root}: {exc.strerror or exc}; check its permissions (and its "
+                        "parent folders'), or pass --memaudit-data DIR with a readable folder.") from None
     if not root.exists():
         raise DataError(
             f"data directory {root} does not exist; pass --memaudit-data DIR with an existing "
@@ -81,13 +91,18 @@ def list_image_files(root: str | os.PathLike, unlisted: list[dict[str, str]] | N
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():  # follows links; the d_type of the listing, no extra call, for the rest
+            try:
+                is_dir = entry.is_dir()  # follows links; the d_type of the listing, no extra call, for the rest
+            except OSError as exc:  # a link to itself (ELOOP), an entry that cannot be looked at
+                unlisted.append({"id": prefix + entry.name, "reason": f"cannot read it: {exc.strerror or exc}"})
+                continue
+            if is_dir:
                 folders.append(entry.path)
                 continue
             suffix = os.path.splitext(entry.name)[1].lower()
             if suffix not in IMAGE_EXTENSIONS:
                 others[suffix or "(no extension)"] += 1
-            elif entry.is_file():
+            elif entry.is_file():  # cannot raise now: is_dir looked at the same entry
                 images.append(prefix + entry.name)
             else:
                 unlisted.append({"id": prefix + entry.name, "reason": _not_a_file(entry)})
@@ -357,10 +372,13 @@ class ImageBatch:
     images: torch.Tensor
     skipped: list[tuple[int, str]]
     characteristics: dict[str, np.ndarray] | None = None  # per image, when the loader was asked for them
+    views: torch.Tensor | None = None  # (images * V, 3, size, size) float, when the loader was asked to make them
+    problem: str | None = None  # why the views of an image could not be made (the user's transform failed)
 
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader's pinning thread when ``pin_memory`` is on."""
-        return ImageBatch(self.positions, self.images.pin_memory(), self.skipped, self.characteristics)
+        return ImageBatch(self.positions, self.images.pin_memory(), self.skipped, self.characteristics,
+                          None if self.views is None else self.views.pin_memory(), self.problem)
 
 
 @dataclass
@@ -433,13 +451,15 @@ class ImageSet(Dataset):
 
     def iter_batches(
         self, images_per_batch: int, workers: int, *, pin_memory: bool = False, positions: Sequence[int] | None = None,
-        characteristics: bool = False,
+        characteristics: bool = False, views: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
     ) -> Iterator[ImageBatch]:
         """Batches of consecutive data points (of ``positions``, default all) in order; ``workers``
         = 0 decodes in process. ``characteristics``: also measure each decoded image
-        (``characteristics.py``), in the worker that decoded it."""
-        loader = DataLoader(
-            self,
+        (``characteristics.py``), in the worker that decoded it. ``views(image, id)``: also make each
+        decoded image's views there (a transform that works one image at a time)."""
+        scratch = worker_scratch() if workers > 0 else None
+        batches = iter(DataLoader(
+            self if views is None else _WithViews(self, views),
             batch_size=images_per_batch,
             sampler=positions,
             shuffle=False,
@@ -448,18 +468,91 @@ class ImageSet(Dataset):
             pin_memory=pin_memory,
             persistent_workers=False,
             prefetch_factor=2 if workers > 0 else None,
-        )
-        yield from loader
+            worker_init_fn=functools.partial(_start_worker, scratch) if workers > 0 else None,
+        ))
+        try:
+            yield from batches
+        finally:  # also when the consumer stops early (an error, SIGTERM) and closes this generator
+            if scratch:
+                # Stop the workers now: an interrupt's traceback may hold the iterator, and then its
+                # __del__ (which does this) would come too late, after their folder is gone.
+                batches._shutdown_workers()
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]], size: int,
-             characteristics: bool = False) -> ImageBatch:
-    loaded = [(position, image) for position, image, _ in items if image is not None]
-    skipped = [(position, reason) for position, image, reason in items if image is None]
+# What a worker's multiprocessing adds to the folder's path for the socket it passes tensors by:
+# "/pymp-XXXXXXXX/listener-XXXXXXXX"; the whole must fit AF_UNIX's 108 bytes.
+SOCKET_PATH_TAIL = 32
+SOCKET_PATH_MAX = 107
+
+
+def worker_scratch() -> str:
+    """A new folder for the decoding workers' temporary files: in the temporary folder, or in /tmp
+    when that one's path is too long for their sockets (as Python 3.12's multiprocessing does)."""
+    base = tempfile.gettempdir()
+    if len(os.path.join(base, "memaudit-XXXXXXXX")) + SOCKET_PATH_TAIL > SOCKET_PATH_MAX and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="memaudit-", dir=base)
+
+
+def _start_worker(scratch: str, worker: int) -> None:
+    """Set up a decoding worker. It leaves the audit's process group: CI runners, Slurm and torchrun
+    send SIGTERM to the whole group, and a worker killed by it ended the run in torch's 'worker
+    killed' error; the audit's process alone gets it, unwinds (``signals.py``) and stops its workers
+    itself (a worker whose audit process is gone exits on its own: torch watches the parent). Its
+    temporary files (multiprocessing's ``pymp-*`` folder, for passing tensors) go in ``scratch``,
+    which the audit's process removes even when a worker had to be killed before it cleaned up."""
+    if hasattr(os, "setpgid"):  # POSIX
+        os.setpgid(0, 0)
+    tempfile.tempdir = scratch
+
+
+_WORKER_LOST = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\)\)? (is killed by signal: ([^.]+)|exited "
+                          r"unexpectedly)", re.S)
+
+
+def lost_worker(exc: BaseException) -> str | None:
+    """What became of a decoding worker, if ``exc`` (or the error it was raised from) is torch's
+    report of a worker that died (killed by a signal, e.g. the out-of-memory killer); else None."""
+    while exc is not None:
+        found = _WORKER_LOST.search(str(exc)) if isinstance(exc, RuntimeError) else None
+        if found:
+            pids = found.group(1).strip(", ")
+            fate = f"was killed by signal {found.group(3).strip()}" if found.group(3) else "exited unexpectedly"
+            return f"the image-decoding worker process {pids} (a DataLoader worker of --memaudit-workers) {fate}"
+        exc = exc.__cause__
+    return None
+
+
+class _WithViews(Dataset):
+    """An image set whose items also carry the image's views: ``(i, image, None, views)``, or instead of
+    the views why they could not be made (a DataError's message, passed on rather than raised in a worker)."""
+
+    def __init__(self, images: ImageSet, views: Callable[[torch.Tensor, str], torch.Tensor]):
+        self.images, self.views = images, views
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int):
+        position, image, reason = self.images[position]
+        try:
+            return position, image, reason, None if image is None else self.views(image, self.images.ids[position])
+        except DataError as exc:
+            return position, image, reason, str(exc)
+
+
+def _collate(items: list[tuple], size: int, characteristics: bool = False) -> ImageBatch:
+    loaded = [(item[0], item[1]) for item in items if item[1] is not None]
+    skipped = [(item[0], item[2]) for item in items if item[1] is None]
+    views = [item[3] for item in items if item[1] is not None] if items and len(items[0]) == 4 else None
+    problem = next((made for made in views or [] if isinstance(made, str)), None)
     if loaded:
         # numpy's single-threaded stack: torch.stack's thread pool stalls on busy few-core hosts
         images = torch.from_numpy(np.stack([image.numpy() for _, image in loaded]))
     else:
         images = torch.empty((0, 3, size, size), dtype=torch.uint8)
     measured = image_characteristics(images) if characteristics else None
-    return ImageBatch([position for position, _ in loaded], images, skipped, measured)
+    if views is not None:
+        views = None if problem else torch.cat(views) if views else torch.empty((0, 3, size, size))
+    return ImageBatch([position for position, _ in loaded], images, skipped, measured, views, problem)

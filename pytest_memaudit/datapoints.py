@@ -27,6 +27,10 @@ from .clusters import cluster_features
 from .stats import CorrelationResult, kruskal_wallis, spearman_interval
 from .unitmem import LayerState
 
+# Per data point values (scores, image characteristics) keep 7 significant digits: what any reading of
+# them needs, at half the JSON's size with a million data points. They are rounded once, when scored,
+# so the report of a fresh audit and the report of its results.json (--memaudit-from) show one number.
+KEPT_DIGITS = 7
 CLUSTERED_SHARE = 0.1  # the highest-scoring tenth of the scored data points is clustered
 CLUSTERED_MIN, CLUSTERED_MAX = 8, 2000
 
@@ -90,7 +94,14 @@ def score_data_points(states: dict[str, LayerState], unitmem: dict[str, np.ndarr
         for rank, row in enumerate(top, 1):
             np.minimum.at(best_rank, row, rank)
     best_rank[np.isinf(best_rank)] = np.nan
-    return DataPoints(score, argmax_units, best_rank, per_layer, characteristics or {})
+    kept = {name: kept_digits(values) for name, values in (characteristics or {}).items()}
+    return DataPoints(kept_digits(score), argmax_units, best_rank, per_layer, kept)
+
+
+def kept_digits(values: np.ndarray) -> np.ndarray:
+    """``values`` to ``KEPT_DIGITS`` significant digits, exactly as the JSON writes and reads them back."""
+    return np.array([float(f"{v:.{KEPT_DIGITS}g}") for v in np.asarray(values, dtype=np.float64).tolist()],
+                    dtype=np.float64)
 
 
 def characteristic_correlations(points: DataPoints, rows: np.ndarray, seed: int) -> dict[str, CorrelationResult]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .audit import memory_format, model_views, prepare
+from .audit import memory_format, model_input, prepare
 from .config import RunSettings
 from .device import resolve_device
 from .errors import AuditError, user_code
@@ -20,7 +20,7 @@ LISTED_VIEWS = 2  # views in the listing's forward pass
 
 @dataclass
 class ModuleRecord:
-    """One module as one forward pass saw it (at its first call)."""
+    """One module as one forward pass saw it: at its first call, or at the call its audit measures (``call: N``)."""
 
     path: str
     kind: str  # its class
@@ -41,11 +41,12 @@ def survey(net: torch.nn.Module, views: torch.Tensor, layers: Sequence[LayerSpec
     def hook(path: str):
         def record(module, inputs, output):
             entry = records[path]
-            entry.calls += 1
-            if entry.calls > 1:
-                return
-            order.append(path)
+            call, entry.calls = entry.calls, entry.calls + 1
+            if not call:
+                order.append(path)
             layer = audited.get(path, LayerSpec(path, path))
+            if call != (layer.call if isinstance(layer.call, int) else 0):
+                return
             if not isinstance(output, torch.Tensor):
                 entry.output = describe_output(output)
                 if layer.output is None:
@@ -78,7 +79,7 @@ def layer_table(spec: ModelSpec, settings: RunSettings) -> str:
     size = settings.image_size or spec.default_image_size
     net = prepare(spec.build(spec.locate(settings.checkpoint)), device, memory_format(spec.input_contract))
     pixels = torch.rand(LISTED_VIEWS, 3, size, size, generator=torch.Generator().manual_seed(settings.seed))
-    views = model_views(pixels.to(device), 0, list(range(LISTED_VIEWS)), spec.input_contract)
+    views = model_input(pixels.to(device).mul_(2).sub_(1), spec.input_contract)
     with torch.inference_mode(), user_code(f"the forward pass of {spec.name} on views of shape {tuple(views.shape)}"):
         records = survey(net, views, spec.layers)
     audited = {layer.module: layer.name for layer in spec.layers}

@@ -33,13 +33,14 @@ class DataError(AuditError):
 @contextlib.contextmanager
 def user_code(what: str) -> Iterator[None]:
     """Run code the user supplies (a model factory, a checkpoint's weights, a forward pass): any
-    exception from it becomes an AuditError that names ``what`` and the cause, so that the plugin
-    shows one usage error instead of an internal error. AuditErrors pass through unchanged."""
+    exception from it (``SystemExit`` too) becomes an AuditError that names ``what`` and the cause,
+    so that the plugin shows one usage error instead of an internal error. AuditErrors pass through
+    unchanged."""
     try:
         yield
     except AuditError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit in a factory is its error too, not the session's end
         cause = f"{type(exc).__name__}: {exc}"
         if len(cause) > CAUSE_CHARS:
             cause = cause[: CAUSE_CHARS - 3] + "..."

@@ -168,7 +168,10 @@ class GateOutcome:
         return "warned" if self.warnings else "passed"
 
     def failure_message(self) -> str:
-        lines = [f"layer {self.layer}: {len(self.failures)} threshold(s) crossed"]
+        compare = sum(check.key in RISE_LIMITS for check in self.failures)
+        crossed = [f"{count} {kind}" for count, kind in ((len(self.failures) - compare, "threshold(s)"),
+                                                         (compare, "compare gate(s)")) if count]
+        lines = [f"layer {self.layer}: {' and '.join(crossed)} crossed"]
         lines += [f"  {check.message}" for check in self.failures]
         return "\n".join(lines)
 
@@ -319,3 +322,12 @@ def rises_had(current: set[str], baseline: set[str]) -> set[str]:
 def without_rise_gates(thresholds: dict[str, Gate | float]) -> dict[str, Gate | float]:
     """A layer's thresholds without its compare gates (a run compared with no baseline)."""
     return {key: value for key, value in thresholds.items() if key not in RISE_LIMITS}
+
+
+HOLDOUT_FIGURES = ("membership_excess", "membership_p")  # a run's own figures that need held-out images
+
+
+def holdout_gates(thresholds: dict[str, Gate | float]) -> list[str]:
+    """The gate keys (with a limit) of ``thresholds`` whose figure needs held-out images."""
+    return [key for key, value in thresholds.items() if key in GATES and GATES[key][0] in HOLDOUT_FIGURES
+            and isinstance(value, Gate) and value.limit is not None]

@@ -106,9 +106,10 @@ def resolve_unit_axis(layer: LayerSpec, module: torch.nn.Module, shape: Sequence
             axis = 1
         elif units == "channels_last":
             axis = len(shape) - 1
-        elif units == "tokens":
+        elif units == "token_channels":
             if len(shape) != 3:
-                raise AuditError(f"{where}: 'units: tokens' needs a (batch, tokens, units) output; {KEYS_HINT}")
+                raise AuditError(f"{where}: 'units: token_channels' needs a (batch, tokens, channels) output; "
+                                 f"{KEYS_HINT}")
             axis = 2
         else:
             axis = units + len(shape) if units < 0 else units
@@ -125,6 +126,8 @@ def resolve_unit_axis(layer: LayerSpec, module: torch.nn.Module, shape: Sequence
     for attribute, width in reversed(widths):
         matches = [axis for axis in range(1, len(shape)) if shape[axis] == width]
         if len(matches) == 1:
+            if len(shape) == 3:
+                _check_token_reading(where, matches[0], f"{attribute} = {width}", widths, shape)
             return UnitAxis(matches[0], shape[1:], f"inferred from {attribute} = {width}")
         if matches:
             raise AuditError(f"{where}: its width {width} ({attribute}) matches axes {matches}, so the unit axis "
@@ -133,6 +136,20 @@ def resolve_unit_axis(layer: LayerSpec, module: torch.nn.Module, shape: Sequence
     why = (f"none of its declared widths ({found}) matches an axis" if widths else
            f"the module declares no width ({', '.join(WIDTH_ATTRIBUTES)})")
     raise AuditError(f"{where}: cannot tell which axis holds the units: {why}; {KEYS_HINT}")
+
+
+def _check_token_reading(where: str, axis: int, reading: str, widths: list[tuple[str, int]],
+                         shape: tuple[int, ...]) -> None:
+    """A (batch, tokens, channels) output whose inferred unit axis is the tokens' (a token-mixing layer
+    declares the token count as its width), or whose declared widths read both ways: ask, never guess."""
+    hint = "say which with 'units: token_channels' (axis 2) or 'units_axis: 1' for this layer in audited_layers"
+    if axis != 2:
+        raise AuditError(f"{where}: {reading} would put the units on axis 1, the tokens of a (batch, tokens, "
+                         f"channels) layout, as a token-mixing layer's width does; {hint}")
+    tokens = [f"{attribute} = {width}" for attribute, width in widths if width == shape[1] != shape[2]]
+    if tokens:
+        raise AuditError(f"{where}: two readings are plausible: {reading} puts the units on axis 2 (channels), "
+                         f"{tokens[-1]} on axis 1 (tokens); {hint}")
 
 
 def describe_output(output) -> str:
@@ -292,8 +309,16 @@ class LayerRecorder:
             raise AuditError(f"layer {layer.name!r} (module {layer.module!r}): its output of shape "
                              f"{tuple(tensor.shape)} does not have the batch ({self._batch} views) on axis 0; audit "
                              "a module whose output is batch-first")
-        if layer.name not in self.axes:
+        settled = self.axes.get(layer.name)
+        if settled is None:
             self.axes[layer.name] = resolve_unit_axis(layer, module, tensor.shape)
+        elif layer.call == "all" and (tensor.dim() != len(settled.shape) + 1
+                                      or tensor.shape[settled.axis] != settled.units):
+            call = self._calls[layer.name] - 1
+            raise AuditError(f"layer {layer.name!r} (module {layer.module!r}) has 'call: all', but its calls differ in "
+                             f"shape: call 0 gave (batch, {', '.join(map(str, settled.shape))}), call {call} "
+                             f"{tuple(tensor.shape)}, so their units cannot be averaged. Measure one call with 'call: "
+                             "N', or each call as a layer of its own (the same module, with call: 0, call: 1, ...)")
         return tensor
 
     def _end_pass(self, module, args, output) -> None:
@@ -307,7 +332,12 @@ class LayerRecorder:
         for name, layer in self.layers.items():
             calls = self._calls.get(name, 0)
             where = f"layer {name!r} (module {layer.module!r})"
-            if calls > 1 and layer.call is None:
+            if not calls:
+                problems.append(f"{where} never runs in the model's forward pass, so it has no output to measure (a "
+                                "module the model holds without calling it, such as nn.MultiheadAttention's out_proj, "
+                                "whose weights the attention uses directly); audit a module that runs (pytest "
+                                "--memaudit-list-layers marks the others 'not run')")
+            elif calls > 1 and layer.call is None:
                 problems.append(f"{where} runs {calls} times per forward pass; measure one call with 'call: N' "
                                 f"(0 to {calls - 1}) or their mean with 'call: all'")
             elif isinstance(layer.call, int) and calls and layer.call >= calls:

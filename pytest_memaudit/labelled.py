@@ -82,9 +82,14 @@ def labelled_images(
     ]
     ids = members.ids + held
     labels = np.array([MEMBER] * len(members) + [HOLDOUT] * len(held), dtype=np.int8)
+    warning = members.warning
     if planted and held:
         chosen = np.random.default_rng([seed, 0x91A7]).choice(len(held), size=min(planted, len(held)), replace=False)
         labels[len(members) + np.sort(chosen)] = PLANTED
+        if planted > len(held):
+            warning = "; ".join(filter(None, [warning, f"the planted control plants {len(held)} image(s), not the "
+                                              f"{planted} asked (--memaudit-planted-units): the held-out set has no "
+                                              "more"]))
     parts = [(0, members)] + ([] if holdout is None else [(len(members), holdout)])
     unlisted = list(members.unlisted)
     if holdout is not None:
@@ -95,7 +100,7 @@ def labelled_images(
         root=members.root,
         size=members.size,
         seed=members.seed,
-        warning=members.warning,
+        warning=warning,
         description=members.description,
         canaries=members.canaries,
         unlisted=unlisted,

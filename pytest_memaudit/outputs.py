@@ -38,6 +38,16 @@ def location_problem(path: Path) -> str | None:
     return None
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once links are resolved, or hard links to one file."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
 def failure_reason(exc: BaseException) -> str:
     """The operating system's reason for an OSError, else the exception's type and message."""
     if isinstance(exc, OSError) and exc.strerror:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .outputs import OutputLog
     from .results import AuditResult
 
-# (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>.
+# (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>. The type is what
+# make_settings turns the value into (it checks command-line and ini values alike).
 OPTIONS: list[tuple[str, Any, str]] = [
     ("model", str, "encoder to audit: demo (default), var_d16, or a model declared in the audit YAML"),
     ("checkpoint", str, "checkpoint file of the model (var_d16: vae_ch160v4096z32.pth); also found via "
@@ -37,7 +38,10 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("samples", int, "number of data points: a seeded random subset of the directory (default: all; "
      "64 for the built-in set)"),
     ("image-size", int, "resize images to this square size, a multiple of 16 (default: the model's, 256 for var_d16)"),
-    ("augmentations", int, "augmented views per image, the seed's recipe (default 10; 0 = one plain view)"),
+    ("augmentations", int, "augmented views per image (default 10; 0 = one plain view)"),
+    ("views", str, "how views are made, as the model trained: seed (the seed report's recipe), simclr (the UnitMem "
+     "paper's), plain (no augmentation), or package.module:function returning your torchvision transforms v2 "
+     "pipeline (default: the model's views: in the audit YAML, else seed)"),
     ("reduce", str, "how the non-maximal activations are summarized: mean (default, streams) or median "
      "(the paper's code; keeps N x units values)"),
     ("batch-size", int, "views per forward pass (default 32 on CPU, 256 on CUDA)"),
@@ -79,9 +83,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("memaudit", "memorization audit (UnitMem) of vision encoders")
     for suffix, kind, help_text in OPTIONS:
         dest = "memaudit_" + suffix.replace("-", "_")
-        group.addoption(f"--memaudit-{suffix}", dest=dest, type=kind, default=None,
+        # No type or choices here: a value is checked by make_settings alone, from the command line
+        # and from the ini file alike (one message, one exit status).
+        group.addoption(f"--memaudit-{suffix}", dest=dest, default=None,
                         action="append" if suffix in REPEATABLE else "store",
-                        choices=CHOICES.get(suffix), metavar=None if suffix in CHOICES else suffix.split("-")[-1].upper(),
+                        metavar="{" + ",".join(CHOICES[suffix]) + "}" if suffix in CHOICES
+                        else suffix.split("-")[-1].upper(),
                         help=help_text)
         parser.addini(dest, f"default for --memaudit-{suffix}", default=None)
     group.addoption("--memaudit-threshold", dest="memaudit_threshold", action="append", default=[],
@@ -123,10 +130,11 @@ def add_baseline_options(group) -> None:
                     help="compare with a baseline: a saved NAME, a results.json PATH, 'latest' (the newest saved run "
                          "of the model) or, in a checkpoint series, 'previous' (each checkpoint with the one before)")
     group.addoption("--memaudit-compare-fail", dest="memaudit_compare_fail", action="append", default=[],
-                    metavar="[LAYER:]FIGURE:DELTA",
-                    help="fail a layer whose FIGURE rose over the baseline's by more than DELTA (e.g. "
-                         "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); repeatable; needs "
-                         "--memaudit-compare")
+                    metavar="[LAYER:]FIGURE:DELTA[:significant]",
+                    help="a compare gate: fail a layer whose FIGURE rose over the baseline's by more than DELTA (e.g. "
+                         "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); by default on the "
+                         "estimated rise; with :significant only on a rise beyond noise, as a YAML compare gate's "
+                         "when: significant; repeatable; needs --memaudit-compare")
 
 
 @dataclass
@@ -140,6 +148,7 @@ class AuditSession:
     wanted_layers: set[str] = field(default_factory=set)
     multiple_testing: str = "holm"
     unapplied_compare_gates: bool = False  # the audit files have compare gates, and nothing to compare with
+    unevaluated_holdout_gates: set[str] = field(default_factory=set)  # --memaudit-holdout none: gates left out
     _adjusted_p: dict = field(default_factory=dict)
     outputs: "OutputLog | None" = None  # what the session's end wrote, and what it could not
     session: pytest.Session | None = None
@@ -286,7 +295,7 @@ class AuditSession:
                 check_image_fits(self.settings)
                 check_output_locations(self.config)
                 labels = self.audited_checkpoints()
-                with _progress(self.config) as progress:
+                with _progress(self.config, max(1, self.settings.augmentations)) as progress:
                     if self.series:
                         paths = [self.series[label] for label in labels]
                         self._set_runs(dict(zip(labels, run_series(self.settings, paths, spec, layers, progress))))
@@ -314,6 +323,10 @@ class AuditSession:
             if self.unapplied_compare_gates:
                 result.notes.append("the audit files' compare gates (compare:) were not applied: there was no "
                                     "baseline to compare with (--memaudit-compare NAME|PATH|latest)")
+            if self.unevaluated_holdout_gates:
+                result.notes.append(f"not evaluated: {', '.join(sorted(self.unevaluated_holdout_gates))}: these gates "
+                                    "need held-out images and this run has none (--memaudit-holdout none); the layers "
+                                    "were gated on the rest")
         self.runs = runs
         self.result = list(runs.values())[-1]  # what the summary and report show in full: the last checkpoint
 
@@ -412,7 +425,7 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
 
     try:
         load_baseline_inputs(config, state)
-        if any(config.getoption("memaudit_" + suffix.replace("-", "_")) is not None for suffix, _, _ in OPTIONS):
+        if any(_given(config, "memaudit_" + suffix.replace("-", "_")) for suffix, _, _ in OPTIONS):
             from .config import check_image_fits
 
             check_image_fits(state.load_settings())
@@ -533,6 +546,8 @@ class AuditYamlFile(pytest.File):
                 applied = {name: without_rise_gates(limits) for name, limits in thresholds.items()}
                 state.unapplied_compare_gates |= applied != thresholds
                 thresholds = applied
+            if settings.holdout == "none" and state.stored is None:  # asked for explicitly: gate on the rest
+                thresholds = {name: self._without_holdout_gates(state, limits) for name, limits in thresholds.items()}
             audit.check_gates(thresholds, overridden=bool(overrides))
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
@@ -548,6 +563,15 @@ class AuditYamlFile(pytest.File):
                 name = layer.name if checkpoint is None else f"{layer.name}[{checkpoint}]"
                 yield LayerItem.from_parent(self, name=name, layer=layer, thresholds=thresholds[layer.name],
                                             checkpoint=checkpoint)
+
+    @staticmethod
+    def _without_holdout_gates(state: AuditSession, limits: dict) -> dict:
+        """A layer's thresholds without the gates that need held-out images, which ``state`` records."""
+        from .gates import holdout_gates
+
+        left_out = holdout_gates(limits)
+        state.unevaluated_holdout_gates.update(left_out)
+        return {key: value for key, value in limits.items() if key not in left_out}
 
     def _check_user_layers(self, state: AuditSession, spec: "ModelSpec") -> None:
         """A user model is built now (once) so that a misspelled module path is a collection error;
@@ -719,12 +743,17 @@ def check_baseline_architecture(state: AuditSession) -> None:
     if state.baseline is None:
         return
     from .compare import check_architecture
-    from .errors import ConfigError
+    from .errors import AuditError
 
     layers = [(layer.name, layer.module) for layer in state.spec.layers if layer.name in state.wanted_layers]
     try:
         check_architecture(state.spec.name, layers, state.baseline, state.baseline_label)
-    except ConfigError as exc:
+        if state.stored is None:
+            from .compare import check_views
+            from .views import recipe_for
+
+            check_views(recipe_for(state.load_settings(), state.spec).record(), state.baseline, state.baseline_label)
+    except AuditError as exc:
         raise pytest.UsageError(f"memaudit: cannot compare with the baseline: {exc}") from None
 
 
@@ -807,7 +836,7 @@ def audit_files(config: pytest.Config, roots: list[Path]) -> list[Path]:
 
 def is_rank_zero() -> bool:
     """Whether this process prints and writes: the only one, or rank 0 of a torchrun launch."""
-    from .distributed import launch_rank
+    from .launch import launch_rank  # not .distributed: that imports torch, and this runs in every pytest run
 
     return launch_rank() == 0
 
@@ -847,11 +876,22 @@ def report_paths(config: pytest.Config) -> tuple[Path | None, Path | None]:
 
 
 def check_output_locations(config: pytest.Config) -> None:
-    """ConfigError when the report or the JSON cannot be written where they go."""
+    """ConfigError when the report or the JSON cannot be written where they go, or one would replace
+    the other (or the report the finished audit or baseline it reads)."""
     from .errors import ConfigError
-    from .outputs import location_problem
+    from .outputs import location_problem, same_file
 
     html_path, json_path = report_paths(config)
+    base = config.invocation_params.dir
+    if html_path is not None and json_path is not None and same_file(html_path, json_path):
+        raise ConfigError(f"the report and the results would both be written to {json_path}, and the report would "
+                          "replace the results: give --memaudit-html and --memaudit-json different paths")
+    reference = config.getoption("memaudit_compare") or ""
+    for option, read in (("--memaudit-from", config.getoption("memaudit_from")),
+                         ("--memaudit-compare", reference if reference.endswith(".json") else None)):
+        if html_path is not None and read and same_file(html_path, base / read):
+            raise ConfigError(f"the report would be written to {html_path}, over the results that {option} reads: "
+                              "give --memaudit-html another path")
     for what, option, path in (("report", "--memaudit-html", html_path), ("results", "--memaudit-json", json_path)):
         problem = None if path is None else location_problem(path)
         if problem:
@@ -989,11 +1029,14 @@ class HtmlReportExtras:
 
 
 class _progress:
-    """A rich progress bar on a terminal, out of pytest's capture; silent elsewhere."""
+    """A rich progress bar on a terminal, out of pytest's capture; elsewhere (a CI log) a line every
+    ``progress.EVERY_S`` seconds. Silent under -q, and in processes that do not print."""
 
-    def __init__(self, config: pytest.Config):
+    def __init__(self, config: pytest.Config, views_per_image: int):
         self.config = config
+        self.views_per_image = views_per_image
         self.bar = None
+        self.lines = None
 
     def __enter__(self):
         from rich.console import Console
@@ -1004,16 +1047,24 @@ class _progress:
         if self._capture:
             self._capture.__enter__()
         console = Console(file=sys.stderr)
-        if console.is_terminal and self.config.get_verbosity() >= 0 and is_rank_zero():
+        shown = self.config.get_verbosity() >= 0 and is_rank_zero() and not parallel.is_worker(self.config)
+        if shown and console.is_terminal:
             self.bar = Progress(TextColumn("memaudit"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                                 TimeRemainingColumn(), console=console, transient=True)
             self.bar.__enter__()
             self.task = self.bar.add_task("audit", total=None)
+        elif shown:
+            from .progress import ProgressLines
+
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            self.lines = ProgressLines(reporter.write_line if reporter else print, self.views_per_image)
         return self.update
 
     def update(self, done: int, total: int) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, total=total)
+        elif self.lines is not None:
+            self.lines(done, total)
 
     def __exit__(self, *exc):
         if self.bar is not None:

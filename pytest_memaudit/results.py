@@ -18,14 +18,12 @@ from .gates import Check, Gate, GateOutcome, as_json
 from .hooks import UnitAxis
 from .membership import Membership
 from .planted import PlantedResult, PlantedUnit, PlantedUnitResult
+from .resultschema import check_document
 from .stats import CorrelationResult, Interval, LayerStats, depth_correlation
 from .unitmem import UnitMemValues
 from .verdict import Verdict, decide, membership_tests
 
 SCHEMA_VERSION = 2
-# Per data point values (scores, image characteristics) keep 7 significant digits in the JSON: what
-# any reading of them needs, at half the size of full doubles when there are a million data points.
-DATA_POINT_DIGITS = 7
 
 
 @dataclass
@@ -400,10 +398,10 @@ def _memorized_json(memorized: Memorized | None, samples: list[str]) -> dict[str
     return {
         "data_points": {
             "ids": samples,
-            "score": _floats(points.score, DATA_POINT_DIGITS),
+            "score": _floats(points.score),  # kept to datapoints.KEPT_DIGITS when scored
             "argmax_units": points.argmax_units.tolist(),
             "best_rank": [None if math.isnan(r) else int(r) for r in points.best_rank],
-            "characteristics": {name: _floats(values, DATA_POINT_DIGITS)
+            "characteristics": {name: _floats(values)
                                 for name, values in points.characteristics.items()},
             "layer_argmax_units": {name: {"index": np.flatnonzero(counts).tolist(),
                                           "count": counts[counts > 0].tolist()}
@@ -491,6 +489,8 @@ def read_runs(path: str | Path) -> dict[str | None, AuditResult]:
         raise ConfigError(f"{path} is not a pytest-memaudit results file (not UTF-8 text)") from None
     try:
         document = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{path} is not a pytest-memaudit results file (its JSON nests too deeply to read)") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}): a truncated "
                           "or damaged results file? Write it again (--memaudit-json PATH)") from None
@@ -517,6 +517,7 @@ def result_from_document(document: Any, where: str) -> AuditResult:
                           "layers); pass the results.json an audit wrote")
     _check_version(document, where)
     try:
+        check_document(document)
         result = AuditResult.from_json(document)
         _check_shapes(result)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
@@ -599,12 +600,9 @@ def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def _floats(array: np.ndarray, digits: int | None = None) -> list[float | None]:
-    """JSON numbers of ``array``; ``digits``: significant digits kept (None: all)."""
-    values = np.asarray(array, dtype=np.float64)
-    if digits is not None:
-        return [_number(float(f"{v:.{digits}g}")) for v in values]
-    return [_number(float(v)) for v in values]
+def _floats(array: np.ndarray) -> list[float | None]:
+    """JSON numbers of ``array``, every digit kept (each reads back as the same float64)."""
+    return [_number(v) for v in np.asarray(array, dtype=np.float64).tolist()]
 
 
 def _array(values: list[float | None]) -> np.ndarray:

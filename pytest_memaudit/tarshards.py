@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import IMAGE_EXTENSIONS, ImageSet, UnreadableImage, _chw, _resize, _rgb_array, select_samples
+from .data import (IMAGE_EXTENSIONS, ImageSet, UnreadableImage, _chw, _resize, _rgb_array, list_image_files,
+                   select_samples)
 from .errors import DataError
 
 TAR_SUFFIX = ".tar"
@@ -33,7 +34,7 @@ def tar_shards(root: str | os.PathLike) -> list[str]:
         with os.scandir(root) as entries:
             return sorted(e.name for e in entries
                           if e.name.lower().endswith(TAR_SUFFIX) and not e.name.startswith(".") and e.is_file())
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, not a folder, unreadable: the folder listing says which
         return []
 
 
@@ -42,6 +43,20 @@ def open_image_folder(root: str | os.PathLike, size: int, samples: int | None, s
     if tar_shards(root):
         return TarImageSet.from_folder(root, size, samples, seed)
     return ImageSet.from_folder(root, size, samples, seed)
+
+
+def loose_images(root: Path) -> str | None:
+    """What a folder of shards leaves out: the image files beside its shards (None: there are none)."""
+    try:
+        files = list_image_files(root)
+    except DataError:  # none
+        return None
+    return (f"{len(files)} image file(s) beside the .tar shards in {root} (e.g. {files[0]}) were left out: a folder "
+            "with .tar shards is read as shards only. Put them in a shard, or audit them from a folder of their own")
+
+
+def _joined(*notes: str | None) -> str | None:
+    return "; ".join(note for note in notes if note) or None
 
 
 def list_tar_images(root: Path, shards: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -90,6 +105,11 @@ def tar_members(path: Path) -> list[tuple[str, int, int]]:
 
 
 def _scan_headers(fd: int):
+    """Every header's sizes are checked against the file's length before anything is read or
+    skipped by them, so a damaged or crafted header cannot loop, exhaust memory or overflow: it
+    raises ``tarfile.ReadError`` saying where and what. A member whose data runs past the end
+    (a file cut short) is listed; reading it fails, and the data point is skipped with that reason."""
+    end = os.fstat(fd).st_size
     offset, name, size = 0, None, None  # name and size: from a GNU long-name or pax header, for the next member
     while True:
         header = os.pread(fd, 512, offset)
@@ -98,16 +118,21 @@ def _scan_headers(fd: int):
         if header[257:262] != b"ustar" and not _checksum_ok(header):
             raise tarfile.ReadError(f"no tar header at byte {offset} (not a tar archive, or damaged there)")
         kind = header[156:157]
-        length = _number(header[124:136]) if size is None or kind in (b"x", b"g", b"L", b"K") else size
+        length = _number(header[124:136], offset) if size is None or kind in (b"x", b"g", b"L", b"K") else size
+        if not 0 <= length <= end:
+            raise tarfile.ReadError(f"the header at byte {offset} gives a size of {length} bytes, impossible in a "
+                                    f"file of {end} bytes (a damaged or crafted archive)")
         data = offset + 512
+        if kind in (b"L", b"x", b"g", b"K") and data + length > end:
+            raise tarfile.ReadError(f"the header at byte {offset} runs past the end of the file (cut short)")
         if kind == b"L":
             name = os.pread(fd, length, data).rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind == b"x":
-            for key, value in _pax_records(os.pread(fd, length, data)):
+            for key, value in _pax_records(os.pread(fd, length, data), offset):
                 if key == "path":
                     name = value
                 elif key == "size":
-                    size = int(value)
+                    size = _pax_size(value, offset)
         elif kind == b"S":
             raise _Unusual
         elif kind not in (b"g", b"K"):  # not a global pax header or a GNU long link name: a member
@@ -126,10 +151,15 @@ def _header_name(header: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def _number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
+def _number(field: bytes, offset: int) -> int:
+    """A numeric header field: octal, or GNU base-256 (first byte 0x80, or 0xff for a negative number)."""
+    if field[0] in (0x80, 0xFF):  # base-256, for sizes of 8 GiB and more
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    try:
+        return int(field.strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError(f"the header at byte {offset} has a size that is not a number") from None
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -140,15 +170,26 @@ def _checksum_ok(header: bytes) -> bool:
     return stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
 
 
-def _pax_records(data: bytes):
-    """(key, value) of the records ``length key=value\\n`` of a pax header."""
+def _pax_records(data: bytes, offset: int):
+    """(key, value) of the records ``length key=value\\n`` of the pax header at byte ``offset``; a
+    record whose length does not fit it (zero, shorter than its length field, not ending in a newline) is
+    a ``tarfile.ReadError``."""
     position = 0
     while position < len(data) and data[position:position + 1].isdigit():
-        space = data.index(b" ", position)
-        length = int(data[position:space])
+        space = data.find(b" ", position)
+        length = int(data[position:space]) if space > position and data[position:space].isdigit() else 0
+        if (space < 0 or length <= space - position + 1 or position + length > len(data)
+                or data[position + length - 1] != 0x0A):
+            raise tarfile.ReadError(f"the pax header at byte {offset} has a damaged record at its byte {position}")
         key, _, value = data[space + 1 : position + length - 1].partition(b"=")
         yield key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
         position += length
+
+
+def _pax_size(value: str, offset: int) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise tarfile.ReadError(f"the pax header at byte {offset} gives the size {value[:40]!r}, not a number of bytes")
+    return int(value)
 
 
 @dataclass
@@ -166,15 +207,18 @@ class TarImageSet(ImageSet):
         root = Path(root)
         shards = tar_shards(root)
         ids, shard_of, offsets, sizes = list_tar_images(root, shards)
-        images = cls(ids, root, size, seed, shards=shards, shard_of=shard_of, offsets=offsets, sizes=sizes)
+        loose = loose_images(root)
+        images = cls(ids, root, size, seed, shards=shards, shard_of=shard_of, offsets=offsets, sizes=sizes,
+                     warning=loose)
         if samples is None:
             return images
         chosen, warning = select_samples(ids, samples, seed, source=str(root))
-        return replace(images._subset(chosen), warning=warning)
+        return replace(images._subset(chosen), warning=_joined(loose, warning))
 
     def sample(self, samples: int, seed: int) -> TarImageSet:
         chosen = super().sample(samples, seed)
-        return replace(self._subset(chosen.ids), warning=chosen.warning, description=chosen.description)
+        return replace(self._subset(chosen.ids), warning=_joined(self.warning, chosen.warning),
+                       description=chosen.description)
 
     def _subset(self, ids: list[str]) -> TarImageSet:
         position = {image_id: i for i, image_id in enumerate(self.ids)}
@@ -188,10 +232,13 @@ class TarImageSet(ImageSet):
         path = self.root / self.shards[self.shard_of[position]]
         try:
             with open(path, "rb", buffering=0) as archive:
-                data = os.pread(archive.fileno(), int(self.sizes[position]), int(self.offsets[position]))
+                size, offset = int(self.sizes[position]), int(self.offsets[position])
+                if offset + size > os.fstat(archive.fileno()).st_size:  # never ask for more than is there
+                    raise UnreadableImage(name, "its archive ends early (truncated)")
+                data = os.pread(archive.fileno(), size, offset)
         except OSError as exc:
             raise UnreadableImage(name, f"cannot read its archive: {exc.strerror or exc}") from exc
-        if len(data) != self.sizes[position]:
+        if len(data) != size:
             raise UnreadableImage(name, "its archive ends early (truncated)")
         return decode_member(data, name, self.size)
 

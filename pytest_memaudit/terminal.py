@@ -14,6 +14,7 @@ from .gates import adjusted_p_values
 from .report.evidence import evidence
 from .data import display_id
 from .results import AuditResult
+from .views import record_of
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -55,7 +56,8 @@ def render_summary(result: AuditResult, markup: bool = False, comparison: Compar
     views = result.settings.get("views_per_image")
     held = len(result.samples) - result.members
     lines = (
-        f"{result.model}: {result.members} members{f' + {held} held-out images' if held else ''} x {views} views "
+        f"{result.model}: {result.members} members{f' + {held} held-out images' if held else ''} x {views} "
+        f"{record_of(result.settings)['name']} views "
         f"at {result.settings.get('image_size')}px, reduce={result.settings.get('reduce')}, "
         f"precision={result.settings.get('precision')}, device={result.settings.get('device')}; {result.units} units; "
         f"{_fmt(result.timing.get('wall_s'), '.1f')} s ({_fmt(result.timing.get('views_per_s'), '.1f')} views/s)"

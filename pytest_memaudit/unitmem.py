@@ -290,7 +290,7 @@ class LayerState:
             self.values.reindex(new_index)
 
     def close(self) -> None:
-        """Release the stored values' temporary file, if any."""
+        """Release the stored values (a temporary file's disk space, if any)."""
         if self.values is not None:
             self.values.close()
 
@@ -304,7 +304,7 @@ class ValueStore:
         self.units, self.capacity = units, capacity
         self.count = 0  # rows appended
         self.stored = 0  # rows copied to the matrix
-        self.spill_path: str | None = None
+        self.spill_dir: str | None = None  # where the matrix takes disk space, when it does
         self.matrix = self._allocate(capacity, memory_limit_bytes, spill_dir)
         self.index = np.empty(capacity, dtype=np.int64)
         self.label = np.empty(capacity, dtype=np.int8)
@@ -319,10 +319,11 @@ class ValueStore:
     def _allocate(self, rows: int, limit: int, spill_dir: str | None) -> np.ndarray:
         if median_matrix_bytes(rows, self.units) <= limit:
             return np.empty((rows, self.units), dtype=np.float32)
-        fd, path = tempfile.mkstemp(prefix="memaudit-median-", suffix=".npy", dir=spill_dir)
-        os.close(fd)
-        self.spill_path = path
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, self.units))
+        # A file without a name (O_TMPFILE, or removed as soon as made): the mapping keeps the data, and
+        # nothing is left on disk however the process ends (kill -9 too).
+        self.spill_dir = spill_dir or tempfile.gettempdir()
+        with tempfile.TemporaryFile(prefix="memaudit-median-", dir=self.spill_dir) as spill:
+            return np.memmap(spill, dtype=np.float32, mode="w+", shape=(rows, self.units))
 
     def append(self, values: torch.Tensor, index: torch.Tensor, label: torch.Tensor, group: torch.Tensor) -> None:
         n = values.shape[0]
@@ -406,10 +407,9 @@ class ValueStore:
         self.index[: self.count] = np.asarray(new_index)[self.index[: self.count]]
 
     def close(self) -> None:
+        """Release the matrix (a spilled one's disk space is freed once it is unmapped)."""
         self.matrix = None
         self._pending.clear()
-        if self.spill_path and os.path.exists(self.spill_path):
-            os.unlink(self.spill_path)
 
 
 def _check_finite(total: np.ndarray, layer: str, units: int) -> None:

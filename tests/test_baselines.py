@@ -129,10 +129,10 @@ def test_a_changed_layer_moves_alone_and_its_compare_gate_fails_it(project):
     before, after = (data["layers"][2]["mean_unitmem"] for data in (baseline, current))
     assert after - before > 0.05
     result.stdout.fnmatch_lines([
-        "*layer head: 1 threshold(s) crossed*",
+        "*layer head: 1 compare gate(s) crossed*",
         f"*mean_unitmem rose from {before:.4g} (baseline) to {after:.4g} ({after - before:+.4g}), more than "
         "mean_unitmem_rise_max = 0.05",
-        "FAILED audits/memaudit.yaml::head - layer head: 1 threshold(s) crossed",
+        "FAILED audits/memaudit.yaml::head - layer head: 1 compare gate(s) crossed",
     ])
     changes = {layer["name"]: layer["figures"] for layer in current["comparison"]["layers"]}
     for name in ("stem", "mid"):  # upstream of the change: the very same numbers
@@ -166,6 +166,25 @@ def test_significant_rise_uses_both_runs_jackknife_intervals(project):
     assert check["key"] == "mean_unitmem_rise_max" and check["baseline"] == base["mean_unitmem"]
     assert check["low"] == pytest.approx(delta - half, rel=1e-9) and check["high"] == pytest.approx(delta + half, rel=1e-9)
     assert check["passed"] is not (delta - half > 0)
+
+
+def test_a_command_line_compare_gate_can_ask_for_a_rise_beyond_noise(project):
+    """--memaudit-compare-fail FIGURE:DELTA:significant, as a YAML compare gate's when: significant: a rise
+    past DELTA whose interval reaches below DELTA is noise, and the gate passes; without it, the estimate fails."""
+    assert audit(project, "--memaudit-json", "base.json").ret == 0
+    assert audit(project, "--memaudit-compare", "base.json", "--memaudit-compare-fail", "head:mean_unitmem:0:significant",
+                 checkpoint="b.pt").ret in (0, 1)
+    [check] = results(project)["layers"][2]["checks"][1:]
+    assert check["key"] == "mean_unitmem_rise_max" and check["when"] == "significant"
+    floor = max(check["low"], 0.0)
+    assert check["value"] > floor
+    limit = f"{floor + (check['value'] - floor) / 2:.6f}"  # below the estimate, above the interval's low end
+    noisy = audit(project, "--memaudit-compare", "base.json", "--memaudit-compare-fail", f"head:mean_unitmem:{limit}",
+                  checkpoint="b.pt")
+    assert noisy.ret == 1
+    noisy.stdout.fnmatch_lines(["*layer head: 1 compare gate(s) crossed*"])
+    assert audit(project, "--memaudit-compare", "base.json", "--memaudit-compare-fail",
+                 f"head:mean_unitmem:{limit}:significant", checkpoint="b.pt").ret == 0
 
 
 def test_relative_limits_yaml_layer_overrides_and_the_command_line(project):
@@ -231,6 +250,87 @@ def test_from_reproduces_the_run_time_report_and_json_and_regates(project):
     assert "background-image: url(" not in html and "img_000.png" in html
 
 
+def _nested(depth):
+    return "[" * depth
+
+
+def _layer_membership_null(doc):
+    doc["layers"][0]["membership"] = None
+
+
+def _unitmem_null(doc):
+    for layer in doc["layers"]:
+        layer["unitmem"] = [None] * len(layer["unitmem"])
+
+
+def _image_size(doc):
+    doc["settings"]["image_size"] = -7
+
+
+def _layer_twice(doc):
+    doc["layers"].append(dict(doc["layers"][0]))
+
+
+def _unit_out_of_range(doc):
+    doc["layers"][1]["dead"] = [99]
+
+
+REGATING_PROBES = [  # (change, the error's reason): each ended in a traceback, an INTERNALERROR or a dropped layer
+    (None, "is not a pytest-memaudit results file (its JSON nests too deeply to read)"),
+    (_layer_membership_null, "(layers[0].membership is null, yet the run measured membership (its summary has it): "
+                             "every layer has its own)"),
+    (_unitmem_null, "(layers[0].unitmem[0] must be a number, got null)"),
+    (_image_size, "(settings.image_size must be a whole number in [16, 16384], got -7)"),
+    (_layer_twice, "(layers[3].name repeats layers[0]'s 'stem': a layer is listed twice)"),
+    (_unit_out_of_range, "(layers[1].dead names a unit outside the layer's 8)"),
+]
+
+
+def test_damaged_results_are_refused_before_use(project):
+    """Re-gating or comparing with a damaged file is one usage error naming the field (exit 4), not exit 1
+    with a traceback, INTERNALERROR, a report that fails, or a layer silently dropped."""
+    assert audit(project, "--memaudit-holdout", "builtin", "--memaudit-json", "stored.json").ret == 0
+    stored = results(project, "stored.json")
+    assert stored["summary"]["membership"] is not None
+    for change, reason in REGATING_PROBES:
+        if change is None:
+            (project.path / "odd.json").write_text(_nested(200_000))
+        else:
+            document = json.loads(json.dumps(stored))
+            change(document)
+            (project.path / "odd.json").write_text(json.dumps(document))
+        for option in ("--memaudit-from", "--memaudit-compare"):
+            args = ("audits", option, "odd.json", *QUICK) if option == "--memaudit-from" else (option, "odd.json")
+            result = project.runpytest(*args) if option == "--memaudit-from" else audit(project, *args)
+            assert result.ret == pytest.ExitCode.USAGE_ERROR, (change, option)
+            result.stderr.fnmatch_lines([f"ERROR: memaudit: *odd.json*{reason.replace('[', '[[]')}*"])
+            assert "Traceback" not in result.stdout.str() + result.stderr.str()
+            assert "collected" not in result.stdout.str()
+
+
+def test_holdout_none_leaves_the_membership_gates_out_and_names_them(project):
+    """An explicit --memaudit-holdout none (training images only, as the seed report's analysis) gates on the
+    rest and names the gates it did not evaluate in the terminal, the JSON and the report; without the option
+    a gate that cannot be evaluated stays a collection error."""
+    (project.path / "audits" / "memaudit.yaml").write_text(
+        "thresholds: {mean_unitmem_max: 1.0, membership_p_min: 0.01, membership_excess_max: {limit: 0.1, when: "
+        "significant}}\n" + MODEL)
+    result = audit(project)
+    assert result.ret == 0, result.stdout.str()
+    note = ("not evaluated: membership_excess_max, membership_p_min: these gates need held-out images and this run "
+            "has none (--memaudit-holdout none); the layers were gated on the rest")
+    result.stdout.fnmatch_lines([f"*{note}*"])
+    data = results(project)
+    assert note in data["notes"]
+    assert all(set(layer["thresholds"]) & {"membership_p_min", "membership_excess_max"} == set()
+               and layer["outcome"] == "passed" for layer in data["layers"])
+    assert note in (project.path / "memaudit-report" / "report.html").read_text()
+    result = project.runpytest("audits", "--memaudit-model", "tiny", "--memaudit-checkpoint", "a.pt", "--memaudit-data",
+                               "builtin", "--memaudit-samples", "8", "--memaudit-control", "none", *QUICK)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*gates this audit cannot evaluate: membership_excess_max needs held-out images*"])
+
+
 def test_stored_run_without_what_a_gate_needs_is_a_collection_error(project):
     assert audit(project, "--memaudit-json", "stored.json").ret == 0
     (project.path / "audits" / "memaudit.yaml").write_text("thresholds: {membership_p_min: 0.01}\n" + MODEL)
@@ -247,7 +347,7 @@ def test_stored_run_without_what_a_gate_needs_is_a_collection_error(project):
     ('{"benchmarks": []}', "*is not a pytest-memaudit results file*"),
     ('{"schema_version": 1, "samples": [], "layers": []}', "*has results schema 1, from an older pytest-memaudit*"),
     ('{"schema_version": 2, "model": "tiny", "samples": [], "layers": [{"name": "stem"}]}',
-     "*is an incomplete or damaged results file (missing *); write it again*"),
+     "*is an incomplete or damaged results file (*lacks *); write it again*"),
 ], ids=["newer", "truncated", "not-ours", "older", "incomplete"])
 @pytest.mark.parametrize("option", ["--memaudit-from", "--memaudit-compare"])
 def test_results_files_that_cannot_be_read_are_usage_errors(project, content, message, option):

@@ -4,6 +4,7 @@ against hand computations and exact enumeration."""
 import itertools
 import json
 import math
+import re
 from datetime import datetime, timezone
 
 import numpy as np
@@ -117,7 +118,7 @@ def test_rise_gates_absolute_relative_and_significant():
     outcome = evaluate("head", figures, {"mean_unitmem_rise_max": Gate(0.0, "significant")})
     assert outcome.checks[0].passed is False  # the whole interval [0.01, 0.07] is above 0
     assert outcome.failure_message() == (
-        "layer head: 1 threshold(s) crossed\n  mean_unitmem rose from 0.2 (baseline) to 0.24 (+0.04), more than "
+        "layer head: 1 compare gate(s) crossed\n  mean_unitmem rose from 0.2 (baseline) to 0.24 (+0.04), more than "
         "mean_unitmem_rise_max = 0 (its whole 95% interval [0.01, 0.07] lies above the limit)")
     [check] = evaluate("head", figures, {"mean_unitmem_rise_max": Gate(0.02, "significant")}).checks
     assert check.passed is True  # the interval reaches below 0.02
@@ -127,9 +128,16 @@ def test_compare_options_and_yaml_blocks(tmp_path):
     assert parse_compare_option("mean_unitmem:0.02") == ("*", "mean_unitmem_rise_max", {"limit": 0.02, "relative": False})
     assert parse_compare_option("conv.out:gap:15%") == ("conv.out", "gap_rise_max", {"limit": 0.15, "relative": True})
     assert parse_compare_option("gap:off") == ("*", "gap_rise_max", {"limit": None, "relative": False})
-    for text, message in [("mean_unitmem=0.02", "write FIGURE:DELTA"), ("mean_unitmen:0.02", "Did you mean 'mean_unitmem'"),
+    assert parse_compare_option("head:mean_unitmem:0.02:significant") == (
+        "head", "mean_unitmem_rise_max", {"limit": 0.02, "relative": False, "when": "significant"})
+    assert parse_compare_option("mean_unitmem:10%:estimate") == (
+        "*", "mean_unitmem_rise_max", {"limit": 0.1, "relative": True, "when": "estimate"})
+    assert parse_compare_option("head:gap:off") == ("head", "gap_rise_max", {"limit": None, "relative": False})
+    for text, message in [("mean_unitmem=0.02", "write [LAYER:]FIGURE:DELTA[:significant]"),
+                          ("mean_unitmem:0.02:sometimes", "'sometimes' is not when a compare gate fails: write "
+                                                          "significant (only a rise beyond noise"), ("mean_unitmen:0.02", "Did you mean 'mean_unitmem'"),
                           ("gap:x%", "is not a percentage"), ("gap:1.5", "outside [0, 1]"), ("gap:abc", "is not a number")]:
-        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
             parse_compare_option(text)
     path = tmp_path / "memaudit.yaml"
     path.write_text("thresholds: {mean_unitmem_max: 1.0}\ncompare:\n  mean_unitmem: {limit: 5%, when: significant}\n"

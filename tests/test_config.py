@@ -69,8 +69,11 @@ def test_empty_file_means_no_thresholds(tmp_path):
         ("thresholds: {membership_excess_max: -1.5}", r"membership_excess_max = -1.5 is outside \[-1, 1\]"),
         *[(f"models: {{mine: {{factory: 'a:b', {entry}}}}}", message) for entry, message in [
             ("audited_layers: [{module: x, units: rows}]",
-             r"audited_layers: x: units must be one of channels_first, channels_last, tokens, got 'rows'"),
-            ("audited_layers: [{module: x, units: tokens, units_axis: 2}]", r"give units or units_axis, not both"),
+             r"audited_layers: x: units must be one of channels_first, channels_last, token_channels, got 'rows'"),
+            ("audited_layers: [{module: x, units: token_channels, units_axis: 2}]", r"give units or units_axis, not both"),
+            ("audited_layers: [{module: x, units: tokens}]",
+             r"audited_layers: x: 'units: tokens' is now 'units: token_channels' \(the channels of each token, axis 2 "
+             r"of a \(batch, tokens, channels\) output\); rename it"),
             ("audited_layers: [{module: x, units_axis: 0}]", r"units_axis must be the number .* \(0 is the batch"),
             ("audited_layers: [{module: x, tokens: first}]", r"tokens must be one of all, cls, patches"),
             ("audited_layers: [{module: x, call: -1}]", r"call must be a call's number \(0 is the first\) or 'all'"),
@@ -129,12 +132,12 @@ models:
     normalize: {mean: [0.5, 0.25, 0.125], std: [0.5, 0.5, 0.25]}
     audited_layers:
       - stem
-      - {name: attn, module: blocks.0.attn, output: 0, call: all, units: tokens, tokens: cls}
+      - {name: attn, module: blocks.0.attn, output: 0, call: all, units: token_channels, tokens: cls}
       - {module: blocks.1, units_axis: -1, call: 1, output: features}
 """))
     spec = audit.model_spec("mine")
     assert spec.layers == (LayerSpec("stem", "stem"),
-                           LayerSpec("attn", "blocks.0.attn", units="tokens", tokens="cls", output=0, call="all"),
+                           LayerSpec("attn", "blocks.0.attn", units="token_channels", tokens="cls", output=0, call="all"),
                            LayerSpec("blocks.1", "blocks.1", units=-1, output="features", call=1))
     assert spec.input_contract == InputContract(mean=(0.5, 0.25, 0.125), std=(0.5, 0.5, 0.25))
     # view = 2x - 1 in [-1, 1]; (x - m) / s = view * scale + shift

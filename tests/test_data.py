@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import make_images
 from pytest_memaudit.data import (
     ImageSet,
     UnreadableImage,
@@ -24,6 +25,7 @@ from pytest_memaudit.data import (
     select_samples,
 )
 from pytest_memaudit.errors import DataError
+from pytest_memaudit.tarshards import open_image_folder
 
 S = 16  # decoded size used by most tests
 
@@ -407,3 +409,33 @@ def test_builtin_set_batches():
 def test_iter_batches_pins_memory():
     batch = next(ImageSet.builtin(2, 8, seed=0).iter_batches(2, workers=0, pin_memory=True))
     assert batch.images.is_pinned()
+
+
+def test_a_link_to_itself_is_skipped_with_its_reason(tmp_path):
+    """ELOOP crashed the listing (INTERNALERROR)."""
+    folder = make_images(tmp_path / "imgs", 2, size=16)
+    os.symlink("self.jpg", folder / "self.jpg")
+    os.symlink("loop", folder / "loop")
+    unlisted = []
+    assert list_image_files(folder, unlisted) == ["img_000.png", "img_001.png"]
+    reason = f"cannot read it: {os.strerror(40)}"  # ELOOP
+    assert unlisted == [{"id": "loop", "reason": reason}, {"id": "self.jpg", "reason": reason}]
+    assert open_image_folder(folder, 16, None, seed=0).unlisted == unlisted
+
+
+@pytest.mark.parametrize("fails", ["stat", "scandir"])
+def test_an_unreadable_data_root_is_a_data_error(tmp_path, monkeypatch, fails):
+    """A root that cannot be looked at (a parent without x permission: stat fails) or read (scandir fails)
+    crashed the listing. Simulated: this test may run as root, whom permissions do not stop."""
+    folder = make_images(tmp_path / "imgs", 2, size=16)
+    real = getattr(os, fails)
+
+    def refused(path, *args, **kwargs):
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, fails, refused)
+    with pytest.raises(DataError, match=f"cannot read data directory {folder}: Permission denied; check its "
+                                        "permissions"):
+        open_image_folder(folder, 16, None, seed=0)

@@ -60,3 +60,39 @@ def test_exit_status(pytester, yaml_text, extra, status, line):
     text = result.stdout.str() + result.stderr.str()
     assert "Traceback" not in text and "INTERNALERROR" not in text
     (result.stdout if status < 4 else result.stderr).fnmatch_lines([line])
+
+
+@pytest.mark.parametrize("name, value, line", [
+    ("seed", "99999999999999999999999", "*--memaudit-seed must be at most 9223372036854775807, got 99999999999999999999999"),
+    ("augmentations", "1000000000", "*--memaudit-augmentations must be at most 10000, got 1000000000"),
+    ("seed", "abc", "*--memaudit-seed must be a whole number, got 'abc'"),
+    ("reduce", "mode", "*--memaudit-reduce must be one of mean, median, got 'mode'"),
+    ("planted-strength", "x", "*--memaudit-planted-strength must be a number, got 'x'"),
+], ids=["seed-overflows", "augmentations-96GB", "not-a-number", "not-a-choice", "not-a-float"])
+@pytest.mark.parametrize("where", ["command line", "ini"])
+def test_option_values_are_checked_up_front_alike_from_the_command_line_and_the_ini_file(pytester, name, value, line,
+                                                                                      where):
+    """An out-of-range seed ran the whole audit, then overflowed (exit 3, nothing written); a bad ini value
+    exited 2 where the same value on the command line exited 4."""
+    pytester.mkdir("audits")
+    (pytester.path / "audits" / "memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
+    option = [f"--memaudit-{name}", value] if where == "command line" else []
+    pytester.makeini(f"[pytest]\nmemaudit_{name.replace('-', '_')} = {value}\n" if where == "ini" else "[pytest]\n")
+    result = pytester.runpytest("audits", "-p", "no:cacheprovider", *option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: memaudit: {line}"])
+    assert "collected" not in result.stdout.str()
+
+
+def test_a_factory_that_calls_sys_exit_is_the_factorys_error(pytester):
+    """It was INTERNALERROR (exit 3)."""
+    pytester.makepyfile(exiting="import sys\n\n\ndef build(checkpoint):\n    sys.exit(3)\n")
+    pytester.syspathinsert()
+    pytester.mkdir("audits")
+    (pytester.path / "audits" / "memaudit.yaml").write_text(
+        "thresholds: {mean_unitmem_max: 1.0}\nmodels:\n  quits: {factory: 'exiting:build', audited_layers: [stem]}\n")
+    result = pytester.runpytest("audits", "--memaudit-model", "quits", "--memaudit-data", "builtin", "-p",
+                                "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*model 'quits': its factory exiting:build(None) failed with SystemExit: 3*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()

@@ -1,7 +1,7 @@
 """A layer whose outcome holds no check is "not gated" everywhere, never "within thresholds"."""
 
 from pytest_memaudit.gates import Check, GateOutcome
-from pytest_memaudit.report.context import gate_table, verdict
+from pytest_memaudit.report.context import check_cell, gate_table, verdict
 from pytest_memaudit.terminal import render_summary
 from test_report import synthetic_result
 
@@ -34,3 +34,21 @@ def test_mixed_outcomes_count_only_layers_with_checks():
                                               "2 layer(s) had no threshold and were not gated."}
     assert [(row["name"], row["status"]) for row in gate_table(result.layers)["rows"]] == [
         ("a", "passed"), ("b", "not gated"), ("c", "not gated")]
+
+
+def test_a_gate_cell_states_the_rule_that_decided():
+    """A when: significant gate passes an estimate past its limit when the interval reaches back: the cell
+    says so, instead of "0.3067 <= 0.25", which reads false."""
+    def cell(value, passed, low=0.089, high=0.524, key="mean_unitmem_max"):
+        check = Check(key, key.rsplit("_", 1)[0], value, 0.25, passed, "significant", low=low, high=high)
+        found = check_cell(check, None)
+        return f"{found['value']} {found['relation']} {found['limit']} ({found['note']})"
+
+    assert cell(0.3067, True) == "0.3067 interval not wholly above 0.25 (95% [0.089, 0.524])"
+    assert cell(0.41, False, 0.3, 0.52) == "0.41 interval wholly above 0.25 (95% [0.3, 0.52])"
+    assert cell(0.2, True) == "0.2 ≤ 0.25 (95% [0.089, 0.524])"  # the estimate itself is within the limit
+    assert cell(0.2, True, key="gap_min") == "0.2 interval not wholly below 0.25 (95% [0.089, 0.524])"
+    no_interval = Check("max_unitmem_rise_max", "max_unitmem_rise", 0.3, 0.25, True, "significant")
+    assert check_cell(no_interval, None)["relation"] == "not beyond noise above"
+    estimate = check_cell(Check("mean_unitmem_max", "mean_unitmem", 0.3, 0.25, False), None)
+    assert (estimate["relation"], estimate["mark"]) == (">", "FAIL")

@@ -51,9 +51,9 @@ def declare(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the YAML's folder goes on sys.path: undo that
     count = iter(range(100))
 
-    def make(extra: str):
+    def make(extra: str, channels: int = 3):
         module = f"flattening_{tmp_path.name}_{next(count)}"
-        (tmp_path / f"{module}.py").write_text(ENCODER)
+        (tmp_path / f"{module}.py").write_text(ENCODER.replace("nn.Conv2d(3, 4", f"nn.Conv2d({channels}, 4"))
         path = tmp_path / "memaudit.yaml"
         path.write_text(textwrap.dedent(f"""\
             models:
@@ -111,3 +111,39 @@ def test_a_view_flattening_model_runs_in_its_own_layout_and_fails_cleanly_in_cha
     with pytest.raises(AuditError, match=r"the forward pass of flat \(model\) on views of shape \(1, 3, 16, 16\) failed with RuntimeError: "
                                          r"view size is not compatible with input tensor's size and stride"):
         run_audit(settings, declare("channels_last: true\n"))
+
+
+LUMA = np.array([0.2989, 0.587, 0.114])  # ITU-R 601, as torchvision's rgb_to_grayscale
+
+
+@pytest.mark.parametrize("extra, channels, to_input, described", [
+    ("order: BGR\n", 3, lambda x: x[..., ::-1] * 2 - 1, "BGR in [-1, 1]"),
+    (f"order: BGR\nnormalize: {{mean: {MEAN[::-1]}, std: {STD[::-1]}}}\n", 3,
+     lambda x: (x[..., ::-1] - np.array(MEAN[::-1])) / np.array(STD[::-1]), "BGR, (x - mean) / std"),
+    ("channels: 1\n", 1, lambda x: (x @ LUMA)[..., None] * 2 - 1, "greyscale (1 channel, luma) in [-1, 1]"),
+    ("channels: 1\ninput_range: [0, 255]\n", 1, lambda x: (x @ LUMA)[..., None] * 255,
+     "greyscale (1 channel, luma) in [0, 255]"),
+    ("channels: 1\nnormalize: {mean: [0.45], std: [0.25]}\n", 1, lambda x: ((x @ LUMA)[..., None] - 0.45) / 0.25,
+     "greyscale (1 channel, luma), (x - mean) / std"),
+], ids=["bgr", "bgr-normalized", "grey", "grey-0-255", "grey-normalized"])
+def test_a_bgr_or_one_channel_model_gets_the_input_it_declares(declare, images, extra, channels, to_input, described):
+    """Declared in the YAML, not wrapped: the model's first module sees its channels, in its order."""
+    folder, settings = images
+    result = run_audit(settings, declare(extra, channels))
+    expected = np.abs(to_input(pixels(folder, result.samples))).mean(axis=(1, 2))  # (N, channels)
+    np.testing.assert_allclose(activations(result, "input"), expected, rtol=2e-6, atol=1e-6)
+    assert result.settings["input"].startswith(described)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("channels: 2\n", r"channels must be 3 \(colour\) or 1 \(greyscale: the model gets each view's luma\), got 2"),
+    ("order: rgb\n", r"order must be RGB or BGR \(the model's channel order\), got 'rgb'"),
+    ("channels: 1\norder: BGR\n", r"order is the order of 3 channels; a 1-channel model has none"),
+    (f"channels: 1\nnormalize: {{mean: {MEAN}, std: {STD}}}\n",
+     r"normalize: mean must be 1 number \(the grey channel, in the model's order\)"),
+    ("order: BGR\nnormalize: {mean: [0.5], std: [0.5]}\n", r"normalize: mean must be 3 numbers \(B, G, R, in the "
+                                                            r"model's order\)"),
+])
+def test_a_wrong_channel_contract_is_refused_with_what_to_write(declare, extra, message):
+    with pytest.raises(AuditError, match=message):
+        declare(extra)

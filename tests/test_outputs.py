@@ -49,6 +49,39 @@ def test_unwritable_location_given_is_a_usage_error(pytester, audit_dir, var_che
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 
+@pytest.mark.parametrize("options", [
+    ["--memaudit-json", "out/r.json", "--memaudit-html", "out/r.json"],
+    ["--memaudit-json", "out/r.json", "--memaudit-html", "out/../out/r.json"],
+    ["--memaudit-html", "out/results.json"],  # the JSON goes beside the report as results.json
+    ["--memaudit-json", "link/r.json", "--memaudit-html", "out/r.json"],  # link -> out
+])
+def test_report_and_results_at_one_path_are_a_usage_error(pytester, audit_dir, var_checkpoint, options):
+    """Both used to be reported written, and the report had replaced the results."""
+    (pytester.path / "out").mkdir()
+    (pytester.path / "link").symlink_to(pytester.path / "out")
+    result = pytester.runpytest(*tiny_args(var_checkpoint, *options))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: memaudit: the report and the results would both be written to *r*.json, and "
+                                 "the report would replace the results: give --memaudit-html and --memaudit-json "
+                                 "different paths"])
+    assert "collected" not in result.stdout.str() and not list((pytester.path / "out").iterdir())
+
+
+def test_report_over_the_results_it_reads_is_a_usage_error(pytester, audit_dir, var_checkpoint):
+    first = pytester.runpytest(*tiny_args(var_checkpoint, "--memaudit-json", "r.json", "--memaudit-html", "none"))
+    assert first.ret == pytest.ExitCode.OK
+    saved = (pytester.path / "r.json").read_bytes()
+    for option in ("--memaudit-from", "--memaudit-compare"):
+        args = ["audits", "-p", "no:cacheprovider", option, "r.json", "--memaudit-html", "r.json"]
+        if option == "--memaudit-compare":
+            args = tiny_args(var_checkpoint, option, "r.json", "--memaudit-html", "r.json", "--memaudit-json", "n.json")
+        result = pytester.runpytest(*args)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines([f"ERROR: memaudit: the report would be written to */r.json, over the results "
+                                     f"that {option} reads: give --memaudit-html another path"])
+        assert (pytester.path / "r.json").read_bytes() == saved
+
+
 def test_unwritable_default_folder_stops_the_audit_before_it_runs(pytester, audit_dir, var_checkpoint):
     (pytester.path / "memaudit-report").write_text("a file where the report folder goes")
     result = pytester.runpytest(*tiny_args(var_checkpoint))

@@ -32,15 +32,15 @@ def audit(pytester, *extra):
 
 def test_three_checkpoints_give_three_tests_per_layer_and_one_report(series, monkeypatch):
     calls = []
-    real = pytest_memaudit.audit.augment_views
-    monkeypatch.setattr(pytest_memaudit.audit, "augment_views", lambda *args: calls.append(1) or real(*args))
+    real = pytest_memaudit.views.augment_views
+    monkeypatch.setattr(pytest_memaudit.views, "augment_views", lambda *args: calls.append(1) or real(*args))
     result = audit(series, "--memaudit-checkpoint", "ckpts/step-*.pt", "--memaudit-compare", "previous",
                    "--memaudit-compare-fail", "mean_unitmem:0.05", "-v")
     assert result.ret == 1
     names = [line.split("::")[1].split(" ")[0] for line in result.outlines if line.startswith("audits/memaudit.yaml::")]
     assert names == [f"{layer}[{label}]" for layer in LAYERS for label in SERIES]
     result.assert_outcomes(passed=8, failed=1)
-    result.stdout.fnmatch_lines(["FAILED audits/memaudit.yaml::head[step-2] - layer head: 1 threshold(s) crossed"])
+    result.stdout.fnmatch_lines(["FAILED audits/memaudit.yaml::head[[]step-2] - layer head: 1 compare gate*"])
     batches = len(calls)
     assert batches == 1  # 8 images x 2 views fit one 32-view batch, augmented once for all three checkpoints
 

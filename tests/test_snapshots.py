@@ -1,5 +1,7 @@
 """Resuming an audit from its snapshots, and refusing snapshots of another audit."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,45 @@ def test_interrupted_audit_with_controls_and_holdout_resumes_to_the_same_figures
             assert a.values.max_sample.tolist() == b.values.max_sample.tolist()
     assert [u.unitmem for u in resumed.planted.units] == pytest.approx([u.unitmem for u in uninterrupted.planted.units])
     assert resumed.membership.member_share == uninterrupted.membership.member_share
+
+
+def _damage(path, change):
+    saved = torch.load(path, weights_only=True)
+    change(saved["payload"])
+    torch.save(saved, path)
+
+
+def _drop_last_position(payload):
+    payload["measured"]["positions"] = payload["measured"]["positions"][:-1]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda p: p["progress"].update(done=10**9), "its progress counter says 1000000000 data points, this process's "
+                                                 "share has 9"),
+    (lambda p: p["progress"].update(done=-5), "its progress counter says -5 data points"),
+    (lambda p: p["progress"].update(done=0), "the model state of layer conv1 holds 4 data points, not the 0 its "
+                                             "progress says were read"),  # would stream the data twice
+    (_drop_last_position, "it lists 3 data points measured, not the 4 read"),
+    (lambda p: p["progress"].update(skipped=[[10**12, "x"]]), "its 1 skipped data points are not distinct data points"),
+    (lambda p: p["progress"].update(skipped=[[0, "x"]]), "the model state of layer conv1 holds 4 data points, not the 3"),
+    (lambda p: p["progress"].update(skipped="absurd"), "ValueError"),
+    (lambda p: p["progress"].update(done="many"), "ValueError"),
+    (lambda p: p.pop("measured"), "it lacks part of this audit's state ('measured')"),
+], ids=["done-1e9", "done-negative", "done-0", "positions-truncated", "skipped-out-of-range", "skipped-but-read",
+        "skipped-not-a-list", "done-not-a-number", "part-missing"])
+def test_a_damaged_snapshot_is_refused_naming_the_file(setup, change, expected):
+    """Each of these resumed into other figures (or crashed after the whole compute) before."""
+    tmp_path, values = setup
+    calls = []
+
+    def interrupt_after_two_batches(done, total):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(make_settings(**values | {"state_every": 0}), TINY, progress=interrupt_after_two_batches)
+    path = tmp_path / "state" / "process-00000-of-00001.pt"
+    _damage(path, change)
+    with pytest.raises(AuditError, match=f"the snapshot {re.escape(str(path))} is damaged: .*{re.escape(expected)}"):
+        audit(**values)

@@ -1,5 +1,6 @@
 """A folder of .tar shards (WebDataset layout) as a data source, read in place."""
 
+import re
 import tarfile
 import zlib
 
@@ -68,3 +69,67 @@ def test_headers_are_read_as_tarfile_reads_them(tmp_path, form):
     with tarfile.open(path) as archive:
         expected = [(member.name, member.offset_data, member.size) for member in archive if member.isfile()]
     assert tar_members(path) == expected and len(expected) == len(names)
+
+
+def _header(name, size_field, kind=tarfile.REGTYPE):
+    """A ustar header for ``name`` whose size field holds exactly ``size_field`` (12 bytes)."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    block = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    block[124:136] = size_field
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _octal(number):
+    return b"%011o\0" % number
+
+
+def _pax(records):
+    return _header("PaxHeader", _octal(len(records)), tarfile.XHDTYPE) + records.ljust(-(-len(records) // 512) * 512, b"\0")
+
+
+def _record(key, value):
+    """A pax record ``length key=value\\n`` with its right length."""
+    body = f" {key}={value}\n"
+    length = len(body) + len(str(len(body)))
+    return f"{length + (len(str(length)) > len(str(len(body))))}{body}".encode()
+
+
+def _crafted_shard(folder, crafted):
+    """A shard holding a good image, then the ``crafted`` bytes, then another good image."""
+    folder.mkdir()
+    image = png_bytes(1, size=8)  # one 512-byte block: the crafted bytes start at byte 1024
+    member = _header("good.png", _octal(len(image))) + image.ljust(-(-len(image) // 512) * 512, b"\0")
+    (folder / "a.tar").write_bytes(member + crafted + member.replace(b"good.png", b"late.png", 1) + b"\0" * 1024)
+    return folder
+
+
+@pytest.mark.parametrize("crafted, reason", [
+    (_pax(b"0 path=x.png\n"), "the pax header at byte 1024 has a damaged record at its byte 0"),
+    (_pax(b"3 size=5\n"), "the pax header at byte 1024 has a damaged record"),
+    (_pax(b"99 size=5\n"), "the pax header at byte 1024 has a damaged record"),
+    (_pax(_record("size", -1024)) + _header("x.png", _octal(0)), "gives the size '-1024', not a number of bytes"),
+    (_header("big.png", b"\x80" + (64 << 30).to_bytes(11, "big")), "size of 68719476736 bytes, impossible in a file of"),
+    (_pax(_record("size", 2**40)) + _header("x.png", _octal(0)), "size of 1099511627776 bytes, impossible"),
+    (_header("x.png", b"\xff" * 12), "the header at byte 1024 gives a size of -1 bytes, impossible"),
+    (_header("././@LongLink", _octal(1 << 20), tarfile.GNUTYPE_LONGNAME), "impossible in a file of"),
+    (_header("x.png", b"12345678z\0\0\0"), "the header at byte 1024 has a size that is not a number"),
+], ids=["pax-record-length-0", "pax-record-shorter-than-its-length", "pax-record-past-its-header", "pax-negative-size",
+        "member-claims-64GiB", "pax-size-2^40", "base-256-all-0xff", "long-name-past-the-end", "size-not-octal"])
+def test_crafted_headers_are_refused_naming_the_shard(tmp_path, crafted, reason):
+    """Each of these hung the scan or ended in MemoryError/OverflowError (INTERNALERROR)."""
+    folder = _crafted_shard(tmp_path / "shards", crafted)
+    with pytest.raises(DataError, match=f"cannot read the tar shard .*a.tar: .*{re.escape(reason)}"):
+        open_image_folder(folder, 16, None, seed=0)
+
+
+def test_a_member_cut_short_is_skipped_with_its_reason(tmp_path):
+    folder = _crafted_shard(tmp_path / "shards", b"")
+    data = (folder / "a.tar").read_bytes()
+    (folder / "a.tar").write_bytes(data[:1024 + 512 + 100])  # the second image keeps its first 100 bytes
+    images = open_image_folder(folder, 16, None, seed=0)
+    assert images.ids == ["a.tar/good.png", "a.tar/late.png"]
+    assert images[0][1] is not None
+    assert images[1][1] is None and images[1][2] == "its archive ends early (truncated)"

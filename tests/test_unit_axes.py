@@ -14,6 +14,7 @@ from torch import nn
 from conftest import activations, make_images
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
+from pytest_memaudit.discovery import survey
 from pytest_memaudit.errors import AuditError
 from pytest_memaudit.hooks import LayerRecorder, UnitAxis
 from pytest_memaudit.models import InputContract, LayerSpec, ModelSpec
@@ -118,7 +119,7 @@ def test_an_ambiguous_axis_is_an_error_naming_the_layer_shape_and_keys():
     with pytest.raises(AuditError) as info:
         record(net, [LayerSpec("embed", "embed")], x)
     message = str(info.value)
-    for part in ("layer 'embed'", "(batch, 6, 6, 6)", "matches axes [1, 2, 3]", "units: channels_first | channels_last | tokens",
+    for part in ("layer 'embed'", "(batch, 6, 6, 6)", "matches axes [1, 2, 3]", "units: channels_first | channels_last | token_channels",
                  "units_axis: N"):
         assert part in message
     values, recorder = record(net, [LayerSpec("embed", "embed", units="channels_last")], x)
@@ -154,6 +155,99 @@ def test_a_reused_relu_is_an_error_unless_a_call_is_chosen(x):
     assert not np.allclose(expected[0], expected[1])
     with pytest.raises(AuditError, match=r"has 'call: 2' but runs 2 time\(s\) per forward pass"):
         record(net, [LayerSpec("relu", "relu", units="channels_first", call=2)], x)
+
+
+class ReusedAtTwoWidths(nn.Module):
+    """One ReLU module applied at two widths, as ResNet-50's Bottleneck applies its relu (64, 64, 256)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv2 = nn.Conv2d(5, 7, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+def test_call_all_on_a_module_reused_at_two_widths_is_an_error_naming_the_shapes(x):
+    net = seeded(ReusedAtTwoWidths())
+    with pytest.raises(AuditError) as info:
+        record(net, [LayerSpec("relu", "relu", units="channels_first", call="all")], x)
+    message = str(info.value)
+    assert ("layer 'relu' (module 'relu') has 'call: all', but its calls differ in shape: call 0 gave (batch, 5, 16, "
+            "16), call 1 (2, 7, 16, 16), so their units cannot be averaged") in message
+    assert "each call as a layer of its own (the same module, with call: 0, call: 1, ...)" in message
+    with torch.no_grad():  # each call as a layer of its own is measured
+        double = net.double()
+        first = double.relu(double.conv1(x.double()))
+        second = double.relu(double.conv2(first))
+    layers = [LayerSpec(f"relu.{call}", "relu", units="channels_first", call=call) for call in (0, 1)]
+    got, _ = record(net.float(), layers, x)
+    np.testing.assert_allclose(got["relu.0"], mean_abs(first, 1), rtol=1e-6)
+    np.testing.assert_allclose(got["relu.1"], mean_abs(second, 1), rtol=1e-6)
+
+
+def test_list_layers_shows_the_call_an_audit_measures_of_a_reused_module(x):
+    net = seeded(ReusedAtTwoWidths())
+    for call, width in ((0, 5), (1, 7)):
+        records = {entry.path: entry for entry in survey(net, x, [LayerSpec("relu", "relu", units="channels_first",
+                                                                            call=call)])}
+        assert (records["relu"].output, records["relu"].units, records["relu"].calls) == (
+            str((2, width, 16, 16)), width, 2), f"call {call}"
+    assert [entry.path for entry in survey(net, x)] == ["conv1", "relu", "conv2"]  # forward order, by first call
+
+
+def test_a_module_that_never_runs_is_an_error_after_the_first_pass(x):
+    """nn.MultiheadAttention holds out_proj but uses its weights directly: its hook never fires."""
+    net = seeded(Attention())
+    with pytest.raises(AuditError) as info:
+        record(net, [LayerSpec("embed", "embed"), LayerSpec("attn.out", "attn.out_proj")], x)
+    message = str(info.value)
+    assert "layer 'attn.out' (module 'attn.out_proj') never runs in the model's forward pass" in message
+    assert "--memaudit-list-layers" in message and "embed" not in message
+
+
+class TokenMixing(nn.Module):
+    """Patch tokens (batch, 64 tokens, 24 channels) through a token-mixing Linear (64 -> 64), as in
+    MLP-Mixer, and optionally a channel-mixing one (24 -> 24) after it."""
+
+    def __init__(self, channel_mixing: bool = False):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 24, 2, stride=2)
+        self.block = nn.Sequential(nn.LayerNorm(24), Transposed(nn.Linear(64, 64)))
+        if channel_mixing:
+            self.block.append(nn.Linear(24, 24))
+
+    def forward(self, x):
+        return self.block(self.embed(x).flatten(2).transpose(1, 2))
+
+
+class Transposed(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_token_mixing_block_is_asked_about_not_read_with_tokens_as_units(x):
+    net = seeded(TokenMixing())
+    with pytest.raises(AuditError) as info:  # the last declared width, 64, is the token count
+        record(net, [LayerSpec("block", "block")], x)
+    assert ("layer 'block' (module 'block'), output of shape (batch, 64, 24): block.1.inner.out_features = 64 would "
+            "put the units on axis 1, the tokens of a (batch, tokens, channels) layout") in str(info.value)
+    assert "'units: token_channels' (axis 2) or 'units_axis: 1'" in str(info.value)
+    with pytest.raises(AuditError, match=r"two readings are plausible: block.2.out_features = 24 puts the units on "
+                                         r"axis 2 \(channels\), block.1.inner.out_features = 64 on axis 1 \(tokens\)"):
+        record(seeded(TokenMixing(channel_mixing=True)), [LayerSpec("block", "block")], x)
+    values, recorder = record(net, [LayerSpec("block", "block", units="token_channels")], x)
+    assert recorder.axes["block"] == UnitAxis(2, (64, 24), "units: token_channels")
+    with torch.no_grad():
+        double = net.double()
+        expected = mean_abs(double.block(double.embed(x.double()).flatten(2).transpose(1, 2)), keep=2)
+    np.testing.assert_allclose(values["block"], expected, rtol=1e-6)  # 24 channels, each over 64 tokens
 
 
 def test_a_tuple_returning_attention_needs_output_and_measures_that_part(x):

@@ -122,3 +122,14 @@ def test_user_code_names_the_cause():
     with pytest.raises(KeyboardInterrupt):
         with user_code("loading thing"):
             raise KeyboardInterrupt
+
+
+def test_augmentations_law(monkeypatch):
+    """An image's views are made together: their RGB input alone must fit."""
+    monkeypatch.setattr(hardware, "physical_memory_bytes", lambda: 2**30)
+    check_image_fits(make_settings(model="demo", image_size=256, augmentations=1000))  # 1000 * 3 * 256**2 * 4 B: 750 MiB
+    with pytest.raises(ConfigError, match=r"one image's 2000 views at 256x256"):
+        check_image_fits(make_settings(model="var_d16", augmentations=2000))  # at the model's own size
+    with pytest.raises(ConfigError, match=r"--memaudit-augmentations 2000: one image's 2000 views at 256x256 need "
+                                          r"1.5 GiB \(3 float32 values per pixel each\), more than this machine's 1.0 GiB"):
+        check_image_fits(make_settings(model="demo", image_size=256, augmentations=2000))

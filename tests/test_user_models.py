@@ -110,6 +110,27 @@ def test_the_checkpoint_reaches_the_factory_from_the_option_the_environment_or_t
     assert record["path"] == str(folder / "env.pt") and record["bytes"] == 7
 
 
+def test_a_run_says_when_it_cannot_test_memorization(pytester, seen):
+    """Without a checkpoint a user model is its factory's build(None) (random weights in the shipped examples),
+    and without held-out images there is no membership test: the terminal and the JSON say so; a run with a
+    checkpoint and held-out images does not."""
+    declare(pytester.path / "audits", "mine")
+    result = pytester.runpytest("audits", "--memaudit-model", "mine", "--memaudit-json", "out.json", *FAST)
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["note: no checkpoint given: mine was built by its factory as build(None), which in "
+                                 "the shipped examples means random weights*",
+                                 "note: no held-out images: whether the model singles out its training images is not "
+                                 "tested*"])
+    notes = json.loads((pytester.path / "out.json").read_text())["notes"]
+    assert sum(note.startswith(("no checkpoint given", "no held-out images")) for note in notes) == 2
+    (pytester.path / "mine.pt").write_bytes(b"weights")
+    result = pytester.runpytest("audits", "--memaudit-model", "mine", "--memaudit-checkpoint", "mine.pt",
+                                "--memaudit-holdout", "builtin", "--memaudit-json", "out.json", *FAST)
+    assert result.ret == 0
+    notes = json.loads((pytester.path / "out.json").read_text())["notes"]
+    assert not any(note.startswith(("no checkpoint given", "no held-out images")) for note in notes)
+
+
 def test_a_missing_checkpoint_is_a_usage_error(pytester, seen):
     declare(pytester.path / "audits", "mine")
     result = pytester.runpytest("audits", "--memaudit-model", "mine", "--memaudit-checkpoint", "nowhere.pt", *FAST)
@@ -129,6 +150,15 @@ def test_a_missing_checkpoint_is_a_usage_error(pytester, seen):
 def test_a_failing_factory_or_forward_pass_is_a_usage_error_with_its_own_message(pytester, seen, change, message):
     declare(pytester.path / "audits", "mine", **change)
     assert_usage_error(pytester.runpytest("audits", "--memaudit-model", "mine", *FAST), message)
+
+
+def test_an_audited_module_that_never_runs_stops_the_audit_as_a_usage_error_naming_it(pytester):
+    """ViT's self_attention.out_proj and Swin's attn.proj are held, not called: one usage error (exit 4)
+    after the first batch, not an audit that runs to its end and then fails with INTERNALERROR."""
+    declare(pytester.path / "audits", "mine", layers="[stem, spare, head]",
+            factory_body="net = Net()\n    net.spare = nn.Conv2d(4, 4, 1)\n    return net")
+    result = pytester.runpytest("audits", "--memaudit-model", "mine", *FAST)
+    assert_usage_error(result, "layer 'spare' (module 'spare') never runs in the model's forward pass")
 
 
 def test_a_factory_that_cannot_be_imported_is_a_usage_error(pytester):

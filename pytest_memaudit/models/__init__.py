@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ..errors import AuditError, CheckpointError, ConfigError, user_code
 
 CHECKPOINT_ENV_VAR = "MEMAUDIT_CHECKPOINT"
-UNIT_LAYOUTS = ("channels_first", "channels_last", "tokens")  # a layer's ``units:``
+UNIT_LAYOUTS = ("channels_first", "channels_last", "token_channels")  # a layer's ``units:``
 TOKEN_CHOICES = ("all", "cls", "patches")  # a layer's ``tokens:``
 
 
@@ -41,16 +41,32 @@ class LayerSpec:
 class InputContract:
     """What a model takes as input.
 
-    Views leave augmentation in [-1, 1] (``augment.augment_views``); the audit maps them, per
-    channel and affinely, to the model's ``value_range``, or to ``(x - mean) / std`` of the
-    [0, 1] image when ``mean`` and ``std`` are set, and lays them out channels-last when the
-    model supports it (faster convolutions; a model that flattens with ``.view()`` does not).
+    Views leave augmentation in [-1, 1], RGB (``views.py``); the audit gives the model its
+    ``channels`` (1: the ITU-R 601 luma of the view) in its channel ``order`` (RGB or BGR), maps
+    them, per channel and affinely, to the model's ``value_range``, or to ``(x - mean) / std`` of the
+    [0, 1] image when ``mean`` and ``std`` are set (one value per channel, in the model's order),
+    and lays them out channels-last when the model supports it (faster convolutions; a model that
+    flattens with ``.view()`` does not).
     """
 
     value_range: tuple[float, float] = (-1.0, 1.0)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     channels_last: bool = False
+    channels: int = 3
+    order: str = "RGB"  # of 3 channels: RGB or BGR
+
+    def arrange(self, views):
+        """RGB views (n, 3, H, W), a tensor -> the model's channels, in its order."""
+        if self.channels == 1:
+            import torch
+
+            from ..augment import LUMA_WEIGHTS
+
+            # The luma of the [0, 1] image, on the views' [-1, 1] scale: 2 * luma((v + 1) / 2) - 1.
+            weights = torch.tensor(LUMA_WEIGHTS, dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
+            return (views * weights).sum(dim=1, keepdim=True).add_(sum(LUMA_WEIGHTS) - 1)
+        return views.flip(1) if self.order == "BGR" else views
 
     def affine(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """Per-channel (scale, shift) with input = view * scale + shift; None: the views as they are."""
@@ -61,13 +77,15 @@ class InputContract:
         low, high = self.value_range
         if (low, high) == (-1.0, 1.0):
             return None
-        return ((high - low) / 2,) * 3, ((high + low) / 2,) * 3
+        return ((high - low) / 2,) * self.channels, ((high + low) / 2,) * self.channels
 
     def describe(self) -> str:
+        channels = "greyscale (1 channel, luma)" if self.channels == 1 else self.order
         if self.mean is not None and self.std is not None:
             text = f"(x - mean) / std of x in [0, 1], mean {list(self.mean)}, std {list(self.std)}"
+            text = text if channels == "RGB" else f"{channels}, {text}"
         else:
-            text = f"RGB in [{self.value_range[0]:g}, {self.value_range[1]:g}]"
+            text = f"{channels} in [{self.value_range[0]:g}, {self.value_range[1]:g}]"
         return text + (", channels-last" if self.channels_last else "")
 
 
@@ -100,6 +118,8 @@ class ModelSpec:
     # A user model is audited on the images given with --memaudit-data ('builtin' for the generated
     # set); the generated set alone says nothing about what it memorized of its training data.
     requires_data: bool = False
+    views: str = "seed"  # the view recipe it is audited with unless --memaudit-views says otherwise (views.py)
+    views_folder: str | None = None  # where a views factory's module is found: the declaring YAML's folder
 
     def layer(self, name_or_module: str) -> LayerSpec | None:
         for layer in self.layers:
@@ -214,7 +234,7 @@ def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
     def build(checkpoint: Path | None):
         from torch import nn
 
-        factory = _import_factory(name, factory_ref, folder, source)
+        factory = import_factory(f"model {name!r} (declared in {source})", factory_ref, folder)
         with user_code(f"model {name!r}: its factory {factory_ref}({'None' if checkpoint is None else repr(str(checkpoint))})"):
             net = factory(None if checkpoint is None else str(checkpoint))
         if not isinstance(net, nn.Module):
@@ -236,13 +256,13 @@ def user_model_spec(name: str, entry: dict, source: str) -> ModelSpec:
     )
 
 
-def _import_factory(name: str, factory_ref: str, folder: Path, source: str) -> Callable:
+def import_factory(where: str, factory_ref: str, folder: Path) -> Callable:
     """The factory function, its module imported with the YAML's folder first on ``sys.path`` (as
-    pytest puts a rootdir conftest's folder there), so that bare ``pytest`` finds a module beside it."""
+    pytest puts a rootdir conftest's folder there), so that bare ``pytest`` finds a module beside it.
+    ``where`` names what the factory is for in errors."""
     module_name, _, attr = factory_ref.partition(":")
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
-    where = f"model {name!r} (declared in {source})"
     try:
         with user_code(f"{where}: importing {module_name}"):
             module = importlib.import_module(module_name)

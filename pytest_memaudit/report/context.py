@@ -16,6 +16,8 @@ from ..data import display_id
 from ..gates import GATES, Check, adjusted_p_values
 from ..results import AuditResult, LayerResult
 from ..stats import group_size
+from ..views import describe as describe_views
+from ..views import record_of
 from . import figures
 from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section
@@ -152,8 +154,17 @@ def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
 
 
 def check_cell(check: Check, level: float | None) -> dict[str, Any]:
-    """A figure next to its limit; a crossed check shows the relation it broke."""
-    if check.key.endswith("_max"):
+    """A figure next to its limit, with the rule that decided: the estimate's relation to the limit, or, for a
+    ``when: significant`` gate whose estimate lies past the limit, where its interval lies (so that a passed
+    cell never reads "0.31 ≤ 0.25")."""
+    upper = check.key.endswith("_max")
+    past = check.value > check.limit if upper else check.value < check.limit
+    side = "above" if upper else "below"
+    if check.when == "significant" and past and math.isfinite(check.low) and math.isfinite(check.high):
+        relation = f"interval {'not ' if check.passed else ''}wholly {side}"
+    elif check.when == "significant" and past:
+        relation = f"{'not ' if check.passed else ''}beyond noise {side}"
+    elif upper:
         relation = "≤" if check.passed else ">"
     else:
         relation = "≥" if check.passed else "<"
@@ -272,6 +283,7 @@ def run_record(result: AuditResult) -> list[tuple[str, str]]:
         ("image size", f"{s.get('image_size')} px"),
         ("model input", str(s.get("input", "n/a"))),
         ("unit axes", unit_axes(result.layers)),
+        ("views", describe_views(record_of(s))),
         ("augmentations", f"{s.get('augmentations')} ({s.get('views_per_image')} views per image)"),
         ("seed", str(s.get("seed"))),
         ("reduction", str(s.get("reduce"))),
