@@ -174,7 +174,8 @@ def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
     model's pass leaves them as the model has them)."""
     import copy
 
-    from pytest_memaudit.audit import model_views, open_images, view_seed
+    from pytest_memaudit.audit import model_input, open_images
+    from pytest_memaudit.views import recipe_for, view_seed
     from pytest_memaudit.unitmem import HOLDOUT, MEMBER, PLANTED
 
     spec = ModelSpec(name="small", layers=(LayerSpec("b", "b"),), build=lambda checkpoint: Small(),
@@ -185,6 +186,7 @@ def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
     planted = result.planted
 
     images = open_images(settings, spec, 16, planted=8)
+    recipe = recipe_for(settings, spec)
     assert list(images.ids) == result.samples
     net = copy.deepcopy(Small()).eval()
     current = {}  # the image whose views go through the copy now
@@ -205,7 +207,8 @@ def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
         for i, image_id in enumerate(images.ids):
             current["image"] = i
             pixels = images.load(i)[None].float() / 255
-            net(model_views(pixels, 2, [view_seed(settings.seed, image_id)], spec.input_contract))
+            views = recipe.make(pixels, 2, [view_seed(settings.seed, image_id)], [image_id])
+            net(model_input(views, spec.input_contract))
     a = {name: torch.stack(rows).numpy() for name, rows in measured.items()}  # (data points, units)
     labels = images.labels
 
