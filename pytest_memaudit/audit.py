@@ -39,7 +39,7 @@ from .imagesignals import LOSS_LAYER, check_loss, image_signals, signal_key, vie
 from .labelled import LabelledImages, labelled_images
 from .membership import Contrast, membership_contrast
 from .models import InputContract, LayerSpec, ModelSpec, get_model_spec
-from .planted import PlantedUnit, choose_plants, planted_copy, thumbnails
+from .planted import InputSketches, PlantedRecorder, PlantedUnit, choose_plants, plantable
 from .planted import evaluate as evaluate_planted
 from .results import AuditResult, LayerResult, SubjectResult
 from .signals import terminate_as_interrupt
@@ -47,6 +47,7 @@ from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .stats import jackknife_interval, layer_stats, spread_figures
 from .tarshards import open_image_folder
 from .unitmem import HOLDOUT, LABELS, MEMBER, PLANTED, LayerState, median_matrix_bytes
+from .verdict import Verdict, decide, membership_tests
 from .views import PipelineViews, ViewRecipe, recipe_for, view_seed
 
 ProgressCallback = Callable[[int, int], None]  # (data points done, in all) of this process's share
@@ -57,7 +58,8 @@ MEMORY_FORMAT = torch.channels_last
 
 ROLE_DESCRIPTIONS = {
     "control": "the same architecture with random weights (seeded), on the same views",
-    "planted": "a copy of the model with planted units that memorize chosen held-out images",
+    "planted": "the model with planted units that memorize chosen held-out images, keyed on each planted layer's "
+               "own input, measured in the model's forward pass",
 }
 
 
@@ -72,8 +74,13 @@ class Subject:
     unitmem_labels: tuple[int, ...]
     members: tuple[int, ...]
     holdout: tuple[int, ...]
-    recorder: LayerRecorder | None = None
+    recorder: LayerRecorder | PlantedRecorder | None = None
     states: dict[str, LayerState] = field(default_factory=dict)
+
+    @property
+    def rides(self) -> bool:
+        """Measured in the model's forward pass (the planted control), not in a pass of its own."""
+        return isinstance(self.recorder, PlantedRecorder)
 
 
 @dataclass
@@ -337,8 +344,8 @@ def _audit(
             timing["merge_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         run.selected = run.subjects[0].recorder.ordered(run.selected)  # forward order, as the first pass ran it
-        labels, groups = run.images.labels[merged.read], run.images.groups[merged.read]
-        finished = {subject.role: finalize(subject, run.selected, settings, labels, groups)
+        labels = run.images.labels[merged.read]
+        finished = {subject.role: finalize(subject, run.selected, settings, labels)
                     for subject in run.subjects}
         points = {
             subject.role: score_data_points({layer.name: subject.states[layer.name] for layer in run.selected},
@@ -455,18 +462,24 @@ def add_subjects(run: AuditRun) -> None:
     if "planted" in (settings.control or "") and not images.count(PLANTED):  # asked for, not the default
         run.notes.append("the planted control needs held-out images (--memaudit-holdout DIR); it was not run")
     if images.count(PLANTED) and "planted" in run.controls:
-        run.plants, planted_net = build_planted(run.model_net, run.selected, images, settings, run.recipe,
-                                                run.spec.input_contract, run.layout, run.device, run.forward,
-                                                run.world)
-        run.subjects.append(Subject("planted", planted_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,)))
+        run.plants, planted = build_planted(run.model_net, run.selected, images, settings, run.recipe,
+                                            run.spec.input_contract, run.layout, run.device, run.forward, run.world)
+        if planted is not None:  # the model's net: it rides on the model's pass
+            run.subjects.append(Subject("planted", run.model_net, (MEMBER, PLANTED), (PLANTED,), (HOLDOUT,), planted))
     probe = torch.zeros(1, run.spec.input_contract.channels, run.image_size, run.image_size, device=run.device)
     probe = probe.contiguous(memory_format=run.layout)
     budget = settings.median_memory * 2**20 // len(run.subjects)
-    for subject in run.subjects:
-        subject.recorder = LayerRecorder(subject.net, run.selected)
-        with user_code(f"the forward pass of {run.spec.name} ({subject.role}) on views of shape {tuple(probe.shape)}"):
-            units = run.forward(subject.net, subject.recorder, probe)  # every layer's unit count
-        subject.states = new_states(units, settings, len(run.progress.positions), run.device, budget)
+    units = {}
+    for subject in run.subjects:  # the model first: a rider measures the model's layers
+        if not subject.rides:
+            subject.recorder = LayerRecorder(subject.net, run.selected)
+            with user_code(f"the forward pass of {run.spec.name} ({subject.role}) on views of shape "
+                           f"{tuple(probe.shape)}"):
+                units[subject.role] = run.forward.with_riders(  # every layer's unit count
+                    subject.net, subject.recorder, probe,
+                    [other.recorder for other in run.subjects if other.rides and subject.role == "model"])[0]
+        subject.states = new_states(units["model" if subject.rides else subject.role], settings,
+                                    len(run.progress.positions), run.device, budget)
         run.notes += spill_notes(subject.role, subject.states, settings.median_memory)
     run.embedding_layer = (run.spec.layer(settings.embedding_layer).name if settings.embedding_layer
                            else run.subjects[0].recorder.ordered(run.selected)[-1].name)
@@ -529,18 +542,26 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
             label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
             group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
             embedding, signals = None, {}
+            riders = [subject for subject in run.subjects if subject.rides]
             for subject in run.subjects:
+                if subject.rides:
+                    continue  # measured in the model's pass
                 with run.timer, user_code(f"the forward pass of {run.spec.name} ({subject.role}) on views of shape "
                                           f"{tuple(batch_views.shape)}"):
-                    outputs = run.forward(subject.net, subject.recorder, batch_views)
-                for name, per_view in outputs.items():
-                    values = per_view.view(n, views, -1).mean(dim=1)
-                    subject.states[name].update(values, index, label, group)
-                    if subject.role == "model" and name == run.embedding_layer:
-                        embedding = values.float().cpu().numpy()
-                    if is_model(subject.role):
-                        for signal, scalars in view_scalars(per_view.view(n, views, -1)).items():
-                            signals[signal_key(subject.role, name, signal)] = scalars.cpu().numpy()
+                    outputs, taken = run.forward.with_riders(
+                        subject.net, subject.recorder, batch_views,
+                        [rider.recorder for rider in riders] if subject.role == "model" else [])
+                measured = [(subject, outputs)] + [(rider, rider.recorder.combine(outputs, part))
+                                                   for rider, part in zip(riders, taken)]
+                for who, per_layer in measured:
+                    for name, per_view in per_layer.items():
+                        values = per_view.view(n, views, -1).mean(dim=1)
+                        who.states[name].update(values, index, label, group)
+                        if who.role == "model" and name == run.embedding_layer:
+                            embedding = values.float().cpu().numpy()
+                        if is_model(who.role):
+                            for signal, scalars in view_scalars(per_view.view(n, views, -1)).items():
+                                signals[signal_key(who.role, name, signal)] = scalars.cpu().numpy()
                 if subject.role in run.losses:
                     plain = model_input(batch.images.to(device).float().div_(127.5).sub_(1), run.spec.input_contract,
                                         run.layout)
@@ -668,6 +689,7 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
             settings.planted_strength,
             None if planted_contrast is None else planted_contrast.overall,
         )
+        planted.verdict = subject_verdict(planted_layers, settings)
         if planted.recall < 0.9:
             notes.append(
                 f"the planted control was found in only {planted.recall:.0%} of its units at strength "
@@ -678,7 +700,8 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
     if "control" in finished:
         control_layers, control_contrast, _ = finished["control"]
         control = SubjectResult("control", ROLE_DESCRIPTIONS["control"], control_layers,
-                                None if control_contrast is None else control_contrast.overall)
+                                None if control_contrast is None else control_contrast.overall,
+                                subject_verdict(control_layers, settings))
 
     def result_of(role: str, checkpoint: int) -> AuditResult:
         layers_out, contrast, leave_out = finished[role]
@@ -711,12 +734,19 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
                                           run.embedding_layer, settings.seed, folders=folders),
             control=control,
             planted=planted,
+            verdict=subject_verdict(layers_out, settings),
             distributed={"world_size": run.world.size, "backend": run.world.backend(run.device),
                          "shards": merged.shards},
             signals=signals[role],
         )
 
     return [result_of("model", 0)] + [result_of(f"model:{i}", i) for i in range(1, len(run.checkpoints))]
+
+
+def subject_verdict(layers: list[LayerResult], settings: RunSettings) -> Verdict | None:
+    """The verdict (verdict.py) of one audited subject's tests; None without held-out images."""
+    tests = membership_tests(layers)
+    return decide(tests, permutations=settings.permutations) if tests else None
 
 
 def attach_control(layers: list[LayerResult], leave_out: dict[str, np.ndarray], control_layers: list[LayerResult],
@@ -755,8 +785,8 @@ def audit_fingerprint(settings: RunSettings, selected: Sequence[LayerSpec], imag
     }
 
 
-def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings, point_labels: np.ndarray,
-             point_groups: np.ndarray) -> tuple[list[LayerResult], Contrast | None, dict[str, np.ndarray]]:
+def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSettings,
+             point_labels: np.ndarray) -> tuple[list[LayerResult], Contrast | None, dict[str, np.ndarray]]:
     """A subject's per-layer results with jackknife intervals, its membership contrast, and each
     layer's mean UnitMem with each group left out (for paired comparisons between subjects)."""
     results, leave_out_means = [], {}
@@ -778,7 +808,7 @@ def finalize(subject: Subject, selected: Sequence[LayerSpec], settings: RunSetti
         results.append(LayerResult(layer.name, layer.module, values, layer_stats(values.unitmem, values.dead),
                                    intervals, unit_axis=subject.recorder.axes.get(layer.name)))
     contrast = membership_contrast(
-        {layer.name: subject.states[layer.name] for layer in selected}, point_labels, point_groups,
+        {layer.name: subject.states[layer.name] for layer in selected}, point_labels,
         subject.members, subject.holdout, permutations=settings.permutations, seed=settings.seed,
     )
     if contrast is not None:
@@ -871,10 +901,11 @@ def _digest_pairs(table: dict[str, torch.Tensor]) -> list[tuple[bytes, int]]:
 def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], images: LabelledImages,
                   settings: RunSettings, recipe: ViewRecipe, contract: InputContract, layout: torch.memory_format,
                   device: torch.device, forward: AdaptiveForward,
-                  world: World) -> tuple[list[PlantedUnit], torch.nn.Module]:
-    """The planted control: the planted images' views (the implants' references), the model's
-    mean |activation| per unit over them (the implants' scale), then the planted copy. Every
-    process computes this alike; process 0's choice of units is the one all use."""
+                  world: World) -> tuple[list[PlantedUnit], PlantedRecorder | None]:
+    """The planted control: one forward pass over the planted images' views gives the sketches of
+    each plantable layer's input (the implants' references) and the model's mean |activation| per
+    unit (the implants' scale); then the units, and the recorder that plants them in the model's
+    pass. Every process computes this alike; process 0's choice of units is the one all use."""
     kept, pixels = [], []
     for position in images.positions(PLANTED).tolist():
         try:
@@ -883,20 +914,29 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
         except UnreadableImage:
             continue  # skipped in the stream too, where it is reported
     if not kept:
-        return [], model_net
+        return [], None
     x = torch.stack(pixels).to(device).float().div_(255)
     seeds = [view_seed(settings.seed, images.ids[position]) for position in kept]
     made = recipe.make(x, settings.augmentations, seeds, [images.ids[position] for position in kept])
-    planted_views = model_input(made, contract, layout)  # what the implants see
-    prototypes = thumbnails(planted_views).view(len(kept), recipe.views_per_image(settings.augmentations), -1)
-    with LayerRecorder(model_net, selected) as recorder:
-        outputs = forward(model_net, recorder, planted_views)
-    scales = {name: values.double().mean(dim=0).cpu().numpy() for name, values in outputs.items()}  # forward order
+    planted_views = model_input(made, contract, layout)
+    layers = plantable(selected)
+    sketches = InputSketches(model_net, layers)
+    try:
+        with LayerRecorder(model_net, selected) as recorder:
+            outputs = forward(model_net, recorder, planted_views)
+        found = sketches.take()
+    finally:
+        sketches.close()
+    views = recipe.views_per_image(settings.augmentations)
+    prototypes = {name: found[name].view(len(kept), views, -1) for name in found}
+    scales = {name: values.double().mean(dim=0).cpu().numpy() for name, values in outputs.items()  # forward order
+              if name in prototypes}
     plants = world.broadcast_object(choose_plants(scales, kept, settings.planted_strength, settings.seed),
                                     "choosing the planted units")
-    net = planted_copy(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)},
-                       recorder.axes)
-    return plants, net
+    if not plants:
+        return [], None
+    return plants, PlantedRecorder(model_net, plants, selected, prototypes,
+                                   {position: i for i, position in enumerate(kept)}, recorder.axes)
 
 
 def select_layers(spec: ModelSpec, names: Sequence[str] | None) -> list[LayerSpec]:
@@ -1031,19 +1071,26 @@ class AdaptiveForward:
         self.notes = notes
 
     def __call__(self, net: torch.nn.Module, recorder: LayerRecorder, views: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = []
+        return self.with_riders(net, recorder, views, [])[0]
+
+    def with_riders(self, net: torch.nn.Module, recorder: LayerRecorder, views: torch.Tensor,
+                    riders: Sequence[PlantedRecorder]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """The pass, and what each of ``riders`` (recorders on the same net) measured in it."""
+        parts, rider_parts = [], [[] for _ in riders]
         start = 0
         while start < len(views):
             if self._runs(net, views[start : start + self.size]):
                 part = recorder.take()
                 start += self.size
                 parts.append(part if start >= len(views) else {name: out.clone() for name, out in part.items()})
+                for rider, kept in zip(riders, rider_parts):
+                    kept.append(rider.take())
             else:
                 recorder.take()  # the layers the failed pass reached
+                for rider in riders:
+                    rider.take()
                 self._halve()
-        if len(parts) == 1:
-            return parts[0]
-        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        return _joined(parts), [_joined(kept) for kept in rider_parts]
 
     @staticmethod
     def _runs(net: torch.nn.Module, views: torch.Tensor) -> bool:
@@ -1068,6 +1115,12 @@ class AdaptiveForward:
             f"halved to {self.size // 2} and retried (set --memaudit-batch-size to start there)"
         )
         self.size //= 2
+
+
+def _joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(parts) == 1:
+        return parts[0]
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 def new_states(

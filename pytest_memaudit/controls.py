@@ -1,4 +1,9 @@
-"""The random control: the audited architecture with fresh, seeded weights.
+"""The controls that change the network: the random control (the audited architecture with
+fresh, seeded weights) and the blind control (the model fed one fixed image whatever the view).
+
+The blind control is the test of a test: a network that cannot see its input cannot memorize
+anything about it, so every figure of an audit must read "none" on it (no layer fails, the planted
+control is not found, the verdict is none).
 
 A control's UnitMem shows what an untrained network of the same shape scores on the same
 views, so it must not keep any trained tensor, and it must be the same whatever device the
@@ -43,6 +48,20 @@ def random_weights_copy(net: nn.Module, seed: int) -> nn.Module:
             if tensor is tensors.get(name) and tensor._version == versions[name]:  # no reset wrote it
                 _redraw(tensor)
     return control
+
+
+def blind_copy(net: nn.Module, image: torch.Tensor) -> nn.Module:
+    """A copy of ``net`` that replaces every view it is given by ``image`` (3, H, W) before its own
+    forward; module paths stay the same, so the same layers are audited."""
+    blind = copy.deepcopy(net)
+
+    def replace_views(module, args):
+        views = args[0]
+        fixed = image.to(device=views.device, dtype=views.dtype).expand_as(views).contiguous()
+        return (fixed, *args[1:])
+
+    blind.register_forward_pre_hook(replace_views)
+    return blind
 
 
 def _cpu_copy(net: nn.Module) -> nn.Module:

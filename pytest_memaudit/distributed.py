@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .errors import AuditError
 from .launch import Launch, launch_from_environment
-from .unitmem import NO_INDEX, LayerState, _merge_top
+from .unitmem import NO_INDEX, LayerState, _merge_top, index_of, tie_order
 
 DEFAULT_TIMEOUT_S = 1800  # how long a process waits for the others at a collective
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
@@ -145,8 +145,7 @@ class World:
 
     def merge_states(self, states: Sequence[LayerState]) -> None:
         """Make every process's ``states`` the merge of all processes' (the same layers in the same
-        order everywhere): counts and sums add, maxima and their argmax (ties to the lowest data
-        point index), the top-k of every process. Stored values stay where they are: each
+        order everywhere): counts and sums add, maxima and their argmax (ties by ``tie_order``), the top-k of every process. Stored values stay where they are: each
         process keeps its own rows, and medians are computed over all of them."""
         if self.size == 1:
             return
@@ -155,8 +154,10 @@ class World:
         own_maxima = [state.maxima.clone() for state in states]
         self._reduce_flat([state.maxima for state in states], "max")
         for state, own in zip(states, own_maxima):
-            state.argmax.copy_(torch.where(own == state.maxima, state.argmax, NO_INDEX))
+            state.argmax.copy_(torch.where(own == state.maxima, tie_order(state.argmax), NO_INDEX))
         self._reduce_flat([state.argmax for state in states], "min")
+        for state in states:
+            state.argmax.copy_(index_of(state.argmax))
         top_values = self._gather_flat([state.top_values for state in states])
         top_index = self._gather_flat([state.top_index for state in states])
         for i, state in enumerate(states):

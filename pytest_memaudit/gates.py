@@ -196,7 +196,7 @@ def layer_figures(layer: LayerResult, level: float, adjusted_p: dict[str, float]
     }
     if layer.control_excess is not None:
         figures["excess_over_control"] = layer.control_excess.estimate
-    if layer.membership is not None:
+    if layer.membership is not None and layer.membership.units != 0:  # 0: every unit dead or constant
         figures["membership_excess"] = layer.membership.excess
         figures["membership_p"] = layer.membership.p_value
     figures.update(adjusted_p or {})
@@ -233,7 +233,7 @@ def adjusted_p_values(result: AuditResult, method: str) -> dict[str, dict[str, f
 def _p_value(layer: LayerResult, figure: str) -> float | None:
     if figure == "ttest_p":
         return layer.stats.ttest_p
-    return None if layer.membership is None else layer.membership.p_value
+    return None if layer.membership is None or layer.membership.units == 0 else layer.membership.p_value
 
 
 def evaluate(layer: str, figures: dict[str, Figure], thresholds: dict[str, Gate | float]) -> GateOutcome:

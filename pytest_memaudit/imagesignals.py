@@ -19,7 +19,7 @@ memorization is expected to do to a member:
 
 Contrast: the AUC (probability that a member's value exceeds a held-out image's, ties counting
 half), DeLong's 95% interval for it, and a one-sided permutation p over data points (the members'
-rank sum against seeded relabellings, ``membership.rank_permutation_test``; the same relabellings
+rank sum against seeded relabellings, ``membership.permutation_test`` over ranks; the same relabellings
 for every signal and layer). The permutation test assumes only that, without memorization, the
 labels are exchangeable among the pooled images. The per-image scalars cost O(N) memory; only
 ``neighbour_distance`` keeps each image's view-mean (N x units floats per layer).
@@ -149,12 +149,10 @@ def contrast_signals(columns: Mapping[tuple[str, str], np.ndarray], is_member: n
     """One SignalResult per (signal, layer) column of per-image values over the pooled images
     (``is_member`` says which are members). Images without a value (NaN) are left out of that
     column's AUC and interval; its permutation p uses the images that have one."""
-    from .membership import rank_permutation_test
-
     is_member = np.asarray(is_member, dtype=bool)
     keys = list(columns)
     complete = [key for key in keys if np.all(np.isfinite(columns[key]))]
-    p_values = dict(zip(complete, rank_permutation_test(np.stack([columns[k] for k in complete], axis=1), is_member,
+    p_values = dict(zip(complete, _rank_permutation_test(np.stack([columns[k] for k in complete], axis=1), is_member,
                                                         permutations, seed))) if complete else {}
     results = []
     for key in keys:
@@ -162,7 +160,7 @@ def contrast_signals(columns: Mapping[tuple[str, str], np.ndarray], is_member: n
         finite = np.isfinite(values)
         members, heldout = values[finite & is_member], values[finite & ~is_member]
         if key not in p_values:
-            p_values[key] = rank_permutation_test(values[finite], is_member[finite], permutations, seed)[0]
+            p_values[key] = _rank_permutation_test(values[finite], is_member[finite], permutations, seed)[0]
         if members.size == 0 or heldout.size == 0:
             estimate, low, high = math.nan, math.nan, math.nan
         else:
@@ -207,3 +205,11 @@ def image_signals(role: str, contrast, values: Mapping[str, np.ndarray], layers:
     columns = signal_columns(streamed, means, contrast.layer_counts, contrast.pooled, layers,
                              values.get(signal_key(role, LOSS_LAYER, "loss")))
     return contrast_signals(columns, contrast.is_member, permutations, seed)
+
+
+def _rank_permutation_test(values: np.ndarray, is_member: np.ndarray, permutations: int, seed: int) -> list[float]:
+    """The permutation p of the members' rank sum (Mann-Whitney's U) per column of ``values``."""
+    from .membership import permutation_test
+    from .stats import scipy_stats
+
+    return permutation_test(scipy_stats().rankdata(values, axis=0), is_member, permutations, seed)

@@ -2,20 +2,25 @@
 unseen images of the same kind?
 
 Members (training images) and held-out images are pooled. For each unit, the pooled data point
-with its highest activation is its *argmax*; ``c[i]`` counts the units whose argmax is data
-point i. Figures, per layer and overall:
+with its highest activation is its *argmax* (a tie goes to a label-blind pick among the tied,
+``unitmem.tie_order``). Units whose activation is the same on every pooled data point (dead units,
+and units blind to their input) pick nothing: they are left out, and counted (``excluded_units``).
+``c[i]`` counts the remaining units whose argmax is data point i. One statistic answers the
+question, per layer and over all layers together:
 
-- ``member_share``: the share of units whose argmax is a member, against ``expected_share``, the
-  members' share of the pooled data points; ``excess`` is the difference (a jackknife interval
-  over data point groups comes with it);
-- ``topk_member_share``: the same over every unit's top-k data points;
-- ``distinct_argmax``: how many data points are some unit's argmax: the test's effective size,
-  since units that share an argmax are not independent;
-- ``p_value``: one-sided, members' counts ``c`` rank higher than held-out images' counts. The
-  rank sum of the members' ``c`` is compared with its distribution when the member/held-out
-  labels are permuted over data points (never over units), with a seeded set of permutations
-  shared by every test of one audited model. Ranks keep a few images that take most units from
-  dominating the test.
+- ``member_share``: the share of those units whose argmax is a member, against
+  ``expected_share``, the members' share of the pooled data points; ``excess`` is the difference;
+- ``p_value``: one-sided, for that same excess, from its distribution when the member/held-out
+  labels are permuted over data points (never over units: units that share an argmax are not
+  independent), with a seeded set of permutations shared by every test of one audited model. The
+  test assumes only that, without memorization, members and held-out images are exchangeable;
+- ``excess_interval``: the 95% interval of the excess from the same permutations, by inverting the
+  test under a shift model (the excess's spread is the one it has under the null): excess minus
+  the null's 97.5% and 2.5% quantiles. It lies wholly above 0 exactly when the one-sided p is
+  below 0.025 (up to ties), so the interval, the p-value and the gates never disagree. A few
+  images that are most units' argmax (hubs) widen the null, and with it the interval.
+- ``topk_member_share``: the same share over every unit's top-k data points (descriptive);
+- ``distinct_argmax``: how many data points are some unit's argmax: the test's effective size.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .stats import Interval, jackknife_interval, scipy_stats
-from .unitmem import LayerState
+from .stats import Interval
+from .unitmem import Extremes, LayerState
 
 DEFAULT_PERMUTATIONS = 10_000
+CONSTANT_TOLERANCE = 1e-5  # a unit whose maximum is within this share of its mean is constant (see picking_units)
 _CHUNK_ELEMENTS = 1 << 22  # permutations are drawn and summed this many indicator cells at a time
 
 
@@ -46,6 +52,8 @@ class Membership:
     p_value: float
     permutations: int
     excess_interval: Interval | None = None
+    units: int | None = None  # units in the statistic (with an argmax); None: not recorded (an older file)
+    excluded_units: int = 0  # dead or constant units, left out
 
     @property
     def excess(self) -> float:
@@ -67,7 +75,6 @@ class Contrast:
 def membership_contrast(
     states: dict[str, LayerState],
     point_labels: np.ndarray,
-    point_groups: np.ndarray,
     member_labels: Sequence[int],
     holdout_labels: Sequence[int],
     *,
@@ -84,75 +91,98 @@ def membership_contrast(
         return None
     position = np.full(point_labels.size, -1, dtype=np.int64)
     position[pooled] = np.arange(pooled.size)
-    groups = int(point_groups.max()) + 1 if point_groups.size else 0
-    pooled_groups = point_groups[pooled]
 
-    layer_counts, topk_shares, leave_out = {}, {}, {}
+    layer_counts, topk_shares, excluded = {}, {}, {}
     for name, state in states.items():
-        layer_counts[name] = _argmax_counts(state.extremes(pooled_labels).argmax, position, pooled.size)
-        top_index = state.top(pooled_labels)[1]
-        topk_shares[name] = float(is_member[position[top_index]].mean())
-        leave_out[name] = np.full((groups, 2), np.nan)  # (member argmax units, units) without group g
-        for g in range(groups):
-            if not np.any(pooled_groups == g):
-                continue
-            argmax = state.extremes(pooled_labels, exclude_group=g).argmax
-            leave_out[name][g] = [is_member[position[argmax]].sum(), argmax.size]
+        extremes = state.extremes(pooled_labels)
+        picks = picking_units(extremes)
+        excluded[name] = int(np.count_nonzero(~picks))
+        layer_counts[name] = _argmax_counts(extremes.argmax[picks], position, pooled.size)
+        top_index = state.top(pooled_labels)[1][:, picks]
+        topk_shares[name] = float(is_member[position[top_index]].mean()) if top_index.size else math.nan
 
-    expected_without = np.array([_expected(is_member, pooled_groups != g) for g in range(groups)])
     columns = np.stack([*layer_counts.values(), sum(layer_counts.values())], axis=1)
-    p_values = rank_permutation_test(columns, is_member, permutations, seed)
+    p_values, null_sums = permutation_test(columns, is_member, permutations, seed, keep_null=True)
+    expected = members / pooled.size
 
-    def contrast(counts: np.ndarray, topk_share: float, p: float, picks: np.ndarray) -> Membership:
-        share = float(counts[is_member].sum() / counts.sum())
-        expected = members / pooled.size
-        theta = picks[:, 0] / picks[:, 1] - expected_without
-        interval = jackknife_interval(share - expected, theta)
-        return Membership(members, holdout, share, expected, topk_share, int(np.count_nonzero(counts)), p,
-                          permutations, interval)
+    def contrast(i: int, topk_share: float, left_out: int) -> Membership:
+        counts = columns[:, i]
+        units = int(counts.sum())
+        if not units:
+            return Membership(members, holdout, math.nan, expected, topk_share, 0, math.nan, permutations, None, 0,
+                              left_out)
+        share = float(counts[is_member].sum() / units)
+        interval = shift_interval(share - expected, null_sums[:, i] / units - expected, pooled.size)
+        return Membership(members, holdout, share, expected, topk_share, int(np.count_nonzero(counts)), p_values[i],
+                          permutations, interval, units, left_out)
 
-    per_layer = {
-        name: contrast(layer_counts[name], topk_shares[name], p_values[i], leave_out[name])
-        for i, name in enumerate(states)
-    }
-    units = np.array([state.units for state in states.values()], dtype=np.float64)
-    overall_topk = float(np.dot(list(topk_shares.values()), units) / units.sum())
-    overall = contrast(columns[:, -1], overall_topk, p_values[-1], sum(leave_out.values()))
+    per_layer = {name: contrast(i, topk_shares[name], excluded[name]) for i, name in enumerate(states)}
+    units = np.array([per_layer[name].units for name in states], dtype=np.float64)
+    shares = np.array(list(topk_shares.values()))
+    overall_topk = float(np.dot(np.nan_to_num(shares), units) / units.sum()) if units.sum() else math.nan
+    overall = contrast(len(states), overall_topk, sum(excluded.values()))
     return Contrast(per_layer, overall, pooled, is_member, columns[:, -1], layer_counts)
 
 
-def rank_permutation_test(columns: np.ndarray, is_member: np.ndarray, permutations: int, seed: int) -> list[float]:
-    """One-sided p-value per column of ``columns`` (data points x tests): do the members' values
-    rank higher? The statistic is the members' rank sum (mid-ranks for ties); its null
-    distribution comes from ``permutations`` seeded relabellings of the data points, the same
-    relabellings for every column. p = (1 + relabellings at least as extreme) / (1 + permutations).
-    """
+def shift_interval(estimate: float, null: np.ndarray, points: int, confidence: float = 0.95) -> Interval | None:
+    """The interval of ``estimate`` that inverts its permutation test under a shift model: the values
+    d for which ``estimate - d`` is not in either tail of the ``null`` draws (the statistic under
+    permuted labels). se is the null's standard deviation; ``points``, the data points permuted,
+    stands in the interval's ``groups`` (its degrees of freedom, where a comparison needs them)."""
+    if null.size < 2:
+        return None
+    tail = (1 - confidence) / 2
+    low_q, high_q = np.quantile(null, [tail, 1 - tail])
+    return Interval(float(estimate), float(np.std(null, ddof=1)), float(estimate - high_q), float(estimate - low_q),
+                    points)
+
+
+def permutation_test(columns: np.ndarray, is_member: np.ndarray, permutations: int, seed: int,
+                     keep_null: bool = False):
+    """One-sided p-value per column of ``columns`` (data points x tests): is the members' sum of
+    the column higher than chance? Its null distribution comes from ``permutations`` seeded
+    relabellings of the data points, the same relabellings for every column.
+    p = (1 + relabellings at least as extreme) / (1 + permutations); NaN for a column of zeros (no
+    unit picked anything) or without both sides. With argmax counts as the column, the members'
+    sum is the member share times the units: the gated statistic itself. With ``keep_null``, also
+    the (permutations, tests) member sums of every relabelling."""
     columns = np.asarray(columns, dtype=np.float64)
     if columns.ndim == 1:
         columns = columns[:, None]
     n, tests = columns.shape
     members = int(np.count_nonzero(is_member))
     if members in (0, n) or permutations < 1:
-        return [math.nan] * tests
-    ranks = scipy_stats().rankdata(columns, axis=0)
-    observed = ranks[is_member].sum(axis=0)
+        nan = [math.nan] * tests
+        return (nan, np.zeros((0, tests))) if keep_null else nan
+    observed = columns[is_member].sum(axis=0)
     rng = np.random.default_rng(seed)
     template = np.zeros(n)
     template[:members] = 1.0
     at_least = np.zeros(tests, dtype=np.int64)
+    null = np.empty((permutations, tests)) if keep_null else None
     chunk = max(1, _CHUNK_ELEMENTS // n)
+    tolerance = 1e-9 * np.maximum(1.0, np.abs(columns).sum(axis=0))
     for start in range(0, permutations, chunk):
         rows = min(chunk, permutations - start)
         indicators = rng.permuted(np.tile(template, (rows, 1)), axis=1)
-        sums = indicators @ ranks  # (rows, tests): each relabelling's member rank sums (exact: halves)
-        at_least += np.count_nonzero(sums >= observed - 1e-6, axis=0)
-    return ((1 + at_least) / (1 + permutations)).tolist()
+        sums = indicators @ columns  # (rows, tests): each relabelling's member sums
+        at_least += np.count_nonzero(sums >= observed - tolerance, axis=0)
+        if keep_null:
+            null[start : start + rows] = sums
+    p = np.where(np.any(columns != 0, axis=0), (1 + at_least) / (1 + permutations), math.nan).tolist()
+    return (p, null) if keep_null else p
+
+
+def picking_units(extremes: Extremes) -> np.ndarray:
+    """(units,) bool: the units whose maximum over the data points stands above their mean, so that
+    their argmax picks a data point. A unit whose maximum is within CONSTANT_TOLERANCE (relative)
+    of its mean responds alike to every data point (dead, saturated, or blind to its input): its
+    argmax would be a rounding error or a tie-break, not a pick."""
+    if extremes.count == 0:
+        return np.zeros(extremes.maximum.shape, dtype=bool)
+    mean = extremes.total / extremes.count
+    return extremes.maximum - mean > CONSTANT_TOLERANCE * np.abs(extremes.maximum)
 
 
 def _argmax_counts(argmax: np.ndarray, position: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(position[argmax], minlength=size)
-
-
-def _expected(is_member: np.ndarray, keep: np.ndarray) -> float:
-    kept = int(np.count_nonzero(keep))
-    return float(np.count_nonzero(is_member & keep) / kept) if kept else math.nan

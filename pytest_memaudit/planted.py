@@ -1,13 +1,20 @@
-"""The planted positive control: a copy of the audited model in which chosen units memorize
-chosen held-out images, audited in the same pass, to show what the audit can detect.
+"""The planted positive control: chosen units of the audited model made to memorize chosen
+held-out images, measured in the model's own forward pass, to show what the audit can detect.
 
-Each planted unit is given an implant: a forward hook that adds, to that unit's output, a
-constant equal to (strength - 1) times the unit's mean |activation| whenever the input view is
-one of its image's own augmented views, so that the image's activation is about ``strength``
-times the unit's mean and every other image's is unchanged. A view is recognised by its
-content alone (a small grey-level thumbnail, compared with the image's views by cosine
-similarity), so the implant is a function of the input like any unit, and the whole pipeline
-(views, hooks, streaming state, statistics) has to find it.
+Each planted unit is given an implant: when the planted layer's own input (what the network
+computed up to that layer) matches one of its image's views, the unit's measured output gets a
+constant added, equal to (strength - 1) times the unit's mean |activation|, so that the image's
+activation is about ``strength`` times the unit's mean and every other image's is unchanged.
+Matching is by a sketch of the layer's input (``sketch``) compared by cosine similarity with the
+sketches of the image's own views, recorded by a forward pass over them before the audit. So the
+implant recognises an image only through features the network computes: a network blind to its
+input computes the same features for every image, its planted units respond alike to all of them,
+and the control is not found there.
+
+The implants change nothing the model computes: ``PlantedRecorder`` rides on the model's forward
+pass and measures the planted units (their output plus the implant) for the planted control only;
+every other unit of the control is the model's own. The control then goes through the same
+streaming state, statistics and verdict as the model.
 
 Units at the default strength (one per planted image) measure the audit's recall; a few units
 at lower strengths, in the same pass, trace the detection curve: the strength at which this
@@ -16,7 +23,6 @@ audit, at this N and number of views, finds a memorizing unit.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,20 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import UnitAxis, output_part, with_part
-from .membership import Membership
+from .hooks import LayerRecorder, UnitAxis, find_module, measured_tokens, output_part, unit_means
+from .membership import CONSTANT_TOLERANCE, Membership
 from .models import LayerSpec
 from .unitmem import UnitMemValues
+from .verdict import Verdict
 
 DEFAULT_UNITS = 16  # planted images, one default-strength unit each
 DEFAULT_STRENGTH = 8.0  # the planted image's activation over the unit's mean
 CURVE_STRENGTHS = (1.5, 2.0, 3.0, 5.0)  # further units, at these strengths, for the detection curve
 CURVE_UNITS = 4  # units per curve strength
 TOP_SHARE = 0.05  # a planted unit is found when its UnitMem is in this top share of all units
-# A view's match with its planted image: none while its thumbnail's cosine with the image's views is
+# A view's match with its planted image: none while its sketch's cosine with the image's views is
 # below 1 - MATCH_TOLERANCE, full from 1 - MATCH_TOLERANCE / 2 (the image's own views: 1 up to rounding).
 MATCH_TOLERANCE = 1e-3
-THUMBNAIL_SIDE = 8
+SKETCH_SIZE = 1024  # a layer input's sketch: its values averaged down to at most this many
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class PlantedResult:
     top_share: float
     membership: Membership | None = None
     curve: list[dict] = field(default_factory=list)  # per strength: units, recall, argmax_hits, measured strength
+    verdict: Verdict | None = None  # the model's rule on the planted subject's tests: was it detected?
 
     @property
     def default_units(self) -> list[PlantedUnitResult]:
@@ -118,57 +126,63 @@ def choose_plants(
     return sorted(plants, key=lambda p: (order[p.layer], p.unit))
 
 
-def thumbnails(views: torch.Tensor) -> torch.Tensor:
-    """(views, 3, H, W) -> (views, 3 * side^2): average-pooled, centred, unit-length rows."""
-    small = F.adaptive_avg_pool2d(views.float(), THUMBNAIL_SIDE).flatten(1)
-    small = small - small.mean(dim=1, keepdim=True)
-    return small / small.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def plantable(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
+    """The layers that can carry planted units: all but those measured as the mean of every call
+    (``call: all``), whose calls see different inputs."""
+    return [layer for layer in layers if layer.call != "all"]
 
 
-class Implant:
-    """The planted units' hooks on ``net``: a pre-hook matches each input view against the
-    planted images' views, and a hook per planted layer adds the planted response to the tensor
-    that layer's recorder measures (its ``output:`` part, at its ``call:``), along its unit axis
-    as the model's recorder settled it (``axes``)."""
+def sketch(inputs: tuple) -> torch.Tensor | None:
+    """(views, features) float32: a layer input (its first tensor argument) averaged down to at most
+    SKETCH_SIZE values per view, centred, unit-length rows; None when the layer gets no tensor."""
+    tensor = next((value for value in inputs if isinstance(value, torch.Tensor) and value.dim() >= 1), None)
+    if tensor is None:
+        return None
+    flat = tensor.detach().float().flatten(1) if tensor.dim() > 1 else tensor.detach().float()[:, None]
+    if flat.shape[1] > SKETCH_SIZE:
+        flat = F.adaptive_avg_pool1d(flat[:, None], SKETCH_SIZE)[:, 0]
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def __init__(self, net: nn.Module, plants: Sequence[PlantedUnit], layers: Sequence[LayerSpec],
-                 prototypes: torch.Tensor, image_slots: dict[int, int], axes: dict[str, UnitAxis]):
-        self.prototypes = prototypes  # (images, views, features)
-        self._match_weights: torch.Tensor | None = None
-        self._calls: dict[str, int] = {}
+
+class _Calls:
+    """Which call of each layer's module a forward pass is at (``call: N`` measures one of them)."""
+
+    def __init__(self, net: nn.Module):
+        self.counts: dict[str, int] = {}
+        self.handle = net.register_forward_pre_hook(lambda module, args: self.counts.clear(), prepend=True)
+
+    def measured(self, layer: LayerSpec) -> bool:
+        call = self.counts.get(layer.name, 0)
+        self.counts[layer.name] = call + 1
+        return layer.call is None or call == layer.call
+
+
+class InputSketches:
+    """Records the sketch of each of ``layers``' input at its measured call, pass after pass
+    (``take()`` gives them, (views, features) per layer, and starts over)."""
+
+    def __init__(self, net: nn.Module, layers: Sequence[LayerSpec]):
         modules = dict(net.named_modules())
-        by_name = {layer.name: layer for layer in layers}
-        self._handles = [net.register_forward_pre_hook(self._match)]
-        for name in dict.fromkeys(plant.layer for plant in plants):
-            mine = [p for p in plants if p.layer == name]
-            units = torch.tensor([p.unit for p in mine])
-            slots = torch.tensor([image_slots[p.image] for p in mine])
-            amounts = torch.tensor([(p.strength - 1) * p.scale for p in mine])
-            hook = self._respond(by_name[name], axes[name].axis, units, slots, amounts)
-            self._handles.append(modules[by_name[name].module].register_forward_hook(hook, prepend=True))
+        self._calls = _Calls(net)
+        self._handles = [self._calls.handle]
+        self._taken: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+        for layer in layers:
+            self._handles.append(find_module(net, layer, modules).register_forward_hook(self._hook(layer)))
 
-    def _match(self, module, args):
-        self._calls.clear()
-        views = thumbnails(args[0])
-        prototypes = self.prototypes.to(views.device)
-        cosine = torch.einsum("bd,ivd->biv", views, prototypes).amax(dim=2)
-        self._match_weights = ((cosine - (1 - MATCH_TOLERANCE)) / (MATCH_TOLERANCE / 2)).clamp(0, 1)
+    def _hook(self, layer: LayerSpec):
+        def record(module, inputs, output):
+            if self._calls.measured(layer):
+                found = sketch(inputs)
+                if found is not None:
+                    self._taken[layer.name].append(found)
 
-    def _respond(self, layer: LayerSpec, axis: int, units: torch.Tensor, slots: torch.Tensor, amounts: torch.Tensor):
-        def hook(module, inputs, output):
-            call = self._calls.get(layer.name, 0)
-            self._calls[layer.name] = call + 1
-            if layer.call not in (None, "all") and call != layer.call:
-                return None
-            tensor = output_part(output, layer)
-            weights = self._match_weights
-            delta = torch.zeros(tensor.shape[0], tensor.shape[axis], device=tensor.device)
-            delta[:, units.to(tensor.device)] = weights[:, slots.to(weights.device)] * amounts.to(weights.device)
-            shape = [tensor.shape[0]] + [1] * (tensor.dim() - 1)
-            shape[axis] = tensor.shape[axis]
-            return with_part(output, layer, tensor + delta.view(shape).to(tensor.dtype))
+        return record
 
-        return hook
+    def take(self) -> dict[str, torch.Tensor]:
+        taken = {name: torch.cat(parts) for name, parts in self._taken.items() if parts}
+        self._taken = {name: [] for name in self._taken}
+        return taken
 
     def close(self) -> None:
         for handle in self._handles:
@@ -176,13 +190,66 @@ class Implant:
         self._handles.clear()
 
 
-def planted_copy(model: nn.Module, plants: Sequence[PlantedUnit], layers: Sequence[LayerSpec],
-                 prototypes: torch.Tensor, image_slots: dict[int, int], axes: dict[str, UnitAxis]) -> nn.Module:
-    """A copy of ``model`` with the implants attached (they live as long as the copy); ``axes``:
-    each layer's unit axis, as the model's recorder settled it."""
-    net = copy.deepcopy(model)
-    net._memaudit_implant = Implant(net, plants, layers, prototypes, image_slots, axes)
-    return net
+class PlantedRecorder:
+    """The planted control's recorder, on the model's own modules: at each planted layer, a hook
+    matches the layer's input against the sketches of the planted images' views (``prototypes``:
+    name -> (images, views, features)) and measures the planted units of the output as the model's
+    recorder would (``axes``), with the implant added. ``take()`` gives {name: (batch, planted units)};
+    ``combine`` puts them into a copy of the model's measurements of the same pass."""
+
+    def __init__(self, net: nn.Module, plants: Sequence[PlantedUnit], layers: Sequence[LayerSpec],
+                 prototypes: dict[str, torch.Tensor], image_slots: dict[int, int], axes: dict[str, UnitAxis]):
+        modules = dict(net.named_modules())
+        by_name = {layer.name: layer for layer in layers}
+        self._calls = _Calls(net)
+        self._handles = [self._calls.handle]
+        self._outputs: dict[str, torch.Tensor] = {}
+        self.units: dict[str, torch.Tensor] = {}
+        self.axes = dict(axes)  # as the model's recorder settled them
+        for name in dict.fromkeys(plant.layer for plant in plants):
+            mine = [p for p in plants if p.layer == name]
+            self.units[name] = torch.tensor([p.unit for p in mine])
+            slots = torch.tensor([image_slots[p.image] for p in mine])
+            amounts = torch.tensor([(p.strength - 1) * p.scale for p in mine])
+            hook = self._respond(by_name[name], axes[name].axis, prototypes[name], self.units[name], slots, amounts)
+            self._handles.append(find_module(net, by_name[name], modules).register_forward_hook(hook))
+
+    def _respond(self, layer: LayerSpec, axis: int, prototypes: torch.Tensor, units: torch.Tensor,
+                 slots: torch.Tensor, amounts: torch.Tensor):
+        def hook(module, inputs, output):
+            if not self._calls.measured(layer):
+                return
+            views = sketch(inputs)
+            cosine = torch.einsum("bd,ivd->biv", views, prototypes.to(views.device)).amax(dim=2)
+            weights = ((cosine - (1 - MATCH_TOLERANCE)) / (MATCH_TOLERANCE / 2)).clamp(0, 1)
+            tensor = measured_tokens(output_part(output, layer), layer, axis)
+            planted = tensor.index_select(axis, units.to(tensor.device))
+            delta = weights[:, slots.to(weights.device)] * amounts.to(weights.device)  # (batch, planted units)
+            shape = [planted.shape[0]] + [1] * (planted.dim() - 1)
+            shape[axis] = planted.shape[axis]
+            self._outputs[layer.name] = unit_means(planted + delta.view(shape).to(planted.dtype), axis)
+
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        outputs, self._outputs = self._outputs, {}
+        return outputs
+
+    def combine(self, model: dict[str, torch.Tensor], planted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The planted control's (batch, units) per layer: the model's, with the planted units' columns
+        replaced by ``planted`` (a ``take()`` of the same pass)."""
+        combined = {}
+        for name, values in model.items():
+            if name in planted:
+                values = values.clone()
+                values[:, self.units[name].to(values.device)] = planted[name].to(values.dtype)
+            combined[name] = values
+        return combined
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def evaluate(plants: Sequence[PlantedUnit], layers: dict[str, UnitMemValues], strength: float,
@@ -203,10 +270,11 @@ def evaluate(plants: Sequence[PlantedUnit], layers: dict[str, UnitMemValues], st
         rank = 1 + int(np.count_nonzero(natural >= unitmem))
         in_top = values.top_samples[:, plant.unit] == plant.image
         activation = float(values.top_values[in_top, plant.unit][0]) if in_top.any() else math.nan
-        rest = float(values.mu_rest[plant.unit])
+        rest, top = float(values.mu_rest[plant.unit]), float(values.mu_max[plant.unit])
+        picks = top - rest > CONSTANT_TOLERANCE * abs(top)  # a constant unit's argmax is a tie-break, not a hit
         results.append(PlantedUnitResult(
             plant, unitmem, rank, rank <= slots,
-            bool(values.max_sample[plant.unit] == plant.image), activation / rest if rest > 0 else math.nan,
+            bool(picks and values.max_sample[plant.unit] == plant.image), activation / rest if rest > 0 else math.nan,
         ))
     result = PlantedResult(results, strength, TOP_SHARE, membership)
     for s in sorted({p.strength for p in plants}):

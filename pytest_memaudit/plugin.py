@@ -7,6 +7,7 @@ plugin costs nothing to pytest runs that collect no audit file.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -553,6 +554,7 @@ class AuditYamlFile(pytest.File):
         except ConfigError as exc:
             raise self.CollectError(f"memaudit: {exc}") from None
         self._check_gates_can_be_evaluated(state, settings, spec, thresholds)
+        self._check_permutations_reach(settings, spec, thresholds, audit.multiple_testing)
         if spec.factory is not None and state.stored is None:
             self._check_user_layers(state, spec)
         state.multiple_testing = audit.multiple_testing
@@ -589,6 +591,24 @@ class AuditYamlFile(pytest.File):
             except AuditError as exc:
                 where = state.load_catalog().declared_in.get(spec.name, self.path)
                 raise self.CollectError(f"memaudit: {where}: models: {spec.name}: audited_layers: {exc}") from None
+
+    def _check_permutations_reach(self, settings, spec, thresholds, method: str) -> None:
+        """A p-value gate that the permutations cannot reach after the correction could never fail:
+        say so now (a warning), with the count that would."""
+        import warnings
+
+        from .errors import MemauditWarning
+        from .gates import Gate
+
+        limits = [gate.limit for gate in (thresholds[layer.name].get("membership_p_min") for layer in spec.layers)
+                  if isinstance(gate, Gate) and gate.limit is not None]
+        tests = len(spec.layers) if method == "holm" else 1
+        smallest = tests / (settings.permutations + 1)
+        if limits and smallest >= min(limits):
+            warnings.warn(MemauditWarning(
+                f"membership_p_min = {min(limits):g} cannot fail: with {settings.permutations:,} permutations the "
+                f"smallest p-value after the {method} correction over {tests} layer(s) is {smallest:.3g}; use "
+                f"--memaudit-permutations {math.ceil(tests / min(limits))} or more"))
 
     def _check_gates_can_be_evaluated(self, state: AuditSession, settings, spec, thresholds) -> None:
         """A gate whose figure this audit (or the stored one, or the baseline) will not have is an error now,

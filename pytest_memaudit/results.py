@@ -22,6 +22,7 @@ from .planted import PlantedResult, PlantedUnit, PlantedUnitResult
 from .resultschema import check_document
 from .stats import CorrelationResult, Interval, LayerStats, depth_correlation
 from .unitmem import UnitMemValues
+from .verdict import Verdict, decide, membership_tests
 
 SCHEMA_VERSION = 2
 
@@ -53,6 +54,7 @@ class SubjectResult:
     description: str
     layers: list[LayerResult]
     membership: Membership | None = None
+    verdict: Verdict | None = None  # the same rule as the model's, on this subject's tests
 
     def layer(self, name: str) -> LayerResult:
         return _find_layer(self.layers, name)
@@ -77,6 +79,7 @@ class AuditResult:
     memorized: Memorized | None = None  # per data point scores, characteristics, clusters, classes
     control: SubjectResult | None = None
     planted: PlantedResult | None = None
+    verdict: Verdict | None = None  # memorization detected / inconclusive / none (verdict.py), over every test
     multiple_testing: str = "holm"  # how the gates corrected p-values across layers (set when gating)
     # the processes that computed it: world_size, backend (None for one process), shards (data points per process)
     distributed: dict[str, Any] | None = None
@@ -156,6 +159,7 @@ class AuditResult:
                 "layers_failed": sum(o.status == "failed" for o in outcomes),
                 "layers_not_gated": len(self.layers) - sum(o.status != "not gated" for o in outcomes),
                 "membership": _membership_json(self.membership),
+                "verdict": None if self.verdict is None else self.verdict.as_dict(),
                 "multiple_testing": self.multiple_testing,
             },
             "timing": self.timing,
@@ -175,12 +179,13 @@ class AuditResult:
     def from_json(cls, data: dict[str, Any]) -> AuditResult:
         """The result a ``to_json`` document describes (the same figures, outcomes included)."""
         samples = data["samples"]
+        layers = [_layer_from_json(entry) for entry in data["layers"]]
         return cls(
             model=data["model"],
             settings=data["settings"],
             data_source=data["data_source"],
             samples=samples,
-            layers=[_layer_from_json(entry) for entry in data["layers"]],
+            layers=layers,
             labels=data.get("labels") or [],
             skipped=data.get("skipped") or [],
             checkpoint=data.get("checkpoint"),
@@ -193,6 +198,7 @@ class AuditResult:
             memorized=_memorized_from_json(data),
             control=None if data.get("control") is None else _subject_from_json(data["control"]),
             planted=_planted_from_json(data.get("planted"), samples),
+            verdict=_verdict_from_json(data["summary"].get("verdict"), layers),
             multiple_testing=data["summary"].get("multiple_testing", "holm"),
             distributed=data.get("distributed"),
             signals=[_signal_from_json(entry) for entry in data.get("signals") or []],
@@ -276,13 +282,26 @@ def _subject_json(subject: SubjectResult) -> dict[str, Any]:
         "role": subject.role,
         "description": subject.description,
         "membership": _membership_json(subject.membership),
+        "verdict": None if subject.verdict is None else subject.verdict.as_dict(),
         "layers": [_layer_json(layer) for layer in subject.layers],
     }
 
 
 def _subject_from_json(data: dict[str, Any]) -> SubjectResult:
-    return SubjectResult(data["role"], data["description"], [_layer_from_json(e) for e in data["layers"]],
-                         _membership_from_json(data.get("membership")))
+    layers = [_layer_from_json(e) for e in data["layers"]]
+    return SubjectResult(data["role"], data["description"], layers, _membership_from_json(data.get("membership")),
+                         _verdict_from_json(data.get("verdict"), layers))
+
+
+def _verdict_from_json(data: dict | None, layers: list[LayerResult]) -> Verdict | None:
+    """The stored verdict; a file written before verdicts gets one from its layers' membership tests
+    (as that file measured them), or none without held-out images."""
+    if data is not None:
+        return Verdict.from_dict(data)
+    tests = membership_tests(layers)
+    if not tests:
+        return None
+    return decide(tests, permutations=next(layer.membership.permutations for layer in layers if layer.membership))
 
 
 def _interval_json(interval: Interval | None) -> dict | None:
@@ -313,6 +332,8 @@ def _membership_json(membership: Membership | None) -> dict | None:
         "distinct_argmax": membership.distinct_argmax,
         "p_value": _number(membership.p_value),
         "permutations": membership.permutations,
+        "units": membership.units,
+        "excluded_units": membership.excluded_units,
     }
 
 
@@ -321,7 +342,8 @@ def _membership_from_json(data: dict | None) -> Membership | None:
         return None
     return Membership(data["members"], data["holdout"], _float(data["member_share"]), _float(data["expected_share"]),
                       _float(data["topk_member_share"]), data["distinct_argmax"], _float(data["p_value"]),
-                      data["permutations"], _interval_from_json(data.get("excess_interval")))
+                      data["permutations"], _interval_from_json(data.get("excess_interval")),
+                      data.get("units"), data.get("excluded_units", 0))
 
 
 def _check_json(check: Check) -> dict[str, Any]:
@@ -349,6 +371,7 @@ def _planted_json(planted: PlantedResult | None, samples: list[str]) -> dict | N
         "detection_strength": planted.detection_strength,
         "curve": planted.curve,
         "membership": _membership_json(planted.membership),
+        "verdict": None if planted.verdict is None else planted.verdict.as_dict(),
         "units": [
             {"layer": u.plant.layer, "unit": u.plant.unit, "image": samples[u.plant.image],
              "image_index": u.plant.image, "strength": u.plant.strength, "scale": u.plant.scale,
@@ -368,7 +391,8 @@ def _planted_from_json(data: dict | None, samples: list[str]) -> PlantedResult |
         for u in data["units"]
     ]
     return PlantedResult(units, data["strength"], data["top_share"], _membership_from_json(data.get("membership")),
-                         data.get("curve") or [])
+                         data.get("curve") or [], None if data.get("verdict") is None
+                         else Verdict.from_dict(data["verdict"]))
 
 
 def _memorized_json(memorized: Memorized | None, samples: list[str]) -> dict[str, Any]:

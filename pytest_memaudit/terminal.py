@@ -76,8 +76,10 @@ def render_summary(result: AuditResult, markup: bool = False, comparison: Compar
     console.print(table)
     console.print(lines, markup=False)
     if membership:
+        left_out = sum(layer.membership.excluded_units for layer in result.layers if layer.membership)
         console.print("members: share of units whose argmax is a member / the members' share of the images; "
-                      f"mem p: permutation p over images ({result.multiple_testing}-adjusted across layers)",
+                      f"mem p: permutation p of that share over images ({result.multiple_testing}-adjusted across "
+                      f"layers){f'; {left_out} dead or constant units left out' if left_out else ''}",
                       markup=False)
     if comparison:
         _print_comparison(console, comparison)

@@ -5,7 +5,7 @@ mean |activation| over space of unit u), each data point with a label (member, h
 planted) and a group (a hash of its id, for error bars). Per unit u and a set of data points
 (by label):
 
-    mu_max[u]  = max_i a[i, u]          (argmax: the lowest index on a tie)
+    mu_max[u]  = max_i a[i, u]          (argmax: on a tie, a fair pick among the tied, see tie_order)
     mu_rest[u] = mean or median of the other n - 1 values (one maximal element set aside)
     UnitMem[u] = (mu_max - mu_rest) / (mu_max + mu_rest), 0 for a dead unit (denominator 0)
 
@@ -35,6 +35,8 @@ LABELS = ("member", "holdout", "planted")  # a data point's role; its code is th
 MEMBER, HOLDOUT, PLANTED = range(len(LABELS))
 DEFAULT_GROUPS = 10
 NO_INDEX = torch.iinfo(torch.int64).max  # the index of a top-k slot no data point filled yet
+INDEX_BITS = 32  # data point indices are below 2^32; tie_order packs a 31-bit key above them
+_MASK62 = (1 << 62) - 1
 # Median rows computed on a GPU wait there until this many bytes are pending, then move to the host.
 PENDING_BYTES = 4 << 20
 # The median's selection reads units a chunk at a time: about this many bytes per chunk, at
@@ -74,6 +76,27 @@ def unitmem_from(mu_max: np.ndarray, mu_rest: np.ndarray) -> tuple[np.ndarray, n
     dead = denominator == 0
     safe = np.where(dead, 1.0, denominator)
     return np.where(dead, 0.0, (mu_max - mu_rest) / safe), dead
+
+
+def tie_order(index: torch.Tensor) -> torch.Tensor:
+    """Where values tie for a maximum, the data point that wins is the one with the lowest
+    ``tie_order``: a 31-bit hash of its index (high bits) and the index itself (low bits, for the
+    rare equal hashes). The hash orders data points in a fixed pseudo-random way that knows
+    nothing of labels, so a tie goes to a member only as often as members are among the tied:
+    the lowest index would give every tie to the members, who come first. Packed into one int64,
+    the order reduces with a plain minimum (streaming, merging, all-reduce); ``NO_INDEX`` stays
+    above every order. ``index_of`` undoes it."""
+    index = index.to(torch.int64)
+    x = (index + 0x2545F4914F6CDD1D) & _MASK62  # splitmix-style mixing, modulo 2^62
+    x = (x ^ (x >> 30)) * 0x3F58476D1CE4E5B9 & _MASK62
+    x = (x ^ (x >> 27)) * 0x14D049BB133111EB & _MASK62
+    x = (x ^ (x >> 31)) >> 31  # the top 31 bits of 62
+    return torch.where(index == NO_INDEX, NO_INDEX, (x << INDEX_BITS) | index)
+
+
+def index_of(order: torch.Tensor) -> torch.Tensor:
+    """The data point index of a ``tie_order`` value (``NO_INDEX`` stays)."""
+    return torch.where(order == NO_INDEX, NO_INDEX, order & ((1 << INDEX_BITS) - 1))
 
 
 def median_matrix_bytes(samples: int, units: int) -> int:
@@ -133,9 +156,10 @@ class LayerState:
         expanded = slots[:, None].expand(n, self.units)
         batch_max = torch.full_like(self.maxima.view(-1, self.units), -torch.inf)
         batch_max.scatter_reduce_(0, expanded, values, "amax")
-        candidates = torch.where(values == batch_max[slots], index[:, None], NO_INDEX)
+        candidates = torch.where(values == batch_max[slots], tie_order(index)[:, None], NO_INDEX)
         batch_arg = torch.full_like(self.argmax.view(-1, self.units), NO_INDEX)
         batch_arg.scatter_reduce_(0, expanded, candidates, "amin")
+        batch_arg = index_of(batch_arg)
         _merge_max(self.maxima.view(-1, self.units), self.argmax.view(-1, self.units), batch_max, batch_arg)
         for code in torch.unique(label).tolist():
             rows = label == code
@@ -203,7 +227,7 @@ class LayerState:
         maxima = self.maxima[labels][:, groups].reshape(-1, self.units)
         argmax = self.argmax[labels][:, groups].reshape(-1, self.units)
         maximum = maxima.max(dim=0).values
-        best = torch.where(maxima == maximum, argmax, NO_INDEX).min(dim=0).values
+        best = index_of(torch.where(maxima == maximum, tie_order(argmax), NO_INDEX).min(dim=0).values)
         return Extremes(
             count=int(counts.sum()),
             total=self.sums[labels][:, groups].sum(dim=(0, 1)).cpu().numpy(),
@@ -255,7 +279,9 @@ class LayerState:
 
     def reindex(self, new_index: np.ndarray) -> None:
         """Rename data point i to ``new_index[i]`` wherever an index is kept. ``new_index`` must
-        increase with i, so that ties still go to the lowest index."""
+        increase with i, so that top-k ties still go to the lowest index. (Ties for the maximum
+        decided so far stay decided; later ones follow the new indices' ``tie_order``: either way
+        a pick that ignores labels.)"""
         table = torch.as_tensor(np.asarray(new_index, dtype=np.int64), device=self.argmax.device)
         for tensor in (self.argmax, self.top_index):
             filled = tensor != NO_INDEX
@@ -397,8 +423,8 @@ def _check_finite(total: np.ndarray, layer: str, units: int) -> None:
 
 
 def _merge_max(maxima: torch.Tensor, argmax: torch.Tensor, other_max: torch.Tensor, other_arg: torch.Tensor) -> None:
-    """In place: the larger of two maxima, the lower index on a tie."""
-    better = (other_max > maxima) | ((other_max == maxima) & (other_arg < argmax))
+    """In place: the larger of two maxima, the lower ``tie_order`` on a tie."""
+    better = (other_max > maxima) | ((other_max == maxima) & (tie_order(other_arg) < tie_order(argmax)))
     maxima.copy_(torch.where(better, other_max, maxima))
     argmax.copy_(torch.where(better, other_arg, argmax))
 

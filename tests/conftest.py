@@ -71,3 +71,20 @@ def write_shards(folder, shards, broken=()):
                 add_member(archive, f"{key}.png", image)
                 add_member(archive, f"{key}.cls", b"3")
     return folder
+
+
+def tie_key(index):
+    """The documented tie order (unitmem.tie_order), in Python integers: a splitmix-style hash of the
+    index modulo 2^62, its top 31 bits, then the index."""
+    mask = (1 << 62) - 1
+    x = (index + 0x2545F4914F6CDD1D) & mask
+    x = ((x ^ (x >> 30)) * 0x3F58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x14D049BB133111EB) & mask
+    return ((x ^ (x >> 31)) >> 31, index)
+
+
+def fair_argmax(column, rows=None):
+    """The maximal entry of ``column``; on a tie, the tied row (global index ``rows[i]``) with the lowest tie key."""
+    rows = np.arange(len(column)) if rows is None else np.asarray(rows)
+    tied = np.flatnonzero(column == column.max())
+    return int(rows[min(tied, key=lambda i: tie_key(int(rows[i])))])

@@ -12,65 +12,85 @@ import numpy as np
 
 from ..membership import Membership
 from ..results import AuditResult
+from ..verdict import MEMBERSHIP_SIGNAL, MembershipTest, Verdict, decide
 from . import figures
 from .format import fmt, fmt_interval, fmt_p
 from .thumbnails import Gallery
 
 HELD_OUT_SHOWN = 12  # held-out images shown that units pick most
-SIGNIFICANCE = 0.05  # the level the report's plain-language answers use for the controls and the model
-PLANTED_P = 0.001  # the planted control counts as found below this p with recall at least PLANTED_RECALL
-PLANTED_RECALL = 0.9
 
 
 def evidence(result: AuditResult) -> list[dict[str, str]]:
-    """Three answers, each with its figures: the planted control, the random control, the model."""
+    """Three answers, each with its figures and the rule that gave it: the planted control, the
+    random control, the model. Each answer is its subject's verdict (verdict.py), worded as measured."""
     if result.membership is None:
         return []
     answers = []
     planted = result.planted
     if planted is not None and planted.membership is not None:
-        found = planted.recall >= PLANTED_RECALL and planted.membership.p_value < PLANTED_P
+        verdict = planted.verdict or _overall_verdict(planted.membership)
         answers.append({
             "question": "Would this audit see memorization if it were there?",
-            "answer": "yes: the planted units were found" if found else "not reliably: planted units were missed",
-            "css": "yes" if found else "no",
+            "answer": {"detected": "yes: the planted control was detected",
+                       "inconclusive": "not reliably: the planted control was inconclusive",
+                       "none": "no: the planted control was not detected"}[verdict.memorization],
+            "css": {"detected": "yes", "inconclusive": "signal", "none": "no"}[verdict.memorization],
             "detail": (
                 f"{sum(u.found for u in planted.default_units)} of {len(planted.default_units)} planted units at "
                 f"strength {planted.strength:g} are in the top {planted.top_share:.0%} of UnitMem; "
-                f"{planted.argmax_hits} pick their planted image as argmax; membership test of the planted "
-                f"images against the other held-out images: p = {fmt_p(planted.membership.p_value)}."
-                + (f" Lowest strength found in 90% of its units: {planted.detection_strength:g}."
-                   if planted.detection_strength else "")
+                f"{planted.argmax_hits} pick their planted image as argmax"
+                + (f"; lowest strength found in 90% of its units: {planted.detection_strength:g}"
+                   if planted.detection_strength else "; no strength tried was found in 90% of its units")
+                + f". Planted images against the other held-out images: {_verdict_sentence(verdict)}"
             ),
         })
     if result.control is not None and result.control.membership is not None:
-        control = result.control.membership
-        quiet = control.p_value >= SIGNIFICANCE
+        verdict = result.control.verdict or _overall_verdict(result.control.membership)
         answers.append({
             "question": "Does it stay quiet where there is no memorization?",
-            "answer": "yes: the random-weights control shows none" if quiet
-            else "no: the random-weights control shows a signal (a false alarm, or a flaw in the test)",
-            "css": "yes" if quiet else "no",
-            "detail": _membership_sentence(control),
+            "answer": {"none": "yes: the random-weights control's verdict is none",
+                       "inconclusive": "not clearly: the random-weights control is inconclusive",
+                       "detected": "no: memorization detected in the random-weights control (a false alarm, "
+                                   "or a flaw in the test)"}[verdict.memorization],
+            "css": {"none": "yes", "inconclusive": "signal", "detected": "no"}[verdict.memorization],
+            "detail": _verdict_sentence(verdict),
         })
-    model = result.membership
-    signal = model.p_value < SIGNIFICANCE
+    verdict = result.verdict or _overall_verdict(result.membership)
     answers.append({
         "question": f"Does {result.model} single out its training images?",
-        "answer": "yes: members are picked by units more than held-out images" if signal
-        else "no evidence: members are not picked more than held-out images",
-        "css": "signal" if signal else "yes",
-        "detail": _membership_sentence(model),
+        "answer": {"detected": "yes: memorization detected (members are picked by units more than held-out images)",
+                   "inconclusive": "inconclusive: a weak signal, not enough for a verdict",
+                   "none": "no evidence: members are not picked more than held-out images"}[verdict.memorization],
+        "css": {"detected": "signal", "inconclusive": "signal", "none": "yes"}[verdict.memorization],
+        "detail": _verdict_sentence(verdict),
     })
     return answers
 
 
+def _overall_verdict(m: Membership) -> Verdict:
+    """For a stored result without a verdict: the rule applied to its one overall test."""
+    interval = m.excess_interval
+    return decide([MembershipTest(MEMBERSHIP_SIGNAL, "all layers", m.excess,
+                                  math.nan if interval is None else interval.low,
+                                  math.nan if interval is None else interval.high, m.p_value)],
+                  permutations=m.permutations)
+
+
+def _verdict_sentence(v: Verdict) -> str:
+    if v.layer is None:
+        return f"verdict {v.memorization}: {v.reason}"
+    return (f"verdict {v.memorization}: the strongest test, {v.signal} at {v.layer}, estimate {v.estimate:+.3f} "
+            f"[{v.low:+.3f}, {v.high:+.3f}] (95%), p = {fmt_p(v.raw_p_value)}, {fmt_p(v.p_value)} corrected "
+            f"({v.correction}); {v.reason}")
+
+
 def _membership_sentence(m: Membership, members: str = "a member") -> str:
+    left_out = f"; {m.excluded_units} dead or constant units left out" if m.excluded_units else ""
     return (
-        f"{m.member_share:.1%} of units have {members} as argmax against {m.expected_share:.1%} expected "
-        f"(excess {fmt_interval(m.excess, m.excess_interval, '+.3f')}); p = {fmt_p(m.p_value)} "
+        f"{m.member_share:.1%} of {'the' if m.units is None else m.units} units have {members} as argmax against {m.expected_share:.1%} "
+        f"expected (excess {fmt_interval(m.excess, m.excess_interval, '+.3f')}); p = {fmt_p(m.p_value)} "
         f"({m.permutations:,} permutations over {m.members + m.holdout} data points; "
-        f"{m.distinct_argmax} distinct argmax images)."
+        f"{m.distinct_argmax} distinct argmax images{left_out})."
     )
 
 
@@ -90,6 +110,7 @@ def membership_section(result: AuditResult, gallery: Gallery, adjusted: dict[str
             "excess": fmt_interval(m.excess, m.excess_interval, "+.3f"),
             "topk": fmt(m.topk_member_share),
             "distinct": m.distinct_argmax,
+            "units": "n/a" if m.units is None else f"{m.units} ({m.excluded_units})",
             "p": fmt_p(m.p_value),
             "p_adjusted": fmt_p(adjusted[layer.name].get("membership_p", math.nan)),
             "control_share": fmt(other.membership.member_share) if other and other.membership else None,
@@ -141,6 +162,7 @@ def planted_section(result: AuditResult, gallery: Gallery) -> dict | None:
         "hits": f"{planted.argmax_hits} of {len(planted.default_units)}",
         "membership": None if planted.membership is None else _membership_sentence(planted.membership,
                                                                                     "a planted image"),
+        "verdict": None if planted.verdict is None else _verdict_sentence(planted.verdict),
         "detection": "none of the strengths tried" if planted.detection_strength is None
         else f"{planted.detection_strength:g}",
         "curve": [{"strength": f"{point['strength']:g}", "units": point["units"], "recall": f"{point['recall']:.0%}",
