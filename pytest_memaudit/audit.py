@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -734,7 +735,7 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
                                           run.embedding_layer, settings.seed, folders=folders),
             control=control,
             planted=planted,
-            verdict=subject_verdict(layers_out, settings),
+            verdict=subject_verdict(layers_out, settings, signals[role]),
             distributed={"world_size": run.world.size, "backend": run.world.backend(run.device),
                          "shards": merged.shards},
             signals=signals[role],
@@ -743,9 +744,10 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
     return [result_of("model", 0)] + [result_of(f"model:{i}", i) for i in range(1, len(run.checkpoints))]
 
 
-def subject_verdict(layers: list[LayerResult], settings: RunSettings) -> Verdict | None:
-    """The verdict (verdict.py) of one audited subject's tests; None without held-out images."""
-    tests = membership_tests(layers)
+def subject_verdict(layers: list[LayerResult], settings: RunSettings, signals: Sequence[Any] = ()) -> Verdict | None:
+    """The verdict (verdict.py) of one audited subject's tests: its layers' membership tests and its
+    per-image signals (imagesignals.py), one family; None without held-out images."""
+    tests = membership_tests(layers) + list(signals)
     return decide(tests, permutations=settings.permutations) if tests else None
 
 

@@ -148,7 +148,11 @@ def contrast_signals(columns: Mapping[tuple[str, str], np.ndarray], is_member: n
                      seed: int) -> list[SignalResult]:
     """One SignalResult per (signal, layer) column of per-image values over the pooled images
     (``is_member`` says which are members). Images without a value (NaN) are left out of that
-    column's AUC and interval; its permutation p uses the images that have one."""
+    column's AUC and interval; its permutation p uses the images that have one. A column whose values
+    are all alike (up to ``membership.CONSTANT_TOLERANCE``, relative), as every column of a network
+    blind to its input, cannot tell members from anything: its p is NaN (no test), not 1."""
+    from .membership import CONSTANT_TOLERANCE
+
     is_member = np.asarray(is_member, dtype=bool)
     keys = list(columns)
     complete = [key for key in keys if np.all(np.isfinite(columns[key]))]
@@ -166,7 +170,10 @@ def contrast_signals(columns: Mapping[tuple[str, str], np.ndarray], is_member: n
         else:
             estimate = auc(members, heldout)
             low, high = delong_interval(members, heldout)
-        results.append(SignalResult(key[0], key[1], estimate, low, high, float(p_values[key]), int(members.size),
+        seen = values[finite]
+        alike = seen.size == 0 or np.ptp(seen) <= CONSTANT_TOLERANCE * np.max(np.abs(seen))
+        p_value = math.nan if alike else float(p_values[key])
+        results.append(SignalResult(key[0], key[1], estimate, low, high, p_value, int(members.size),
                                     int(heldout.size), permutations))
     return results
 

@@ -2,8 +2,12 @@
 
 A test is any object with ``signal, layer, estimate, low, high, p_value`` (its figure, the figure's
 95% interval and its one-sided p-value; ``MembershipTest`` is the argmax-membership test of one
-layer). The tests of one audited model form one family, corrected together (Holm, across signals
-and layers), and the verdict says:
+layer; ``imagesignals.SignalResult`` is a per-image signal's). The tests of one audited model form
+one family, corrected together in two stages: Holm across the layers of each signal (a signal's
+p-value is its smallest adjusted one: a valid test of "this signal sees nothing at any layer"),
+then Holm across the signals. With one signal this is Holm across its layers. A signal measured
+once for the whole model (the loss of the reference attack) then pays for the number of signals,
+not for every layer of the others. The verdict says:
 
 - ``detected``: some test's corrected p-value is below ``level`` (VERDICT_LEVEL, the level of the
   default ``membership_p_min`` gate, so that the verdict and the default gates agree);
@@ -89,10 +93,27 @@ def membership_tests(layers: Iterable[Any]) -> list[MembershipTest]:
     return tests
 
 
-def smallest_corrected_p(tests: int, permutations: int, method: str = "holm") -> float:
-    """The smallest corrected p-value ``tests`` permutation tests of ``permutations`` relabellings
-    can give: 1 / (permutations + 1) each, times the family's size under Holm (its first step)."""
-    return (tests if method == "holm" else 1) / (permutations + 1)
+def smallest_corrected_p(tests: int, permutations: int, method: str = "holm", signals: int = 1) -> float:
+    """The smallest corrected p-value a signal of ``tests`` permutation tests of ``permutations``
+    relabellings can give among ``signals`` signals: 1 / (permutations + 1) each, times the
+    signal's tests and the number of signals under Holm (the first step of each stage)."""
+    return (tests * signals if method == "holm" else 1) / (permutations + 1)
+
+
+def corrected(tests: Sequence[Any]) -> list[float]:
+    """Each test's p-value corrected in the two stages of the module's docstring: Holm within its
+    signal, then Holm across the signals' smallest adjusted p-values; a test's corrected p is the
+    larger of its two stages, so a signal's best test carries its signal's corrected p."""
+    by_signal: dict[str, list[int]] = {}
+    for i, t in enumerate(tests):
+        by_signal.setdefault(t.signal, []).append(i)
+    within = [0.0] * len(tests)
+    for members in by_signal.values():
+        for i, q in zip(members, holm([tests[i].p_value for i in members])):
+            within[i] = q
+    names = list(by_signal)
+    across = dict(zip(names, holm([min(within[i] for i in by_signal[name]) for name in names])))
+    return [max(within[i], across[t.signal]) for i, t in enumerate(tests)]
 
 
 def decide(tests: Sequence[Any], level: float = VERDICT_LEVEL, method: str = "holm",
@@ -102,17 +123,22 @@ def decide(tests: Sequence[Any], level: float = VERDICT_LEVEL, method: str = "ho
     usable = [t for t in tests if t.p_value is not None and math.isfinite(t.p_value)]
     m = len(usable)
     signals = sorted({t.signal for t in usable})
-    correction = (f"Holm across {m} test(s): {', '.join(signals) or 'none'} x "
-                  f"{len({t.layer for t in usable})} layer(s)" if method == "holm" else
-                  f"none: {m} test(s) uncorrected")
+    if method != "holm":
+        correction = f"none: {m} test(s) uncorrected"
+    elif len(signals) == 1:
+        correction = f"Holm across {m} test(s): {signals[0]} x {len({t.layer for t in usable})} layer(s)"
+    else:
+        correction = (f"Holm across {m} test(s) in two stages: across the layers of each signal, then across "
+                      f"{len(signals)} signals ({', '.join(signals)})")
     if not usable:
         return Verdict("none", math.nan, None, None, math.nan, math.nan, math.nan, math.nan, 0, correction, level,
                        "no test could run: every unit responds alike to every image (dead or constant units, "
                        "e.g. a network blind to its input), so nothing tells members from held-out images")
-    adjusted = holm([t.p_value for t in usable]) if method == "holm" else [t.p_value for t in usable]
+    adjusted = corrected(usable) if method == "holm" else [t.p_value for t in usable]
     order = sorted(range(m), key=lambda i: (adjusted[i], usable[i].p_value, -_finite(usable[i].estimate)))
     best = order[0]
-    smallest = 0.0 if permutations is None else smallest_corrected_p(m, permutations, method)
+    fewest = min(sum(t.signal == name for t in usable) for name in signals)  # the signal with fewest tests
+    smallest = 0.0 if permutations is None else smallest_corrected_p(fewest, permutations, method, len(signals))
     suggestive = SUGGESTIVE_FACTOR * level
     rule = (f"detected when a test's corrected p is below {level:g}, inconclusive when it is below {suggestive:g}, "
             "none otherwise")
@@ -124,7 +150,8 @@ def decide(tests: Sequence[Any], level: float = VERDICT_LEVEL, method: str = "ho
         if smallest >= level:
             why = (f"{permutations:,} permutations cannot give a corrected p below {level:g} for {m} tests "
                    f"(the smallest is {smallest:.3g}): use at least "
-                   f"{math.ceil(m / level) if method == 'holm' else math.ceil(1 / level)} permutations")
+                   f"{math.ceil(fewest * len(signals) / level) if method == 'holm' else math.ceil(1 / level)} "
+                   "permutations")
         else:
             why = (f"the smallest corrected p, {_p(adjusted[best])} ({_p(t.p_value)} before the correction), is "
                    f"below {suggestive:g} but not below {level:g}")

@@ -126,3 +126,15 @@ def test_signal_columns_orders_layers_and_negates_the_loss():
     assert columns[("loss", "model")].tolist() == [-.1, -.2, -.3]
     sd = np.std([0.0, 1, 3])
     np.testing.assert_allclose(columns[("neighbour_distance", "a")], np.array([1, 1, 2]) / sd)
+
+
+def test_a_column_alike_for_every_image_is_no_test():
+    """A blind network's per-image values are all alike: no test (p NaN, left out of the verdict), not p = 1."""
+    is_member = np.array([True, True, False, False, False])
+    varied = np.array([3.0, 2.0, 1.0, 0.5, 0.2])
+    results = contrast_signals({("view_alignment", "a"): np.full(5, 0.25), ("argmax_units", "a"): np.zeros(5),
+                                ("activation_norm", "a"): varied}, is_member, 99, 0)
+    p = {r.signal: r.p_value for r in results}
+    assert math.isnan(p["view_alignment"]) and math.isnan(p["argmax_units"])
+    # members hold the two largest values: 1 of C(5, 2) = 10 labellings is as extreme, p about 1/10
+    assert 0.03 < p["activation_norm"] < 0.2

@@ -56,6 +56,28 @@ def test_none_when_no_corrected_p_is_below_five_times_the_level():
     assert "no test could run" in v.reason
 
 
+def test_several_signals_are_corrected_across_layers_then_across_signals():
+    """Two stages, by hand: Holm within each signal, a signal's smallest adjusted p, Holm across signals.
+    A signal measured once for the whole model (a loss) pays for the signals, not for every layer."""
+    membership = [test(f"l{i}", p) for i, p in enumerate([0.001, 0.02, 0.5])]
+    alignment = [test(f"l{i}", p, signal="view_alignment") for i, p in enumerate([0.04, 0.3, 0.9])]
+    loss = [test("model", 0.0009, estimate=0.77, low=0.63, high=0.91, signal="loss")]
+    v = decide(membership + alignment + loss)
+    # within: membership 3 x 0.001 = 0.003; alignment 3 x 0.04 = 0.12; loss 0.0009.
+    # across (Holm over 0.0009, 0.003, 0.12): 3 x 0.0009 = 0.0027, max(0.0027, 2 x 0.003) = 0.006, 0.12
+    assert (v.memorization, v.signal, v.layer, v.tests) == ("detected", "loss", "model", 7)
+    assert v.p_value == pytest.approx(0.0027) and v.raw_p_value == 0.0009
+    assert "two stages" in v.correction and "3 signals" in v.correction
+    # Holm over all 7 at once would give 7 x 0.0009 = 0.0063: the same verdict here, but for 111 tests
+    # (22 layers x 5 signals + the loss) 0.0009 would be 0.1 and the loss attack could never decide.
+    v = decide([test(f"l{i}", 0.5, signal=s) for s in ("a", "b", "c", "d", "e") for i in range(22)] + loss)
+    assert (v.memorization, v.signal) == ("detected", "loss") and v.p_value == pytest.approx(6 * 0.0009)
+    # the permutations' floor counts the signal with fewest tests: 6 signals x 1 test / 101 relabellings
+    v = decide([test(f"l{i}", 0.5, signal=s) for s in ("a", "b", "c", "d", "e") for i in range(22)]
+               + [test("model", 1 / 101, signal="loss")], permutations=100)
+    assert v.memorization == "inconclusive" and "use at least 600 permutations" in v.reason
+
+
 def test_the_family_wise_rates_under_the_null():
     """22 independent uniform p-values per family, 4,000 families: detected in at most 1% of them and
     inconclusive or detected in at most 5% (Holm controls both; binomial margins of 3 standard errors)."""
