@@ -94,22 +94,18 @@ def pixels_sha256(image_set: ImageSet) -> str:
     return digest.hexdigest()
 
 
-def locate_demo(given: str | None) -> Path:
+def locate_demo(given: str | None, model: str = "demo", shipped: Path = WEIGHTS) -> Path:
     """The user's checkpoint (a ``train_demo`` output) if given, else the shipped weights."""
-    path = Path(given).expanduser() if given else WEIGHTS
+    path = Path(given).expanduser() if given else shipped
     if not path.is_file():
         hint = "" if given else " The installed package is incomplete; reinstall pytest-memaudit."
-        raise CheckpointError(f"demo checkpoint {path} does not exist or is not a file.{hint}")
+        raise CheckpointError(f"{model} checkpoint {path} does not exist or is not a file.{hint}")
     return path
 
 
 def locate_memorizer(given: str | None) -> Path:
     """The user's ``train_demo --memorizer`` output if given, else the shipped memorizer."""
-    path = Path(given).expanduser() if given else MEMORIZER_WEIGHTS
-    if not path.is_file():
-        hint = "" if given else " The installed package is incomplete; reinstall pytest-memaudit."
-        raise CheckpointError(f"demo_memorizer checkpoint {path} does not exist or is not a file.{hint}")
-    return path
+    return locate_demo(given, "demo_memorizer", MEMORIZER_WEIGHTS)
 
 
 def build_demo(checkpoint: Path | None):
