@@ -58,13 +58,22 @@ def evidence(result: AuditResult) -> list[dict[str, str]]:
     verdict = result.verdict or _overall_verdict(result.membership)
     answers.append({
         "question": f"Does {result.model} single out its training images?",
-        "answer": {"detected": "yes: memorization detected (members are picked by units more than held-out images)",
+        "answer": {"detected": f"yes: memorization detected ({_what_told_members_apart(verdict.signal)})",
                    "inconclusive": "inconclusive: a weak signal, not enough for a verdict",
-                   "none": "no evidence: members are not picked more than held-out images"}[verdict.memorization],
+                   "none": "no evidence: no test tells members from held-out images"}[verdict.memorization],
         "css": {"detected": "signal", "inconclusive": "signal", "none": "yes"}[verdict.memorization],
         "detail": _verdict_sentence(verdict),
     })
     return answers
+
+
+def _what_told_members_apart(signal: str | None) -> str:
+    """The deciding test in words: the verdict may come from any signal of its family."""
+    if signal in (None, MEMBERSHIP_SIGNAL):
+        return "members are picked by units more than held-out images"
+    if signal == "loss":
+        return "the model's own loss is lower on members than on held-out images: the reference attack"
+    return f"members stand apart from held-out images in the per-image signal {signal}"
 
 
 def _overall_verdict(m: Membership) -> Verdict:
