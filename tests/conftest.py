@@ -14,6 +14,27 @@ from PIL import Image
 from var_checkpoints import write_var_checkpoint
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a thread pool on a busy machine only waits."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_spec():
+    """The tiny encoder (``tiny_encoder.py``) as a model spec, audited at 16x16."""
+    from tiny_encoder import LAYERS, build
+
+    from pytest_memaudit.models import LayerSpec, ModelSpec
+
+    return ModelSpec(name="tiny", layers=tuple(LayerSpec(name, name) for name in LAYERS), build=build,
+                     default_image_size=16)
+
+
 @pytest.fixture(scope="session")
 def var_checkpoint(tmp_path_factory):
     """A full-width var_d16 encoder checkpoint (random weights, manifest shapes)."""

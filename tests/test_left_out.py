@@ -2,28 +2,17 @@
 layer, planted images it could not plant, members it could not read."""
 
 import pytest
-import torch
 
-from conftest import make_images, write_shards
-from tiny_encoder import LAYERS, build
+from conftest import make_images, tiny_spec, write_shards
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
 from pytest_memaudit.data import ImageSet
 from pytest_memaudit.errors import DataError
 from pytest_memaudit.labelled import labelled_images
-from pytest_memaudit.models import LayerSpec, ModelSpec
 from pytest_memaudit.tarshards import open_image_folder
 
-TINY = ModelSpec(name="tiny", layers=tuple(LayerSpec(name, name) for name in LAYERS), build=build,
-                 default_image_size=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = tiny_spec()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loose_images_beside_tar_shards_are_named(tmp_path):

@@ -7,24 +7,13 @@ import pytest
 import torch
 
 import pytest_memaudit.audit
-from conftest import make_images
-from tiny_encoder import LAYERS, build
+from conftest import make_images, tiny_spec
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
 from pytest_memaudit.errors import AuditError
-from pytest_memaudit.models import LayerSpec, ModelSpec
 
-TINY = ModelSpec(name="tiny", layers=tuple(LayerSpec(name, name) for name in LAYERS), build=build,
-                 default_image_size=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a thread pool on a busy machine only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = tiny_spec()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
