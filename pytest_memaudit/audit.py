@@ -360,6 +360,9 @@ def _audit(
                    for subject in run.subjects if is_model(subject.role)}
         embedding = gather_embedding(run, merged, points["model"])
         timing["finalize_s"] = time.perf_counter() - clock
+    except KeyboardInterrupt:
+        world.after_interrupt()  # a lost process, not the launcher's SIGTERM that followed, ends the audit
+        raise
     finally:
         if run is not None:
             run.close()

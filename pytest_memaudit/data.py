@@ -505,6 +505,9 @@ def _start_worker(scratch: str, worker: int) -> None:
     if hasattr(os, "setpgid"):  # POSIX
         os.setpgid(0, 0)
     tempfile.tempdir = scratch
+    from .distributed import drop_inherited_connections
+
+    drop_inherited_connections()  # so that the audit's process, killed, is seen gone at once
 
 
 _WORKER_LOST = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\)\)? (is killed by signal: ([^.]+)|exited "

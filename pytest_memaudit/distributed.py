@@ -8,7 +8,9 @@ process holds the audit's whole state. Device tensors go over the default proces
 for CUDA, gloo for the CPU); small messages (agreement, progress, the median's counts) go over a
 gloo group of their own. A process that fails is named to the others: setup failures are shared
 (``World.agree``) so that every process stops with the same error, and before the merge every
-process waits at most ``timeout_s`` for the others (``World.wait_for_all``).
+process waits at most ``timeout_s`` for the others (``World.wait_for_all``). A process interrupted
+midway (torchrun sends SIGTERM to every process when one fails) asks whether the others are still
+there, and names those that are gone (``World.after_interrupt``).
 
 With one process every collective is the identity: ``run_audit`` has one code path.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import stat
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,9 +30,15 @@ import torch.distributed as dist
 
 from .errors import AuditError
 from .launch import Launch, launch_from_environment
+from .signals import ignore_terminate
 from .unitmem import NO_INDEX, LayerState, _merge_top, index_of, tie_order
 
 DEFAULT_TIMEOUT_S = 1800  # how long a process waits for the others at a collective
+# How long an interrupted process waits for the others' answer: a process that is gone has closed its
+# connections and is found at once; this only bounds the wait for live ones (launchers send SIGKILL
+# 30 s after SIGTERM: torchrun, Slurm's default KillWait).
+INTERRUPT_PROBE_S = 5.0
+PROBE_TAG = 0x6D61  # the tag of the interrupted processes' exchange
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
@@ -87,6 +97,7 @@ class World:
             raise problem
         failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
         if failed:
+            ignore_terminate()  # every process stops: a launcher's SIGTERM must not cut the message short
             listed = "; ".join(f"process {rank}: {report}" for rank, report in failed[:4])
             more = f" (and {len(failed) - 4} more)" if len(failed) > 4 else ""
             raise AuditError(f"the audit stopped on every process: {what}, {listed}{more}")
@@ -132,6 +143,36 @@ class World:
             return
         timeout = datetime.timedelta(seconds=self.timeout_s)
         self._collective(step, dist.monitored_barrier, group=self.control, timeout=timeout, wait_all_ranks=True)
+
+    def after_interrupt(self) -> None:
+        """This process was interrupted (SIGTERM or Ctrl-C) while the audit ran. Launchers stop every
+        process with SIGTERM when one fails (torchrun does), so exchange a word with every other
+        process, for at most ``INTERRUPT_PROBE_S``: those whose connection fails before then are gone,
+        and the error names them. If every process answers, or some do not answer in time (alive and
+        busy, or not interrupted), return: the interrupt stands."""
+        if self.size == 1:
+            return
+        deadline = time.monotonic() + INTERRUPT_PROBE_S
+        gone: dict[int, str] = {}
+        exchanges = []
+        for peer in (peer for peer in range(self.size) if peer != self.rank):
+            try:
+                exchanges += [(peer, talk(torch.zeros(1), peer, group=self.control, tag=PROBE_TAG))
+                              for talk in (dist.isend, dist.irecv)]
+            except (RuntimeError, ValueError) as exc:
+                gone.setdefault(peer, str(exc))
+        for peer, exchange in exchanges:
+            try:
+                exchange.wait(datetime.timedelta(seconds=max(0.0, deadline - time.monotonic())))
+            except (RuntimeError, ValueError) as exc:
+                if time.monotonic() < deadline - 0.1 * INTERRUPT_PROBE_S:  # its connection failed: not a timeout
+                    gone.setdefault(peer, str(exc))
+        if gone:
+            ranks = sorted(gone)
+            who = f"processes {', '.join(map(str, ranks))} are" if len(ranks) > 1 else f"process {ranks[0]} is"
+            raise self._lost(f"the audit ran: {who} gone (and this process was then stopped by a signal, as "
+                             "launchers stop every process when one fails)", gone[ranks[0]],
+                             f"it asked them for {INTERRUPT_PROBE_S:g} s")
 
     # --- tensors -------------------------------------------------------------------------------
 
@@ -189,11 +230,16 @@ class World:
         try:
             call(*args, **kwargs)
         except (RuntimeError, ValueError) as exc:  # gloo and NCCL failures, timeouts
-            raise AuditError(
-                f"process {self.rank} lost the other processes while {what}: {str(exc).strip()}. Another process "
-                f"failed or stopped answering (it waited up to {self.timeout_s:g} s, --memaudit-dist-timeout): "
-                "its own output says why."
-            ) from None
+            raise self._lost(what, exc, f"it waited up to {self.timeout_s:g} s, --memaudit-dist-timeout") from None
+
+    def _lost(self, what: str, exc: BaseException | str, waited: str) -> AuditError:
+        """The error of a process that lost the others while ``what``. It ends this process, so a
+        launcher's SIGTERM (sent to every process when one fails) is ignored from now on."""
+        ignore_terminate()
+        return AuditError(
+            f"process {self.rank} lost the other processes while {what}: {str(exc).strip()}. Another process "
+            f"failed or stopped answering ({waited}): its own output says why."
+        )
 
     def close(self) -> None:
         """End the process group if this World started it."""
@@ -234,6 +280,27 @@ def join(timeout_s: float = DEFAULT_TIMEOUT_S, environ: Mapping[str, str] | None
         )
     control = dist.new_group(backend="gloo", timeout=timeout)
     return World(launch, timeout_s, control, owns)
+
+
+def drop_inherited_connections() -> None:
+    """In a process forked from one of a launch (a decoding worker): close this process's copies of
+    the TCP connections it inherited (the process group's, the store's). A copy keeps a connection
+    open after the process that made it dies, so the other processes would not see it gone until its
+    workers exit too. A worker talks to its process over pipes and local sockets only. Linux (/proc)."""
+    if not (dist.is_available() and dist.is_initialized() and os.path.isdir("/proc/self/fd")):
+        return
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            connection = socket.socket(fileno=fd)  # finds the socket's family
+            family = connection.family
+            connection.detach()  # without closing it
+            if family in (socket.AF_INET, socket.AF_INET6):
+                os.close(fd)
+        except (OSError, ValueError):
+            continue
 
 
 def device_identity(device: torch.device) -> tuple[str, str] | None:

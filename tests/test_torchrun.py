@@ -2,6 +2,7 @@
 process (median and mean, uneven shards, unreadable images, .tar shards), bad input that stops
 every process alike, and a run killed halfway then resumed."""
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from pytest_memaudit.config import load_audit_file, make_settings
 from pytest_memaudit.results import AuditResult
 
 TESTS = Path(__file__).resolve().parent
-TIMEOUT_S = 240
+HANG_S = 240  # an audit that has not ended by then hangs (these take seconds): a generous bound, not a speed claim
 
 
 @pytest.fixture
@@ -43,15 +44,23 @@ def pytest_args(options):
             "--memaudit-html", "none", *flags]
 
 
-def torchrun(workdir, processes, options, **popen):
+def torchrun(workdir, processes, options, env=None, **popen):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                *pytest_args(options)]
-    return subprocess.Popen(command, cwd=workdir, env=environment(), stdout=subprocess.PIPE,
+    return subprocess.Popen(command, cwd=workdir, env=env or environment(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def finished(process):
-    output, _ = process.communicate(timeout=TIMEOUT_S)
+    """(exit status, output) of a launched audit; a failure saying so if it hangs (then it is killed)."""
+    try:
+        output, _ = process.communicate(timeout=HANG_S)
+    except subprocess.TimeoutExpired:
+        for pid in [*(descendants(process.pid) if Path("/proc").is_dir() else []), process.pid]:  # its workers too
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the audit hangs: it had not ended {HANG_S} s after its start. Its output:\n{output[-5000:]}")
     return process.returncode, output
 
 
@@ -142,11 +151,9 @@ def test_bad_input_on_one_process_stops_every_process_with_a_usage_error(workdir
 def test_a_process_that_dies_midway_is_named_by_the_others(workdir):
     options = {"data": "builtin", "samples": 12, "augmentations": 0, "batch-size": 1, "control": "none",
                "dist-timeout": 60}
-    started = time.monotonic()
     (code0, output0), (code1, _) = launch_by_hand(workdir, [options, options], TINY_ENCODER_CRASH="1:4")
     assert code1 == 9 and code0 == 4, output0
     assert "process 0 lost the other processes while merging" in output0 and re.search(r"[Rr]anks? 1\b", output0)
-    assert time.monotonic() - started < TIMEOUT_S
 
 
 def descendants(pid):
@@ -176,7 +183,7 @@ def test_killed_audit_resumes_to_the_uninterrupted_figures(workdir):
     slow = subprocess.Popen(command, cwd=workdir, env=environment(TINY_ENCODER_SLEEP="0.3"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     snapshots = [workdir / "state" / f"process-{rank:05d}-of-00002.pt" for rank in range(2)]
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + HANG_S
     while not all(path.exists() for path in snapshots) and time.monotonic() < deadline and slow.poll() is None:
         time.sleep(0.05)
     for pid in [*descendants(slow.pid), slow.pid]:  # the launcher and both processes, mid-stream
@@ -195,3 +202,42 @@ def test_killed_audit_resumes_to_the_uninterrupted_figures(workdir):
 
     with pytest.raises(Exception, match="run by 2 processes; this one runs 1"):
         one_process(workdir, options)  # the snapshots belong to a 2-process audit
+
+
+def exit_statuses(output):
+    """The exit status of each failed process, from torchrun's closing table of failures: {rank: status}."""
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", output)
+    return {int(rank): int(code) for rank, code in found}
+
+
+TERMINATED = {"data": "builtin", "samples": 24, "augmentations": 0, "batch-size": 1, "control": "none",
+              "workers": 1, "dist-timeout": 60}
+
+
+def test_under_torchrun_the_survivor_of_a_lost_process_names_it(workdir):
+    """Process 1 dies at its 4th forward pass while process 0 streams; torchrun then sends SIGTERM to process 0,
+    which used to end as a plain interrupt (exit 2, "terminated by SIGTERM"), the lost process unnamed. Each
+    process decodes in a worker of its own, which inherited the process's connections: they used to keep the
+    dead process's connections open, so that process 0 could not see it gone."""
+    code, output = finished(torchrun(workdir, 2, TERMINATED, env=environment(TINY_ENCODER_CRASH="1:4",
+                                                                            TINY_ENCODER_SLEEP="0.2")))
+    assert code != 0 and exit_statuses(output) == {0: 4, 1: 9}, output[-5000:]
+    assert "process 0 lost the other processes while" in output, output[-5000:]
+    assert "process 1 is gone" in output or re.search(r"Ranks? 1 failed", output), output[-5000:]
+    assert "terminated by SIGTERM" not in output and "INTERNALERROR" not in output
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers in /proc")
+def test_under_torchrun_sigterm_to_every_live_process_stays_an_interrupt(workdir):
+    """The other side: SIGTERM to torchrun (a preempted job) reaches every process, all alive, and each ends
+    as interrupted (exit 2), none claiming to have lost the others."""
+    launched = torchrun(workdir, 2, TERMINATED, env=environment(TINY_ENCODER_SLEEP="0.2"))
+    deadline = time.monotonic() + HANG_S
+    # both processes and their decoding workers started: the audits stream
+    while len(descendants(launched.pid)) < 4 and time.monotonic() < deadline and launched.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    launched.send_signal(signal.SIGTERM)
+    code, output = finished(launched)
+    assert len(re.findall(r"!+ KeyboardInterrupt: terminated by SIGTERM !+", output)) == 2, output[-5000:]  # both
+    assert "lost the other processes" not in output and "INTERNALERROR" not in output
