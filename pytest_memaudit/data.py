@@ -9,6 +9,7 @@ business.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -471,7 +472,15 @@ class ImageSet(Dataset):
             worker_init_fn=functools.partial(_start_worker, scratch) if workers > 0 else None,
         ))
         try:
-            yield from batches
+            if not scratch:
+                yield from batches
+                return
+            while True:
+                with temporary_folder(scratch):
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                yield batch
         finally:  # also when the consumer stops early (an error, SIGTERM) and closes this generator
             if scratch:
                 # Stop the workers now: an interrupt's traceback may hold the iterator, and then its
@@ -495,6 +504,20 @@ def worker_scratch() -> str:
     return tempfile.mkdtemp(prefix="memaudit-", dir=base)
 
 
+@contextlib.contextmanager
+def temporary_folder(folder: str) -> Iterator[None]:
+    """Python's temporary folder is ``folder`` while the block runs. While it waits for a batch, torch's
+    DataLoader checks, when reading from its workers fails, the open-files limit by making 10 named
+    temporary files; a worker's death signalled in the middle of one leaves it on disk. Made in the
+    workers' folder, it goes with that folder. (The setting is the process's: another thread making a
+    temporary file meanwhile makes it there too, and it is removed with the folder if left.)"""
+    previous, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
 def _start_worker(scratch: str, worker: int) -> None:
     """Set up a decoding worker. It leaves the audit's process group: CI runners, Slurm and torchrun
     send SIGTERM to the whole group, and a worker killed by it ended the run in torch's 'worker
@@ -516,15 +539,21 @@ _WORKER_LOST = re.compile(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\)\)? (i
 
 def lost_worker(exc: BaseException) -> str | None:
     """What became of a decoding worker, if ``exc`` (or the error it was raised from) is torch's
-    report of a worker that died (killed by a signal, e.g. the out-of-memory killer); else None."""
+    report of a worker that died (killed by a signal, e.g. the out-of-memory killer); else None. torch
+    may report one death twice ("exited unexpectedly", raised from "is killed by signal: ..."): the
+    report that names the signal wins."""
+    reports = []
     while exc is not None:
         found = _WORKER_LOST.search(str(exc)) if isinstance(exc, RuntimeError) else None
         if found:
-            pids = found.group(1).strip(", ")
-            fate = f"was killed by signal {found.group(3).strip()}" if found.group(3) else "exited unexpectedly"
-            return f"the image-decoding worker process {pids} (a DataLoader worker of --memaudit-workers) {fate}"
+            reports.append(found)
         exc = exc.__cause__
-    return None
+    if not reports:
+        return None
+    found = next((report for report in reports if report.group(3)), reports[0])
+    pids = found.group(1).strip(", ")
+    fate = f"was killed by signal {found.group(3).strip()}" if found.group(3) else "exited unexpectedly"
+    return f"the image-decoding worker process {pids} (a DataLoader worker of --memaudit-workers) {fate}"
 
 
 class _WithViews(Dataset):

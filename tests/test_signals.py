@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_images
+from pytest_memaudit import data
 from pytest_memaudit.signals import terminate_as_interrupt
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="needs POSIX signals")
@@ -143,3 +144,52 @@ def test_sigterm_to_the_group_with_decoding_workers_and_a_killed_worker(tmp_path
     left = list(scratch.iterdir())
     shutil.rmtree(scratch)
     assert left == []  # no pymp-* folder of a worker's, no folder of the audit's
+
+
+def _arrives_broken():
+    raise ConnectionResetError("the batch broke on its way from the worker")
+
+
+class _BrokenOnArrival:
+    """A batch that a worker sends but this process cannot receive (unpickling it fails here), as when
+    a worker dies in the middle of sending one and is not yet seen dead."""
+
+    def __reduce__(self):
+        return _arrives_broken, ()
+
+
+def test_a_worker_death_signalled_inside_torchs_open_files_check_leaves_no_file(tmp_path, monkeypatch):
+    """The race behind one 'tmpXXXXXXXX' left in TMPDIR by the [worker] test above: when receiving a
+    batch fails while every worker looks alive, torch's DataLoader checks the open-files limit by making
+    10 named temporary files (tempfile.NamedTemporaryFile), and the worker's death, signalled (SIGCHLD)
+    between one's creation and its wrapping, leaves it on disk. Here that moment is made certain: a batch
+    that breaks on arrival, and a NamedTemporaryFile interrupted right after making its file."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setattr(data, "_collate", lambda items, size, characteristics: _BrokenOnArrival())
+
+    def interrupted_when_made(*args, **kwargs):
+        os.close(tempfile.mkstemp()[0])  # the file is made in the temporary folder, with its name
+        raise RuntimeError("DataLoader worker (pid 99999) is killed by signal: Killed.")  # torch's SIGCHLD handler
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", interrupted_when_made)
+    with pytest.raises(RuntimeError, match="is killed by signal"):
+        next(data.ImageSet.builtin(4, 8, seed=0).iter_batches(2, workers=1))
+    assert list(temporary.iterdir()) == []
+
+
+def test_a_worker_reported_twice_is_named_with_its_signal():
+    """torch may raise 'exited unexpectedly' from the SIGCHLD handler's 'is killed by signal' (the [worker] test
+    above once read 'exited unexpectedly'): the report that names the signal wins."""
+    try:
+        try:
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+        except RuntimeError as killed:
+            raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly") from killed
+    except RuntimeError as both:
+        assert data.lost_worker(both) == ("the image-decoding worker process 4242 (a DataLoader worker of "
+                                          "--memaudit-workers) was killed by signal Killed")
+    assert data.lost_worker(RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly")).endswith(
+        "process 7 (a DataLoader worker of --memaudit-workers) exited unexpectedly")
+    assert data.lost_worker(RuntimeError("CUDA out of memory")) is None
