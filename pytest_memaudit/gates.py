@@ -6,7 +6,9 @@ UnitMem level that the ``fraction_above`` figure counts units above. A gate has 
 (None: off), ``when`` it is crossed (``estimate``: the figure itself crosses; ``significant``:
 its whole 95% interval lies beyond the limit, for figures with an interval) and a ``severity``
 (``fail`` fails the layer's test; ``warn`` only warns). p-value figures are Holm-adjusted across
-the audited layers unless ``multiple_testing`` is ``none``.
+the audited layers unless ``multiple_testing`` is ``none``. A gate whose figure the layer has but
+cannot define (every unit dead or constant: no unit picks a data point, so there is no membership
+test) is not testable: the layer is then neither passed nor failed, unless another gate failed.
 
 Compare gates limit how far a figure rose over a baseline run's: their keys are
 ``<figure>_rise_max``, their figures ``<figure>_rise`` (this run's value minus the baseline's),
@@ -70,6 +72,7 @@ P_VALUE_FIGURES = ("membership_p", "ttest_p")
 WHEN = ("estimate", "significant")
 SEVERITIES = ("fail", "warn")
 MULTIPLE_TESTING = ("holm", "none")
+UNTESTABLE = "not testable"  # the status of a layer with a gate its figures cannot evaluate
 NEEDS = {  # figures an audit has only with something extra, and how to get it
     "membership_excess": "held-out images (--memaudit-holdout DIR)",
     "membership_p": "held-out images (--memaudit-holdout DIR)",
@@ -145,6 +148,7 @@ class Check:
 class GateOutcome:
     layer: str
     checks: tuple[Check, ...]
+    untestable: tuple[tuple[str, str], ...] = ()  # (gate key, why its figure is undefined on this layer)
 
     @property
     def failures(self) -> tuple[Check, ...]:
@@ -160,12 +164,20 @@ class GateOutcome:
 
     @property
     def status(self) -> str:
-        """failed, warned (crossed only warn-gates), passed, or not gated (no check applied)."""
-        if not self.checks:
-            return "not gated"
+        """failed, not testable (a gate could not be evaluated, none failed), warned (crossed only
+        warn-gates), passed, or not gated (no gate applied)."""
         if self.failures:
             return "failed"
+        if self.untestable:
+            return UNTESTABLE
+        if not self.checks:
+            return "not gated"
         return "warned" if self.warnings else "passed"
+
+    def untestable_message(self) -> str:
+        reasons = dict.fromkeys(reason for _, reason in self.untestable)
+        return (f"layer {self.layer}: {', '.join(key for key, _ in self.untestable)} not testable: "
+                + "; ".join(reasons))
 
     def failure_message(self) -> str:
         compare = sum(check.key in RISE_LIMITS for check in self.failures)
@@ -208,6 +220,16 @@ def layer_figures(layer: LayerResult, level: float, adjusted_p: dict[str, float]
     }
 
 
+def untestable_figures(layer: LayerResult) -> dict[str, str]:
+    """The figures this layer has but cannot define, and why (figure -> reason)."""
+    membership = layer.membership
+    if membership is None or membership.units != 0:
+        return {}
+    reason = (f"every unit of the layer ({membership.excluded_units}) is dead or constant over the pooled data "
+              "points, so no unit picks a data point and there is no membership test")
+    return {figure: reason for figure in HOLDOUT_FIGURES}
+
+
 def layer_intervals(layer: LayerResult) -> dict[str, Interval]:
     """The jackknife interval of each of a layer's figures that has one."""
     intervals = dict(layer.intervals)
@@ -236,14 +258,20 @@ def _p_value(layer: LayerResult, figure: str) -> float | None:
     return None if layer.membership is None or layer.membership.units == 0 else layer.membership.p_value
 
 
-def evaluate(layer: str, figures: dict[str, Figure], thresholds: dict[str, Gate | float]) -> GateOutcome:
+def evaluate(layer: str, figures: dict[str, Figure], thresholds: dict[str, Gate | float],
+             untestable: dict[str, str] | None = None) -> GateOutcome:
     """Check every gate with a limit whose figure the layer has (rise figures: when compared with a
     baseline). With ``when: significant`` a gate is crossed only when the figure's whole interval lies
-    past the limit, or, without an interval, when the figure is past it and beyond noise."""
-    checks = []
+    past the limit, or, without an interval, when the figure is past it and beyond noise. A gate whose
+    figure is in ``untestable`` (figure -> why it is undefined) is listed as not testable."""
+    checks, not_testable = [], []
     for key, (figure, _) in GATES.items():
         gate = thresholds.get(key)
-        if not isinstance(gate, Gate) or gate.limit is None or figure not in figures:
+        if not isinstance(gate, Gate) or gate.limit is None:
+            continue
+        if figure not in figures:
+            if figure in (untestable or {}):
+                not_testable.append((key, untestable[figure]))
             continue
         found = figures[figure]
         value = found.value
@@ -260,7 +288,7 @@ def evaluate(layer: str, figures: dict[str, Figure], thresholds: dict[str, Gate 
             passed = not past
         checks.append(Check(key, figure, value, limit, passed, gate.when, gate.severity, found.low, found.high,
                             found.baseline, float(gate.limit) if gate.relative else None))
-    return GateOutcome(layer, tuple(checks))
+    return GateOutcome(layer, tuple(checks), tuple(not_testable))
 
 
 def evaluate_layer(layer: LayerResult, thresholds: dict[str, Gate | float], adjusted_p: dict[str, float],
@@ -269,7 +297,7 @@ def evaluate_layer(layer: LayerResult, thresholds: dict[str, Gate | float], adju
     and the figures it was judged on; ``adjusted_p`` as ``adjusted_p_values`` gives it; ``rises``: its
     ``<figure>_rise`` figures, when compared with a baseline (``compare.LayerChange.rise_figures``)."""
     figures = layer_figures(layer, fraction_above_level(thresholds), adjusted_p) | (rises or {})
-    outcome = evaluate(layer.name, figures, thresholds)
+    outcome = evaluate(layer.name, figures, thresholds, untestable_figures(layer))
     layer.thresholds, layer.outcome = thresholds, outcome
     return outcome, figures
 

@@ -697,6 +697,8 @@ class LayerItem(pytest.Item):
             warnings.warn(MemauditWarning(outcome.warning_message()))
         if not outcome.passed:
             raise LayerGateFailure(outcome)
+        if outcome.untestable:
+            pytest.skip(f"memaudit: {outcome.untestable_message()}")
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, LayerGateFailure):

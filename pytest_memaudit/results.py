@@ -14,7 +14,7 @@ import numpy as np
 
 from .datapoints import Classes, Clusters, DataPoints, Memorized
 from .errors import ConfigError
-from .gates import Check, Gate, GateOutcome, as_json
+from .gates import UNTESTABLE, Check, Gate, GateOutcome, as_json
 from .hooks import UnitAxis
 from .imagesignals import SignalResult
 from .membership import Membership
@@ -157,6 +157,7 @@ class AuditResult:
                 "layers_passed": sum(o.status == "passed" for o in outcomes),
                 "layers_warned": sum(o.status == "warned" for o in outcomes),
                 "layers_failed": sum(o.status == "failed" for o in outcomes),
+                "layers_not_testable": sum(o.status == UNTESTABLE for o in outcomes),
                 "layers_not_gated": len(self.layers) - sum(o.status != "not gated" for o in outcomes),
                 "membership": _membership_json(self.membership),
                 "verdict": None if self.verdict is None else self.verdict.as_dict(),
@@ -238,6 +239,7 @@ def _layer_json(layer: LayerResult) -> dict[str, Any]:
         "thresholds": None if layer.thresholds is None else as_json(layer.thresholds),
         "outcome": None if outcome is None else outcome.status,
         "checks": None if outcome is None else [_check_json(check) for check in outcome.checks],
+        "untestable": None if outcome is None else [{"key": key, "reason": why} for key, why in outcome.untestable],
     }
 
 
@@ -273,7 +275,8 @@ def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
         unit_axis=None if axis is None else UnitAxis(axis["axis"], tuple(axis["shape"]), axis["source"]),
     )
     if entry.get("checks") is not None:
-        layer.outcome = GateOutcome(layer.name, tuple(_check_from_json(item) for item in entry["checks"]))
+        layer.outcome = GateOutcome(layer.name, tuple(_check_from_json(item) for item in entry["checks"]),
+                                    tuple((item["key"], item["reason"]) for item in entry.get("untestable") or ()))
     return layer
 
 

@@ -152,7 +152,7 @@ LAYER = record({
     "unit_axis": record({"axis": whole(), "shape": items(whole()), "source": text()}, null=True),
     "intervals": mapping(INTERVAL, null=True), "membership": MEMBERSHIP, "control_mean_unitmem": FIGURE,
     "excess_over_control": INTERVAL, "thresholds": mapping(GATE, null=True), "outcome": text(null=True),
-    "checks": items(CHECK, null=True),
+    "checks": items(CHECK, null=True), "untestable": items(record({"key": text(), "reason": text()}), null=True),
 })
 CORRELATION = record({"rho": FIGURE, "ci_low": FIGURE, "ci_high": FIGURE, "p_value": FIGURE, "n": whole(),
                       "dropped": whole()})

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .compare import Comparison
-from .gates import adjusted_p_values
+from .gates import UNTESTABLE, adjusted_p_values
 from .report.evidence import evidence
 from .data import display_id
 from .results import AuditResult
@@ -58,7 +58,7 @@ def render_summary(result: AuditResult, markup: bool = False, comparison: Compar
                                                    "+.3f")]
         if membership:
             m = layer.membership
-            row += [f"{m.member_share:.0%}/{m.expected_share:.0%}",
+            row += [f"{_fmt(m.member_share * 100, '.0f')}%/{m.expected_share:.0%}".replace("n/a%", "n/a"),
                     _fmt(adjusted[layer.name].get("membership_p"), ".2g")]
         table.add_row(*row, _gate_cell(layer))
     views = result.settings.get("views_per_image")
@@ -90,6 +90,9 @@ def render_summary(result: AuditResult, markup: bool = False, comparison: Compar
     if result.skipped:
         console.print(f"{len(result.skipped)} unreadable image(s) skipped, e.g. {display_id(result.skipped[0]['id'])}: "
                       f"{result.skipped[0]['reason']}", markup=False)
+    for layer in result.layers:
+        if layer.outcome is not None and layer.outcome.status == UNTESTABLE:
+            console.print(Text(layer.outcome.untestable_message(), style="yellow"))
     for note in result.notes:
         console.print(f"note: {display_id(note)}", markup=False)
     return buffer.getvalue()
@@ -154,6 +157,8 @@ def _gate_cell(layer) -> str:
         return "not gated"
     if outcome.status == "passed":
         return "[green]passed[/]"
+    if outcome.status == UNTESTABLE:
+        return f"[yellow]{UNTESTABLE}[/]: " + ", ".join(key for key, _ in outcome.untestable)
     crossed = outcome.failures or outcome.warnings
     colour = "red" if outcome.status == "failed" else "yellow"
     return f"[{colour}]{outcome.status}[/]: " + ", ".join(f"{c.figure} {_fmt(c.value, '.3g')}" for c in crossed)

@@ -1,9 +1,17 @@
 """A layer whose outcome holds no check is "not gated" everywhere, never "within thresholds"."""
 
+import json
+import re
+
+import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.plugin  # noqa: F401
 from pytest_memaudit.gates import Check, GateOutcome
+from pytest_memaudit.results import AuditResult
 from pytest_memaudit.report.context import check_cell, gate_table, verdict
 from pytest_memaudit.terminal import render_summary
-from test_report import synthetic_result
+from test_report import Page, synthetic_result
+
+pytest_plugins = ["pytester"]
 
 SAMPLES = [f"img_{i}.png" for i in range(12)]
 
@@ -52,3 +60,60 @@ def test_a_gate_cell_states_the_rule_that_decided():
     assert check_cell(no_interval, None)["relation"] == "not beyond noise above"
     estimate = check_cell(Check("mean_unitmem_max", "mean_unitmem", 0.3, 0.25, False), None)
     assert (estimate["relation"], estimate["mark"]) == (">", "FAIL")
+
+
+FLAT = """
+import torch
+
+
+class SeeingAndFlat(torch.nn.Module):
+    ''''seeing' is a convolution of the image; every unit of 'flat' gives one value, whatever the image.'''
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.seeing = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.flat = torch.nn.Conv2d(3, 4, 1)
+        torch.nn.init.zeros_(self.flat.weight)
+
+    def forward(self, x):
+        return self.seeing(x).mean() + self.flat(x)
+
+
+def build(checkpoint):
+    return SeeingAndFlat()
+"""
+
+
+def test_a_layer_of_constant_units_is_not_testable_on_its_membership_gates(pytester):
+    """Every unit of 'flat' is constant over the pooled images: no unit picks a data point, so there is no
+    membership test. Its membership gates used to be dropped and the layer read "passed"; it is now skipped
+    with the reason, and reads "not testable" in the terminal, the JSON and the report. 'seeing' is gated."""
+    pytester.makepyfile(flatmodel=FLAT)
+    pytester.syspathinsert()
+    (pytester.path / "audits").mkdir()
+    (pytester.path / "audits" / "memaudit.yaml").write_text(
+        "thresholds: {mean_unitmem_max: 1.0, membership_p_min: 0.05}\n"
+        "models:\n  flat: {factory: 'flatmodel:build', audited_layers: [seeing, flat], image_size: 16}\n")
+    result = pytester.runpytest("audits", "--memaudit-model", "flat", "--memaudit-data", "builtin",
+                                "--memaudit-samples", "12", "--memaudit-holdout", "builtin", "--memaudit-augmentations",
+                                "0", "--memaudit-control", "none", "--memaudit-permutations", "200", "-rs",
+                                "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()
+    result.assert_outcomes(passed=1, skipped=1)
+    reason = ("membership_p_min not testable: every unit of the layer (4) is dead or constant over the pooled data "
+              "points, so no unit picks a data point and there is no membership test")
+    result.stdout.fnmatch_lines([r"flat *│ *4 │*│ n/a/50% │*│ not testable: membership_p_min", f"layer flat: {reason}",
+                                 f"SKIPPED*memaudit: layer flat: {reason}"])
+    data = json.loads((pytester.path / "memaudit-report" / "results.json").read_text())
+    seeing, flat = data["layers"]
+    assert (seeing["outcome"], seeing["untestable"]) == ("passed", [])
+    assert {check["key"] for check in seeing["checks"]} == {"mean_unitmem_max", "membership_p_min"}
+    assert flat["outcome"] == "not testable" and flat["membership"]["units"] == 0
+    assert flat["untestable"] == [{"key": "membership_p_min", "reason": reason.split(" not testable: ")[1]}]
+    assert [check["key"] for check in flat["checks"]] == ["mean_unitmem_max"]
+    assert data["summary"]["layers_not_testable"] == 1 and data["summary"]["layers_passed"] == 1
+    page = Page((pytester.path / "memaudit-report" / "report.html").read_text())
+    assert "NOT TESTABLE" in page.text.upper() and "no unit picks a data point" in page.text
+    stored = AuditResult.from_json(data)  # re-read (--memaudit-from): the same status
+    assert stored.layer("flat").outcome.status == "not testable"

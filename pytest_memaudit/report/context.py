@@ -13,7 +13,7 @@ import numpy as np
 
 from ..compare import Comparison
 from ..data import display_id
-from ..gates import GATES, Check, adjusted_p_values
+from ..gates import GATES, UNTESTABLE, Check, adjusted_p_values
 from ..results import AuditResult, LayerResult
 from ..stats import group_size
 from ..views import describe as describe_views
@@ -116,7 +116,7 @@ def ranked_units(layers: list[LayerResult]) -> list[tuple[int, int]]:
 
 
 def gate_status(layer: LayerResult) -> str:
-    """failed, warned, passed, or not gated: no outcome, or an outcome without a single check."""
+    """failed, not testable, warned, passed, or not gated: no outcome, or an outcome without a gate."""
     return "not gated" if layer.outcome is None else layer.outcome.status
 
 
@@ -124,18 +124,22 @@ def verdict(layers: list[LayerResult]) -> dict[str, str]:
     gated = [layer for layer in layers if layer.outcome is not None and layer.outcome.status != "not gated"]
     failed = [layer.name for layer in gated if layer.outcome.status == "failed"]
     warned = [layer.name for layer in gated if layer.outcome.status == "warned"]
+    untestable = [layer.name for layer in gated if layer.outcome.status == UNTESTABLE]
     ungated = len(layers) - len(gated)
     if not gated:
         return {"status": "not gated", "text": "No threshold applied to any layer: nothing was gated."}
     if failed:
         text = f"{len(failed)} of {len(gated)} gated layers crossed a threshold: {', '.join(failed)}."
+    elif untestable:
+        text = (f"{len(untestable)} of {len(gated)} gated layers could not be tested on every gate (every unit dead "
+                f"or constant): {', '.join(untestable)}; no layer crossed a threshold.")
     else:
         text = f"All {len(gated)} gated layers are within their thresholds."
     if warned:
         text += f" {len(warned)} crossed a warning threshold: {', '.join(warned)}."
     if ungated:
         text += f" {ungated} layer(s) had no threshold and were not gated."
-    status = "failed" if failed else "warned" if warned else "passed"
+    status = "failed" if failed else UNTESTABLE if untestable else "warned" if warned else "passed"
     return {"status": status, "text": text}
 
 
@@ -143,12 +147,15 @@ def gate_table(layers: list[LayerResult]) -> dict[str, Any]:
     """One column per threshold in use, one row per layer: failed layers first, then warned,
     passed and not gated; forward order within each."""
     used = {check.key for layer in layers if layer.outcome for check in layer.outcome.checks}
+    used |= {key for layer in layers if layer.outcome for key, _ in layer.outcome.untestable}
     keys = [key for key in GATES if key in used]
-    rank = {"failed": 0, "warned": 1, "passed": 2, "not gated": 3}
+    rank = {"failed": 0, UNTESTABLE: 1, "warned": 2, "passed": 3, "not gated": 4}
     rows = []
     for layer in sorted(layers, key=lambda layer: rank[gate_status(layer)]):
         level = (layer.thresholds or {}).get("fraction_above_level")
         checks = {c.key: check_cell(c, level) for c in (layer.outcome.checks if layer.outcome else ())}
+        checks |= {key: {"value": UNTESTABLE, "relation": "", "limit": "", "state": "untestable", "mark": None,
+                         "note": why} for key, why in (layer.outcome.untestable if layer.outcome else ())}
         rows.append({"name": layer.name, "module": layer.module, "status": gate_status(layer),
                      "cells": [checks.get(key) for key in keys]})
     columns = [{"key": key, "figure": GATES[key][0], "meaning": GATES[key][1]} for key in keys]
