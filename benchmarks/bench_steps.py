@@ -5,7 +5,7 @@ Run from the repository root::
     python benchmarks/bench_steps.py                       # var_d16, 48 images, 64x64, 10 views, CPU
     python benchmarks/bench_steps.py --images 6 --repeats 1 --precisions float32
 
-Loop steps are undone by patching ``pytest_memaudit.audit`` in this process (NCHW instead of
+Loop steps are undone by patching ``pytest_memaudit.pipeline.audit`` in this process (NCHW instead of
 channels_last; glibc's default malloc instead of reusing freed activation memory) or by a setting
 (views per forward pass). Configurations run interleaved, ``--repeats`` times; the report gives
 median audit seconds and each one's time relative to the project's defaults. Start-up costs are
@@ -31,8 +31,8 @@ from bench_audit import REPO, pytest_args, write_checkpoint, write_images
 def loop_steps(opts, ckpt: Path, data: Path) -> dict:
     import torch
 
-    from pytest_memaudit import audit
-    from pytest_memaudit.config import make_settings
+    from pytest_memaudit.pipeline import audit
+    from pytest_memaudit.gates.config import make_settings
 
     undo = {
         "defaults": {},

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.gates.config import make_settings
 from pytest_memaudit.errors import AuditError
 from pytest_memaudit.models import LayerSpec, ModelSpec
-from pytest_memaudit.unitmem import MEMBER, LayerState
+from pytest_memaudit.metric.unitmem import MEMBER, LayerState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,8 +167,8 @@ def test_median_rows_moved_in_blocks_as_on_a_gpu_are_the_same():
 
 
 def test_the_cpu_keeps_the_contracts_layout_and_sizes_workers_by_device(monkeypatch):
-    from pytest_memaudit import audit as audit_module
-    from pytest_memaudit.data import ImageSet
+    from pytest_memaudit.pipeline import audit as audit_module
+    from pytest_memaudit.data.images import ImageSet
 
     assert audit().settings["memory_format"] == "NCHW"  # Tiny declares no channels-last support
     monkeypatch.setattr(audit_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)

@@ -2,14 +2,14 @@
 
 The shipped weights (``demo_encoder.pt``, a plain state_dict stored as float16) come with
 ``demo_encoder.json``: how they were trained, on what, and each canary's repetition count.
-Retrain with ``python -m pytest_memaudit.train_demo --out PATH``.
+Retrain with ``python -m pytest_memaudit.models.train_demo --out PATH``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import BUILTIN_PREFIX, CANARY_PREFIX, ImageSet, builtin_ids
+from ..data.images import BUILTIN_PREFIX, CANARY_PREFIX, ImageSet, builtin_ids
 from ..errors import CheckpointError
 
 WIDTH = 32  # VAREncoder(ch=WIDTH): the 22 layers of var_d16 at a fifth of its width
@@ -128,7 +128,7 @@ def reconstruction_loss(checkpoint: Path | None):
     import torch
     import torch.nn.functional as F
 
-    from ..train_demo import make_decoder
+    from .train_demo import make_decoder
 
     encoder = build_demo(checkpoint)
     decoder = make_decoder()

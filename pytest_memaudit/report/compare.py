@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..compare import Comparison
-from ..data import display_id
-from ..gates import COMPARED
-from ..results import AuditResult
+from ..gates.compare import Comparison
+from ..data.images import display_id
+from ..gates.thresholds import COMPARED
+from ..results.result import AuditResult
 from . import figures
 from .format import fmt, fmt_p
 from .thumbnails import Gallery

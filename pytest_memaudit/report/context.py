@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from ..compare import Comparison
-from ..data import display_id
-from ..gates import GATES, Check, adjusted_p_values
-from ..results import AuditResult, LayerResult
-from ..stats import group_size
-from ..views import describe as describe_views
-from ..views import record_of
+from ..gates.compare import Comparison
+from ..data.images import display_id
+from ..gates.thresholds import GATES, Check, adjusted_p_values
+from ..results.result import AuditResult, LayerResult
+from ..metric.stats import group_size
+from ..pipeline.views import describe as describe_views
+from ..pipeline.views import record_of
 from . import figures
 from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..gates import Figure, fraction_above_level, layer_figures
-from ..results import AuditResult
+from ..gates.thresholds import Figure, fraction_above_level, layer_figures
+from ..results.result import AuditResult
 from . import figures
 from .format import fmt
 
