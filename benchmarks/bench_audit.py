@@ -249,7 +249,7 @@ def bare_forward_ms(ckpt, size, device, configs, passes=3) -> dict:
     runs under the same ``--isa`` as the audits."""
     import torch
 
-    from pytest_memaudit.pipeline.audit import precision_mode
+    from pytest_memaudit.pipeline.device import precision_mode
     from pytest_memaudit.models.var import build_var_d16
 
     dev = torch.device(device)

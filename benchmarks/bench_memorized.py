@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from pytest_memaudit.pipeline.audit import open_images, run_audit
+from pytest_memaudit.pipeline.setup import open_images
+from pytest_memaudit.pipeline.audit import run_audit
 from pytest_memaudit.data.characteristics import image_characteristics
 from pytest_memaudit.gates.config import make_settings
 from pytest_memaudit.data.images import ImageSet

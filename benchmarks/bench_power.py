@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from pytest_memaudit.pipeline.audit import model_input
+from pytest_memaudit.pipeline.forward import model_input
 from pytest_memaudit.pipeline.views import resolve_recipe, view_seed
 from pytest_memaudit.data.images import ImageSet
 from pytest_memaudit.models.hooks import LayerRecorder

@@ -37,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pytest_memaudit.pipeline.audit import open_images  # noqa: E402
+from pytest_memaudit.pipeline.setup import open_images  # noqa: E402
 from pytest_memaudit.data.characteristics import CHARACTERISTICS  # noqa: E402
 from pytest_memaudit.gates.config import make_settings  # noqa: E402
 from pytest_memaudit.data.images import list_image_files  # noqa: E402

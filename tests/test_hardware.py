@@ -72,11 +72,11 @@ def test_bf16_native_on_a_gpu(monkeypatch, capability, native):
 
 def test_bf16_measured_slower_gets_a_note(pytester, var_checkpoint, monkeypatch):
     """Timings injected: the audit's own measurement decides, and the note says by how much."""
-    import pytest_memaudit.pipeline.audit as audit_module
+    import pytest_memaudit.pipeline.forward as forward_module
 
     monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: AVX2_ONLY)
     timed = []
-    monkeypatch.setattr(audit_module, "time_precisions",
+    monkeypatch.setattr(forward_module, "time_precisions",
                         lambda run, device: timed.append(run) or {"float32": 0.100, "bfloat16": 0.137})
     pytester.mkdir("audits")
     (pytester.path / "audits" / "memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")

@@ -174,7 +174,8 @@ def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
     model's pass leaves them as the model has them)."""
     import copy
 
-    from pytest_memaudit.pipeline.audit import model_input, open_images
+    from pytest_memaudit.pipeline.forward import model_input
+    from pytest_memaudit.pipeline.setup import open_images
     from pytest_memaudit.pipeline.views import recipe_for, view_seed
     from pytest_memaudit.metric.unitmem import HOLDOUT, MEMBER, PLANTED
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pipeline.audit import memory_format, model_input, prepare
+from ..pipeline.forward import memory_format, model_input, prepare
 from ..gates.config import RunSettings
 from ..pipeline.device import resolve_device
 from ..errors import AuditError, user_code

@@ -29,7 +29,7 @@ def write_report(result: AuditResult, path: str | Path, gallery: str = "images",
         raise ConfigError(f"gallery must be one of {', '.join(GALLERY_MODES)}, got {gallery!r}")
     images = None
     if gallery == "images":
-        from ..pipeline.audit import open_images
+        from ..pipeline.setup import open_images
         from ..gates.config import RunSettings, make_settings
         from ..models import get_model_spec
 
