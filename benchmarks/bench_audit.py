@@ -135,7 +135,7 @@ def child_args(mode, ckpt, data, size, views, precision, device, batch_size, out
 
 def child_run_audit(ckpt, data, size, views, precision, device, batch_size, out, **extra) -> None:
     from pytest_memaudit.pipeline.audit import run_audit
-    from pytest_memaudit.gates.config import make_settings
+    from pytest_memaudit.pipeline.settings import make_settings
     from pytest_memaudit.results.result import write_json_atomic
 
     settings = make_settings(model="var_d16", checkpoint=str(ckpt), data=str(data), image_size=size,
@@ -231,7 +231,7 @@ def compare(a: dict, b: dict) -> dict:
 def exact_difference(ckpt, data, size, device, batch_size) -> dict:
     """Project against naive with 0 augmentations (the same views in both), in this process."""
     from pytest_memaudit.pipeline.audit import run_audit
-    from pytest_memaudit.gates.config import make_settings
+    from pytest_memaudit.pipeline.settings import make_settings
 
     settings = make_settings(model="var_d16", checkpoint=str(ckpt), data=str(data), image_size=size,
                              augmentations=0, device=device, batch_size=batch_size)

@@ -24,7 +24,7 @@ import torch
 from pytest_memaudit.pipeline.setup import open_images
 from pytest_memaudit.pipeline.audit import run_audit
 from pytest_memaudit.data.characteristics import image_characteristics
-from pytest_memaudit.gates.config import make_settings
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.data.images import ImageSet
 from pytest_memaudit.analysis.datapoints import score_data_points, what_gets_memorized
 from pytest_memaudit.pipeline.hardware import cpu_flags

@@ -32,7 +32,7 @@ def loop_steps(opts, ckpt: Path, data: Path) -> dict:
     import torch
 
     from pytest_memaudit.pipeline import audit, forward
-    from pytest_memaudit.gates.config import make_settings
+    from pytest_memaudit.pipeline.settings import make_settings
 
     undo = {
         "defaults": {},

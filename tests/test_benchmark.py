@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pytest_memaudit.pipeline.audit import run_audit
-from pytest_memaudit.gates.config import make_settings
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import AuditError
 from pytest_memaudit.models import LayerSpec, ModelSpec
 from pytest_memaudit.metric.unitmem import MEMBER, LayerState

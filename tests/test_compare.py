@@ -15,7 +15,8 @@ from pytest_memaudit.gates.baselines import check_name, find_baseline, format_sa
 from pytest_memaudit.gates.compare import compare
 from pytest_memaudit.gates.config import load_audit_file, parse_compare_option
 from pytest_memaudit.errors import ConfigError
-from pytest_memaudit.gates.thresholds import Figure, Gate, evaluate
+from pytest_memaudit.results.outcomes import Figure, Gate
+from pytest_memaudit.gates.thresholds import evaluate
 from pytest_memaudit.models import LayerSpec, ModelSpec
 from pytest_memaudit.metric.stats import Interval, difference_interval, distribution_shift_p
 from test_report import synthetic_result

@@ -13,7 +13,7 @@ from torch import nn
 from conftest import make_images
 from pytest_memaudit.pipeline.audit import run_audit
 from pytest_memaudit.data.characteristics import CHARACTERISTICS, image_characteristics
-from pytest_memaudit.gates.config import make_settings
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.data.images import decode_image
 from pytest_memaudit.analysis.datapoints import kept_digits, score_data_points
 from pytest_memaudit.models import LayerSpec, ModelSpec

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import make_images
 from pytest_memaudit.pipeline.audit import run_audit
-from pytest_memaudit.gates.config import make_settings
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import DataError
 from pytest_memaudit.models import LayerSpec, ModelSpec
 

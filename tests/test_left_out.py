@@ -5,7 +5,7 @@ import pytest
 
 from conftest import make_images, tiny_spec, write_shards
 from pytest_memaudit.pipeline.audit import run_audit
-from pytest_memaudit.gates.config import make_settings
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.data.images import ImageSet
 from pytest_memaudit.errors import DataError
 from pytest_memaudit.data.labelled import labelled_images

@@ -17,15 +17,15 @@ import pytest_memaudit.plugin  # noqa: F401
 import pytest_memaudit.report  # noqa: F401
 import pytest_memaudit.plugin.terminal  # noqa: F401
 from pytest_memaudit.pipeline.audit import run_audit
-from pytest_memaudit.gates.config import load_audit_file, make_settings
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.data.images import ImageSet
 from pytest_memaudit.errors import ConfigError
 from pytest_memaudit.metric.imagesignals import auc
 from pytest_memaudit.models import LayerSpec, ModelSpec, get_model_spec
-from pytest_memaudit.models.demo import (DECODER_IMAGES, DECODER_START, HOLDOUT_START, MEMBER_START,
+from pytest_memaudit.models.demo import (DECODER_IMAGES, DECODER_START, DEMO_IMAGES, HOLDOUT_START, MEMBER_START,
                                          MEMORIZER_DECODER, MEMORIZER_HOLDOUT, MEMORIZER_MEMBERS, MEMORIZER_METADATA,
-                                         MEMORIZER_WEIGHTS, DEMO_IMAGES, memorizer_holdout_set, memorizer_member_set,
-                                         pixels_sha256)
+                                         MEMORIZER_WEIGHTS, memorizer_holdout_set, memorizer_member_set, pixels_sha256)
 from pytest_memaudit.results.result import AuditResult
 from pytest_memaudit.models.train_demo import as_pixels, fit_decoder, memorize, parse_args, reconstruction_errors
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pytest_memaudit.pipeline.audit import run_audit
-from pytest_memaudit.gates.config import make_settings
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.models.hooks import LayerRecorder, UnitAxis
 from pytest_memaudit.models import LayerSpec, ModelSpec
 from pytest_memaudit.controls.random import blind_copy

@@ -120,7 +120,7 @@ def test_run_series_gives_each_checkpoint_what_its_own_audit_gives(tmp_path):
     import torch
 
     from pytest_memaudit.pipeline.audit import run_audit, run_series
-    from pytest_memaudit.gates.config import make_settings
+    from pytest_memaudit.pipeline.settings import make_settings
     from pytest_memaudit.models import LayerSpec, ModelSpec
     from test_baselines import tiny_make
 

@@ -9,7 +9,7 @@ import torch
 import pytest_memaudit.pipeline.setup
 from conftest import make_images, tiny_spec
 from pytest_memaudit.pipeline.audit import run_audit
-from pytest_memaudit.gates.config import make_settings
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import AuditError
 
 TINY = tiny_spec()

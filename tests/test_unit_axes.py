@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import activations, make_images
 from pytest_memaudit.pipeline.audit import run_audit
-from pytest_memaudit.gates.config import make_settings
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.plugin.discovery import survey
 from pytest_memaudit.errors import AuditError
 from pytest_memaudit.models.hooks import LayerRecorder, UnitAxis

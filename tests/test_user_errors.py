@@ -7,7 +7,7 @@ import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import
 import pytest_memaudit.plugin  # noqa: F401
 import pytest_memaudit.plugin.terminal  # noqa: F401
 from pytest_memaudit.pipeline import hardware
-from pytest_memaudit.gates.config import check_image_fits, make_settings
+from pytest_memaudit.pipeline.settings import check_image_fits, make_settings
 from pytest_memaudit.errors import AuditError, ConfigError, user_code
 
 pytest_plugins = ["pytester"]

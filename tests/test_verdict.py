@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from pytest_memaudit.pipeline.audit import run_audit
-from pytest_memaudit.gates.config import load_audit_file, make_settings
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.controls.random import blind_copy
 from pytest_memaudit.gates.thresholds import evaluate_result
 from pytest_memaudit.models import LayerSpec, ModelSpec

@@ -17,10 +17,11 @@ from conftest import activations, make_images
 from test_augment import ATOL, reference_view
 from pytest_memaudit.pipeline.audit import run_audit
 from pytest_memaudit.gates.compare import compare
-from pytest_memaudit.gates.config import load_audit_file, load_catalog, make_settings
+from pytest_memaudit.gates.config import load_audit_file, load_catalog
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import AuditError, ConfigError
 from pytest_memaudit.pipeline.views import (CROP_ATTEMPTS, PipelineViews, resized_crops, resolve_recipe, sample_simclr,
-                                   simclr_views)
+                                            simclr_views)
 
 ENCODER = '''
 import torch

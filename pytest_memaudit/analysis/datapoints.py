@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.characteristics import CHARACTERISTICS
-from .clusters import cluster_features
 from ..metric.stats import CorrelationResult, kruskal_wallis, spearman_interval
 from ..metric.unitmem import LayerState
+from .clusters import cluster_features
 
 # Per data point values (scores, image characteristics) keep 7 significant digits: what any reading of
 # them needs, at half the JSON's size with a million data points. They are rounded once, when scored,

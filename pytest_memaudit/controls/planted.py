@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.hooks import LayerRecorder, UnitAxis, find_module, measured_tokens, output_part, unit_means
 from ..metric.membership import CONSTANT_TOLERANCE, Membership
-from ..models import LayerSpec
 from ..metric.unitmem import UnitMemValues
 from ..metric.verdict import Verdict
+from ..models import LayerSpec
+from ..models.hooks import LayerRecorder, UnitAxis, find_module, measured_tokens, output_part, unit_means
 
 DEFAULT_UNITS = 16  # planted images, one default-strength unit each
 DEFAULT_STRENGTH = 8.0  # the planted image's activation over the unit's mean

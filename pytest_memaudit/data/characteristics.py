@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import LUMA_WEIGHTS
 from ..errors import DataError
+from .augment import LUMA_WEIGHTS
 
 HF_CUTOFF = 0.25  # cycles per pixel
 PNG_COMPRESS_LEVEL = 6  # zlib level; Pillow's default, no ``optimize``

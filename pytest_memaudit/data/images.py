@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .characteristics import image_characteristics
 from ..errors import DataError
+from .characteristics import image_characteristics
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 BUILTIN_PREFIX = "builtin/"

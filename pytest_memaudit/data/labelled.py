@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .images import ImageSet
 from ..metric.unitmem import DEFAULT_GROUPS, HOLDOUT, LABELS, MEMBER, PLANTED
+from .images import ImageSet
 
 HOLDOUT_PREFIX = "holdout:"  # held-out files are named by this plus their path under the held-out folder
 

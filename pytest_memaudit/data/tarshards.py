@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DataError
 from .images import (IMAGE_EXTENSIONS, ImageSet, UnreadableImage, _chw, _resize, _rgb_array, list_image_files,
                    select_samples)
-from ..errors import DataError
 
 TAR_SUFFIX = ".tar"
 

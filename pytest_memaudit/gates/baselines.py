@@ -14,9 +14,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, quote
 from ..results.result import write_json_atomic
-from .yamlsafe import quote
 
 STORE = ".memaudit"
 AUTOSAVE_NAME = "auto"  # the NAME of --memaudit-autosave entries

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .thresholds import COMPARED, Figure, fraction_above_level, layer_figures, layer_intervals
-from ..results.result import AuditResult, LayerResult, _number
 from ..metric.stats import Interval, difference_interval, distribution_shift_p, holm
+from ..results.outcomes import COMPARED, Figure
+from ..results.result import AuditResult, LayerResult, _number
+from .thresholds import fraction_above_level, layer_figures, layer_intervals
 
 SIGNIFICANCE = 0.05  # the level of "beyond noise"
 RISERS_SHOWN = 20

@@ -5,13 +5,11 @@ needs and a hostile one can abuse: aliases that expand to billions of nodes (a f
 that hang whoever walks or prints the value), nesting thousands of levels deep (a
 ``RecursionError`` in the composer), numbers hundreds of digits long (``OverflowError`` when
 made a float) and duplicate keys (silently keeping the last value). ``load`` refuses each with
-a ``yaml.MarkedYAMLError`` that says where and why; ``quote`` and ``shorten`` keep any value
-quoted in an error message short.
+a ``yaml.MarkedYAMLError`` that says where and why.
 """
 
 from __future__ import annotations
 
-import reprlib
 from typing import Any
 
 import yaml
@@ -19,26 +17,14 @@ from yaml.constructor import ConstructorError
 from yaml.error import MarkedYAMLError
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from ..errors import quote
+
 MAX_BYTES = 1 << 20  # an audit file is a few kB
 MAX_DEPTH = 64  # levels of nesting, aliases expanded
 MAX_NODES = 100_000  # nodes of the document, aliases expanded
 MAX_NUMBER_CHARS = 32  # a threshold needs a handful of digits
-QUOTE_CHARS = 200  # of any value quoted in an error message
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, whatever the size or depth of ``value``."""
-    shortener = reprlib.Repr()
-    shortener.maxlevel, shortener.maxstring, shortener.maxother = 4, limit, limit
-    shortener.maxlist = shortener.maxdict = shortener.maxtuple = shortener.maxset = 8
-    return shorten(shortener.repr(value), limit)
-
-
-def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
-    """``text`` cut to at most ``limit`` characters (a name from the file, in an error message)."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load(text: str) -> Any:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import ImageSet
 from .demo import (
     CANARY_REPEATS,
     DATA_SEED,
@@ -41,27 +42,13 @@ from .demo import (
     WIDTH,
     build_demo,
     demo_image_set,
+    make_decoder,
     memorizer_holdout_set,
     memorizer_member_set,
     pixels_sha256,
     training_copies,
 )
-from ..data.images import ImageSet
 from .var import VAREncoder
-
-
-def make_decoder(z_channels: int = 32) -> nn.Sequential:
-    """z (z_channels x s/16 x s/16) to an image: four nearest-upsample + conv stages."""
-    layers: list[nn.Module] = [nn.Conv2d(z_channels, 128, 3, padding=1), nn.SiLU()]
-    for c_in, c_out in ((128, 128), (128, 64), (64, 32), (32, 32)):
-        layers += [
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(c_in, c_out, 3, padding=1),
-            nn.GroupNorm(8, c_out),
-            nn.SiLU(),
-        ]
-    layers.append(nn.Conv2d(32, 3, 3, padding=1))
-    return nn.Sequential(*layers)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:

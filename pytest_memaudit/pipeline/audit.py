@@ -3,7 +3,7 @@
 Usable without pytest::
 
     from .audit import run_audit
-    from ..gates.config import make_settings
+    from .settings import make_settings
     result = run_audit(make_settings(model="var_d16", checkpoint="vae.pth", data="imgs/"))
 """
 
@@ -16,20 +16,20 @@ from dataclasses import replace
 import torch
 
 from ..analysis.datapoints import score_data_points
-from ..gates.config import RunSettings
 from ..metric.imagesignals import image_signals
 from ..metric.unitmem import LABELS
 from ..models import ModelSpec, get_model_spec
+from ..results.result import AuditResult
 from .device import cpu_threads, precision_mode, selected_device
 from .distributed import join
 from .finalize import assemble, finalize, gather_embedding
 from .heap import reuse_freed_memory
 from .merge import merge
 from .run import ProgressCallback, is_model
+from .settings import RunSettings
 from .setup import add_subjects, select_layers, set_up
 from .signals import terminate_as_interrupt
 from .stream import stream
-from ..results.result import AuditResult
 
 
 def run_audit(

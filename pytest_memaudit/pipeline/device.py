@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..gates.config import PRECISIONS
 from ..errors import AuditError
+from .settings import PRECISIONS
 
 # How convolutions and matrix products on float32 tensors compute, per precision: "ieee" is
 # float32 itself; "tf32" rounds their inputs to 10 mantissa bits (NVIDIA tensor cores).

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import AuditError
-from .launch import Launch, launch_from_environment
 from ..metric.unitmem import NO_INDEX, LayerState, _merge_top, index_of, tie_order
+from .launch import Launch, launch_from_environment
 
 DEFAULT_TIMEOUT_S = 1800  # how long a process waits for the others at a collective
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}

@@ -11,16 +11,16 @@ import numpy as np
 from ..analysis.datapoints import DataPoints, embedded_rows, what_gets_memorized
 from ..controls.planted import evaluate as evaluate_planted
 from ..errors import AuditError
-from ..gates.config import RunSettings
 from ..metric.membership import Contrast, membership_contrast
 from ..metric.stats import jackknife_interval, layer_stats, spread_figures
 from ..metric.unitmem import LABELS
 from ..metric.verdict import Verdict, decide, membership_tests
 from ..models import LayerSpec
-from .forward import layout_name, memory_format
-from .run import AuditRun, Merged, ROLE_DESCRIPTIONS, Subject
-from .setup import environment
 from ..results.result import AuditResult, LayerResult, SubjectResult
+from .forward import layout_name
+from .run import ROLE_DESCRIPTIONS, AuditRun, Merged, Subject
+from .settings import RunSettings
+from .setup import environment
 
 
 def gather_embedding(run: AuditRun, merged: Merged, points: DataPoints) -> np.ndarray | None:

@@ -13,7 +13,6 @@ import torch
 from ..controls.planted import PlantedRecorder, PlantedUnit
 from ..data.labelled import LabelledImages
 from ..errors import AuditError
-from ..gates.config import RunSettings, control_roles
 from ..metric.unitmem import LayerState
 from ..models import LayerSpec, ModelSpec
 from ..models.hooks import LayerRecorder
@@ -21,6 +20,7 @@ from .device import ForwardTimer
 from .distributed import World
 from .forward import AdaptiveForward
 from .overlap import OverlapCheck
+from .settings import RunSettings, control_roles
 from .snapshots import Snapshots
 from .views import ViewRecipe
 

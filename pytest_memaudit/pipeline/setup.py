@@ -21,8 +21,7 @@ from ..data.images import BUILTIN_PREFIX, ImageSet, UnreadableImage
 from ..data.labelled import LabelledImages, labelled_images
 from ..data.tarshards import open_image_folder
 from ..errors import AuditError, DataError, user_code
-from ..gates.config import RunSettings, control_roles
-from ..metric.unitmem import HOLDOUT, LayerState, MEMBER, PLANTED, median_matrix_bytes
+from ..metric.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState, median_matrix_bytes
 from ..models import InputContract, LayerSpec, ModelSpec
 from ..models.hooks import LayerRecorder
 from .device import ForwardTimer, check_precision, cpu_threads, intra_op_threads, process_device
@@ -31,6 +30,7 @@ from .forward import AdaptiveForward, layout_name, memory_format, model_input, p
 from .hardware import precision_notes, usable_cpus
 from .overlap import OverlapCheck
 from .run import AuditRun, ShardProgress, Subject, views_per_pass
+from .settings import RunSettings, control_roles
 from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .views import ViewRecipe, recipe_for, view_seed
 

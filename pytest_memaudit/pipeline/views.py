@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 from ..data import augment
 from ..data.augment import ViewParams, apply_views, augment_views
-from ..gates.config import VIEW_RECIPES
 from ..data.images import display_id
 from ..errors import AuditError, DataError, user_code
+from .settings import VIEW_RECIPES
 
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -17,8 +17,8 @@ from . import parallel
 from .files import write_outputs
 from .items import AuditYamlFile, LayerItem, check_baseline_architecture, is_audit_file
 from .options import (CHOICES, DEFAULT_FILE_PATTERNS, DEFAULT_REPORT_DIR, GALLERY_MODES, OPTIONS, OUTPUTS_NOT_WRITTEN,
-                      REPEATABLE, add_baseline_options, gallery_mode, list_saved, validate_options)
-from .session import AuditSession, audit_session_key, is_rank_zero
+                      REPEATABLE, add_baseline_options, gallery_mode, list_saved)
+from .session import AuditSession, audit_session_key, is_rank_zero, validate_options
 
 if TYPE_CHECKING:
     from ..results.result import AuditResult

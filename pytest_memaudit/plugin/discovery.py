@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pipeline.forward import memory_format, model_input, prepare
-from ..gates.config import RunSettings
-from ..pipeline.device import resolve_device
 from ..errors import AuditError, user_code
-from ..models.hooks import describe_output, output_part, resolve_unit_axis
 from ..models import LayerSpec, ModelSpec
+from ..models.hooks import describe_output, output_part, resolve_unit_axis
+from ..pipeline.device import resolve_device
+from ..pipeline.forward import memory_format, model_input, prepare
+from ..pipeline.settings import RunSettings
 
 LISTED_VIEWS = 2  # views in the listing's forward pass
 

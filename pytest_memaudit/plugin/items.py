@@ -14,7 +14,7 @@ from .session import audit_session_key
 
 if TYPE_CHECKING:
     from ..gates.config import AuditCatalog
-    from ..gates.thresholds import GateOutcome
+    from ..results.outcomes import GateOutcome
     from ..models import LayerSpec, ModelSpec
     from .session import AuditSession
     from ..results.result import AuditResult
@@ -108,7 +108,7 @@ class AuditYamlFile(pytest.File):
         import warnings
 
         from ..errors import MemauditWarning
-        from ..gates.thresholds import Gate
+        from ..results.outcomes import Gate
 
         limits = [gate.limit for gate in (thresholds[layer.name].get("membership_p_min") for layer in spec.layers)
                   if isinstance(gate, Gate) and gate.limit is not None]
@@ -123,7 +123,7 @@ class AuditYamlFile(pytest.File):
     def _check_gates_can_be_evaluated(self, state: AuditSession, settings, spec, thresholds) -> None:
         """A gate whose figure this audit (or the stored one, or the baseline) will not have is an error now,
         not a silent pass later."""
-        from ..gates.config import audit_has
+        from ..pipeline.settings import audit_has
         from ..gates.thresholds import figures_had, missing_figures, rises_had
 
         has = audit_has(settings, spec) if state.stored is None else figures_had(next(iter(state.stored.values())))

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 import pytest
 
-
-if TYPE_CHECKING:
-    from .session import AuditSession
 
 # (option suffix, type, help). Each is also an ini key memaudit_<suffix with underscores>. The type is what
 # make_settings turns the value into (it checks command-line and ini values alike).
@@ -93,70 +90,6 @@ def add_baseline_options(group) -> None:
                          "mean_unitmem:0.02, or 10%% of the baseline's value: mean_unitmem:10%%); by default on the "
                          "estimated rise; with :significant only on a rise beyond noise, as a YAML compare gate's "
                          "when: significant; repeatable; needs --memaudit-compare")
-
-
-def validate_options(config: pytest.Config, state: AuditSession) -> None:
-    """Bad option values and unwritable output locations that were asked for are usage errors (exit 4),
-    found before any collection or compute. Modules that import numpy load only when an option is given."""
-    from ..errors import ConfigError
-
-    try:
-        load_baseline_inputs(config, state)
-        if any(_given(config, "memaudit_" + suffix.replace("-", "_")) for suffix, _, _ in OPTIONS):
-            from ..gates.config import check_image_fits
-
-            check_image_fits(state.load_settings())
-        if config.getoption("memaudit_threshold"):
-            state.threshold_overrides()
-        if any(_given(config, name) for name in ("memaudit_html", "memaudit_json")):
-            check_output_locations(config)
-    except ConfigError as exc:
-        raise pytest.UsageError(f"memaudit: {exc}") from None
-
-
-def load_baseline_inputs(config: pytest.Config, state: AuditSession) -> None:
-    """--memaudit-from, --memaudit-save, --memaudit-compare(-fail): the finished audit and the baseline
-    loaded, names and gates checked; a ConfigError says what is wrong."""
-    from ..errors import ConfigError
-
-    base = config.invocation_params.dir
-    stored = config.getoption("memaudit_from")
-    if stored:
-        given = [f"--memaudit-{suffix}" for suffix, _, _ in OPTIONS
-                 if config.getoption("memaudit_" + suffix.replace("-", "_")) is not None]
-        if given:
-            raise ConfigError(f"--memaudit-from loads a finished audit, whose settings are fixed: "
-                              f"{', '.join(given)} would change nothing; leave {'it' if len(given) == 1 else 'them'} out")
-        from ..results.result import read_runs
-
-        state.stored_path = base / stored
-        state.stored = read_runs(state.stored_path)
-        for result in state.stored.values():
-            for layer in result.layers:  # gates are applied again, as the audit file says now
-                layer.thresholds = layer.outcome = None
-    name = config.getoption("memaudit_save")
-    if name:
-        from ..gates.baselines import check_name
-
-        check_name(name)
-    reference = config.getoption("memaudit_compare")
-    if compare_fail_options(config) and not reference:
-        raise ConfigError("--memaudit-compare-fail gates the rise over a baseline: name one with --memaudit-compare "
-                          "NAME|PATH|latest")
-    if reference == "previous":
-        state.load_settings()
-        if not state.series and None in (state.stored or {None: None}):
-            raise ConfigError("--memaudit-compare previous compares each checkpoint of a series with the one before it: "
-                              "give --memaudit-checkpoint several times or as a glob (to compare with the newest saved "
-                              "run, use --memaudit-compare latest)")
-        state.compare_previous = True
-    elif reference:
-        from ..gates.baselines import find_baseline
-        from ..results.result import read_results
-
-        path = find_baseline(reference, config.rootpath, base, state.load_settings().model)
-        state.baseline = read_results(path)
-        state.baseline_label = reference if reference.endswith(".json") else f"{reference} ({path})"
 
 
 def compare_fail_options(config: pytest.Config) -> list[tuple[str, str, dict]]:

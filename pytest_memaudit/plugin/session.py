@@ -8,16 +8,17 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import parallel
-from .options import OPTIONS, check_output_locations, compare_fail_options
+from .options import OPTIONS, _given, check_output_locations, compare_fail_options
 
 if TYPE_CHECKING:
     from ..gates.compare import Comparison
-    from ..gates.config import AuditCatalog, AuditFile, RunSettings
+    from ..gates.config import AuditCatalog, AuditFile
+    from ..pipeline.settings import RunSettings
     from ..models import ModelSpec
     from ..pipeline.outputs import OutputLog
     from ..results.result import AuditResult
@@ -56,11 +57,11 @@ class AuditSession:
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None and self.stored is not None:
-            from ..gates.config import settings_from_record
+            from ..pipeline.settings import settings_from_record
 
             self.settings = settings_from_record(next(iter(self.stored.values())).settings)
         if self.settings is None:
-            from ..gates.config import make_settings
+            from ..pipeline.settings import make_settings
 
             values = {}
             for suffix, kind, _ in OPTIONS:
@@ -78,7 +79,7 @@ class AuditSession:
         ``series``; the first (or only) checkpoint is returned."""
         if not given:
             return None
-        from ..gates.config import checkpoint_series
+        from ..pipeline.settings import checkpoint_series
 
         paths = checkpoint_series([given] if isinstance(given, str) else given, self.config.invocation_params.dir)
         if len(paths) > 1:
@@ -176,7 +177,7 @@ class AuditSession:
                 spec = replace(spec, build=lambda checkpoint: self._user_net if checkpoint == built_from
                                else build(checkpoint))
             try:
-                from ..gates.config import check_image_fits
+                from ..pipeline.settings import check_image_fits
 
                 check_image_fits(self.settings)
                 check_output_locations(self.config)
@@ -290,6 +291,70 @@ class AuditSession:
 
 
 audit_session_key = pytest.StashKey[AuditSession]()
+
+
+def validate_options(config: pytest.Config, state: AuditSession) -> None:
+    """Bad option values and unwritable output locations that were asked for are usage errors (exit 4),
+    found before any collection or compute. Modules that import numpy load only when an option is given."""
+    from ..errors import ConfigError
+
+    try:
+        load_baseline_inputs(config, state)
+        if any(_given(config, "memaudit_" + suffix.replace("-", "_")) for suffix, _, _ in OPTIONS):
+            from ..pipeline.settings import check_image_fits
+
+            check_image_fits(state.load_settings())
+        if config.getoption("memaudit_threshold"):
+            state.threshold_overrides()
+        if any(_given(config, name) for name in ("memaudit_html", "memaudit_json")):
+            check_output_locations(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"memaudit: {exc}") from None
+
+
+def load_baseline_inputs(config: pytest.Config, state: AuditSession) -> None:
+    """--memaudit-from, --memaudit-save, --memaudit-compare(-fail): the finished audit and the baseline
+    loaded, names and gates checked; a ConfigError says what is wrong."""
+    from ..errors import ConfigError
+
+    base = config.invocation_params.dir
+    stored = config.getoption("memaudit_from")
+    if stored:
+        given = [f"--memaudit-{suffix}" for suffix, _, _ in OPTIONS
+                 if config.getoption("memaudit_" + suffix.replace("-", "_")) is not None]
+        if given:
+            raise ConfigError(f"--memaudit-from loads a finished audit, whose settings are fixed: "
+                              f"{', '.join(given)} would change nothing; leave {'it' if len(given) == 1 else 'them'} out")
+        from ..results.result import read_runs
+
+        state.stored_path = base / stored
+        state.stored = read_runs(state.stored_path)
+        for result in state.stored.values():
+            for layer in result.layers:  # gates are applied again, as the audit file says now
+                layer.thresholds = layer.outcome = None
+    name = config.getoption("memaudit_save")
+    if name:
+        from ..gates.baselines import check_name
+
+        check_name(name)
+    reference = config.getoption("memaudit_compare")
+    if compare_fail_options(config) and not reference:
+        raise ConfigError("--memaudit-compare-fail gates the rise over a baseline: name one with --memaudit-compare "
+                          "NAME|PATH|latest")
+    if reference == "previous":
+        state.load_settings()
+        if not state.series and None in (state.stored or {None: None}):
+            raise ConfigError("--memaudit-compare previous compares each checkpoint of a series with the one before it: "
+                              "give --memaudit-checkpoint several times or as a glob (to compare with the newest saved "
+                              "run, use --memaudit-compare latest)")
+        state.compare_previous = True
+    elif reference:
+        from ..gates.baselines import find_baseline
+        from ..results.result import read_results
+
+        path = find_baseline(reference, config.rootpath, base, state.load_settings().model)
+        state.baseline = read_results(path)
+        state.baseline_label = reference if reference.endswith(".json") else f"{reference} ({path})"
 
 
 def collected_paths(config: pytest.Config) -> list[Path]:

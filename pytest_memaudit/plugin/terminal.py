@@ -9,12 +9,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..data.images import display_id
 from ..gates.compare import Comparison
 from ..gates.thresholds import adjusted_p_values
-from ..report.evidence import evidence
-from ..data.images import display_id
-from ..results.result import AuditResult
 from ..pipeline.views import record_of
+from ..report.evidence import evidence
+from ..results.result import AuditResult
 
 
 def _threads_and_workers(result: AuditResult) -> str:

@@ -30,7 +30,7 @@ def write_report(result: AuditResult, path: str | Path, gallery: str = "images",
     images = None
     if gallery == "images":
         from ..pipeline.setup import open_images
-        from ..gates.config import RunSettings, make_settings
+        from ..pipeline.settings import RunSettings, make_settings
         from ..models import get_model_spec
 
         settings = make_settings(**{f.name: result.settings.get(f.name) for f in fields(RunSettings)})

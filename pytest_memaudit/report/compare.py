@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..gates.compare import Comparison
 from ..data.images import display_id
-from ..gates.thresholds import COMPARED
+from ..gates.compare import Comparison
+from ..results.outcomes import COMPARED
 from ..results.result import AuditResult
 from . import figures
 from .format import fmt, fmt_p

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from ..metric.membership import Membership
-from ..results.result import AuditResult
 from ..metric.verdict import MEMBERSHIP_SIGNAL, MembershipTest, Verdict, decide
+from ..results.result import AuditResult
 from . import figures
 from .format import fmt, fmt_interval, fmt_p
 from .thumbnails import Gallery

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..gates.thresholds import Figure, fraction_above_level, layer_figures
+from ..gates.thresholds import fraction_above_level, layer_figures
+from ..results.outcomes import Figure
 from ..results.result import AuditResult
 from . import figures
 from .format import fmt

@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 
 from ..analysis.datapoints import Classes, Clusters, DataPoints, Memorized
+from ..controls.planted import PlantedResult, PlantedUnit, PlantedUnitResult
 from ..errors import ConfigError
-from ..gates.thresholds import Check, Gate, GateOutcome, as_json
-from ..models.hooks import UnitAxis
 from ..metric.imagesignals import SignalResult
 from ..metric.membership import Membership
-from ..controls.planted import PlantedResult, PlantedUnit, PlantedUnitResult
-from .schema import check_document
 from ..metric.stats import CorrelationResult, Interval, LayerStats, depth_correlation
 from ..metric.unitmem import UnitMemValues
 from ..metric.verdict import Verdict, decide, membership_tests
+from ..models.hooks import UnitAxis
+from .outcomes import Check, Gate, GateOutcome, as_json
+from .schema import check_document
 
 SCHEMA_VERSION = 2
 
