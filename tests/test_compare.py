@@ -13,7 +13,8 @@ from scipy import stats as scipy_stats
 
 from pytest_memaudit.gates.baselines import check_name, find_baseline, format_saved, new_entry, save_run, saved_runs
 from pytest_memaudit.gates.compare import compare
-from pytest_memaudit.gates.config import load_audit_file, parse_compare_option
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.gates.limits import parse_compare_option
 from pytest_memaudit.errors import ConfigError
 from pytest_memaudit.results.outcomes import Figure, Gate
 from pytest_memaudit.gates.thresholds import evaluate

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pytest_memaudit.gates.config import load_audit_file, parse_threshold_option
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.gates.limits import parse_threshold_option
 from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import ConfigError
 from pytest_memaudit.results.outcomes import Gate

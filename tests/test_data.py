@@ -14,16 +14,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import make_images
-from pytest_memaudit.data.images import (
-    ImageSet,
-    UnreadableImage,
-    builtin_ids,
-    builtin_image,
-    decode_image,
-    display_id,
-    list_image_files,
-    select_samples,
-)
+from pytest_memaudit.data.images import (ImageSet, UnreadableImage, decode_image, display_id, list_image_files,
+                                         select_samples)
+from pytest_memaudit.data.builtin import builtin_ids, builtin_image
 from pytest_memaudit.errors import DataError
 from pytest_memaudit.data.tarshards import open_image_folder
 

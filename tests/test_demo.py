@@ -13,7 +13,7 @@ import torch
 
 from pytest_memaudit.pipeline.audit import run_audit
 from pytest_memaudit.pipeline.settings import make_settings
-from pytest_memaudit.data.images import canary_image
+from pytest_memaudit.data.builtin import canary_image
 from pytest_memaudit.errors import CheckpointError
 from pytest_memaudit.models import get_model_spec, var_layer_specs
 from pytest_memaudit.models.demo import (

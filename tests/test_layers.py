@@ -141,3 +141,18 @@ def test_a_cycle_is_caught(tmp_path):
     stats.write_text(stats.read_text() + "\nfrom .verdict import decide\n")  # verdict imports stats
     added = [cycle for cycle in import_cycles(copy) if cycle not in import_cycles()]
     assert added and all("metric.stats" in cycle and "metric.verdict" in cycle for cycle in added)
+
+
+def test_the_public_api_is_imported_on_first_use():
+    """``import pytest_memaudit`` imports no torch; each public name resolves to where it is defined."""
+    import subprocess
+    import sys
+
+    script = ("import sys, pytest_memaudit as p\n"
+              "assert 'torch' not in sys.modules\n"
+              "for name, module in p.PUBLIC.items():\n"
+              "    assert getattr(p, name).__module__ == 'pytest_memaudit.' + module, name\n"
+              "try:\n    p.run_audits\nexcept AttributeError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "module 'pytest_memaudit' has no attribute 'run_audits'\n"

@@ -23,7 +23,8 @@ import pytest_memaudit.pipeline.audit  # noqa: F401
 import pytest_memaudit.plugin  # noqa: F401
 import pytest_memaudit.plugin.terminal  # noqa: F401
 from conftest import make_images
-from pytest_memaudit.data.images import ImageSet, builtin_ids
+from pytest_memaudit.data.images import ImageSet
+from pytest_memaudit.data.builtin import builtin_ids
 from pytest_memaudit.models import var_layer_specs
 from pytest_memaudit.report import GALLERY_MODES, ImageSetThumbnails, figures, html as report_html, render_html
 from pytest_memaudit.results.result import AuditResult, LayerResult

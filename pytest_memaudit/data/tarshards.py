@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .images import (IMAGE_EXTENSIONS, ImageSet, UnreadableImage, _chw, _resize, _rgb_array, list_image_files,
-                   select_samples)
+                     select_samples)
 
 TAR_SUFFIX = ".tar"
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..metric.stats import Interval, difference_interval, distribution_shift_p, holm
+from ..results.encoding import _number
 from ..results.outcomes import COMPARED, Figure
-from ..results.result import AuditResult, LayerResult, _number
+from ..results.result import AuditResult, LayerResult
 from .thresholds import fraction_above_level, layer_figures, layer_intervals
 
 SIGNIFICANCE = 0.05  # the level of "beyond noise"

@@ -1,4 +1,5 @@
-"""Registry of auditable encoders.
+"""The models: the registry of auditable encoders, their builders and weights, and the hooks that read a layer.
+May import: data, metric, errors.
 
 A model is a ``ModelSpec``: how to build the module (with its weights), which of its layers to
 audit, and what input it takes. Built-in models are listed in ``BUILTIN_MODELS``; users add

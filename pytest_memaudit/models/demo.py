@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.images import BUILTIN_PREFIX, CANARY_PREFIX, ImageSet, builtin_ids
+from ..data.builtin import BUILTIN_PREFIX, CANARY_PREFIX, builtin_ids
+from ..data.images import ImageSet
 from ..errors import CheckpointError
 
 WIDTH = 32  # VAREncoder(ch=WIDTH): the 22 layers of var_d16 at a fifth of its width

@@ -17,7 +17,8 @@ import torch
 from .. import __version__
 from ..controls.planted import InputSketches, PlantedRecorder, PlantedUnit, choose_plants, plantable
 from ..controls.random import random_weights_copy
-from ..data.images import BUILTIN_PREFIX, ImageSet, UnreadableImage
+from ..data.builtin import BUILTIN_PREFIX
+from ..data.images import ImageSet, UnreadableImage
 from ..data.labelled import LabelledImages, labelled_images
 from ..data.tarshards import open_image_folder
 from ..errors import AuditError, DataError, user_code

@@ -97,7 +97,7 @@ def compare_fail_options(config: pytest.Config) -> list[tuple[str, str, dict]]:
     given = config.getoption("memaudit_compare_fail")
     if not given:
         return []  # without importing config (numpy, yaml): the plugin stays free in runs that audit nothing
-    from ..gates.config import parse_compare_option
+    from ..gates.limits import parse_compare_option
 
     return [parse_compare_option(text) for text in given]
 

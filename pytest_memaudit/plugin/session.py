@@ -134,7 +134,7 @@ class AuditSession:
         return self._user_net
 
     def threshold_overrides(self) -> dict[str, dict[str, float | None]]:
-        from ..gates.config import parse_threshold_option
+        from ..gates.limits import parse_threshold_option
 
         overrides: dict[str, dict[str, float | None]] = {}
         for text in self.config.getoption("memaudit_threshold"):

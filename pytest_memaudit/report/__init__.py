@@ -1,4 +1,5 @@
-"""The HTML audit report: ``write_report(result, path)``, or ``write_html(path, result, images, gallery)``."""
+"""The HTML audit report: ``write_report(result, path)``, or ``write_html(path, result, images, gallery)``.
+May import: gates, pipeline, results and every layer below, errors."""
 
 from __future__ import annotations
 
