@@ -156,3 +156,12 @@ def test_the_public_api_is_imported_on_first_use():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "module 'pytest_memaudit' has no attribute 'run_audits'\n"
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("pytest_memaudit", *path.parent.relative_to(PACKAGE).parts))
+             for path in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
