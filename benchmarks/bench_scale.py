@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from pytest_memaudit.pipeline.setup import open_images  # noqa: E402
 from pytest_memaudit.data.characteristics import CHARACTERISTICS  # noqa: E402
-from pytest_memaudit.gates.config import make_settings  # noqa: E402
+from pytest_memaudit.pipeline.settings import make_settings  # noqa: E402
 from pytest_memaudit.data.images import list_image_files  # noqa: E402
 from pytest_memaudit.analysis.datapoints import DataPoints, what_gets_memorized  # noqa: E402
 from pytest_memaudit.models import get_model_spec  # noqa: E402
