@@ -3,12 +3,12 @@
 import json
 import re
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-from pytest_memaudit.gates import Check, GateOutcome
-from pytest_memaudit.results import AuditResult
+from pytest_memaudit.results.outcomes import Check, GateOutcome
+from pytest_memaudit.results.result import AuditResult
 from pytest_memaudit.report.context import check_cell, gate_table, verdict
-from pytest_memaudit.terminal import render_summary
+from pytest_memaudit.plugin.terminal import render_summary
 from test_report import Page, synthetic_result
 
 pytest_plugins = ["pytester"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_images
-from pytest_memaudit import data
-from pytest_memaudit.signals import terminate_as_interrupt
+from pytest_memaudit.data import images as data
+from pytest_memaudit.pipeline.signals import terminate_as_interrupt
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="needs POSIX signals")
 
