@@ -34,8 +34,8 @@ import yaml
 
 from . import hardware, yamlsafe
 from .errors import ConfigError
-from .gates import (COMPARED, GATES, INTERVAL_FIGURES, LIMITS, MULTIPLE_TESTING, P_VALUE_FIGURES, SETTINGS, SEVERITIES,
-                    THRESHOLD_KEYS, WHEN, Gate)
+from .gates import (COMPARED, GATES, INTERVAL_FIGURES, LIMITS, MODEL_GATES, MULTIPLE_TESTING, P_VALUE_FIGURES, SETTINGS,
+                    SEVERITIES, THRESHOLD_KEYS, WHEN, Gate)
 from .models import (
     BUILTIN_MODELS, TOKEN_CHOICES, UNIT_LAYOUTS, InputContract, LayerSpec, ModelSpec, get_model_spec, user_model_spec)
 from .yamlsafe import quote, shorten
@@ -708,7 +708,19 @@ def _layer_block(path, where, block) -> dict[str, dict[str, float | None]]:
     if block is None:
         return {}
     _expect_mapping(path, where, block)
-    return {str(name): _threshold_block(path, f"{where}: {shorten(str(name))}", entry) for name, entry in block.items()}
+    blocks = {str(name): _threshold_block(path, f"{where}: {shorten(str(name))}", entry) for name, entry in block.items()}
+    for name, entry in blocks.items():
+        _check_model_gates(f"{path}: {where}: {shorten(name)}", entry)
+    return blocks
+
+
+def _check_model_gates(where: str, entry: dict) -> None:
+    """A model's gate (the verdict's) set for one layer: a ConfigError saying where it belongs."""
+    for key in MODEL_GATES:
+        if key in entry:
+            raise ConfigError(f"{where}: {key} gates the model's verdict over every layer, not one layer: set it under "
+                              "thresholds: (or models: NAME: thresholds:), or on the command line without a layer "
+                              f"(--memaudit-threshold {key}=VALUE)")
 
 
 def _expect_mapping(path, where, value) -> None:
@@ -740,6 +752,8 @@ def parse_threshold_option(text: str) -> tuple[str, str, Partial]:
         value = None if raw.lower() in ("none", "null", "off") else float(raw)
     except ValueError:
         raise ConfigError(f"--memaudit-threshold {text!r}: {raw!r} is not a number (or 'off')") from None
+    if layer.strip() not in ("", "*"):
+        _check_model_gates(f"--memaudit-threshold {text!r}", {key: value})
     return layer.strip() or "*", key, threshold_entry(f"--memaudit-threshold {key}", key, value)
 
 
@@ -758,7 +772,7 @@ def audit_has(settings: RunSettings, spec: ModelSpec) -> set[str]:
     """The figures that need something extra (gates.NEEDS) which this audit will have."""
     has = set()
     if has_holdout(settings, spec):
-        has |= {"membership_excess", "membership_p"}
+        has |= {"membership_excess", "membership_p", "verdict_p"}
     if "random" in control_roles(settings, spec):
         has.add("excess_over_control")
     return has

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 # key -> (figure, what it limits), in the order failures are reported.
 LIMITS: dict[str, tuple[str, str]] = {
+    "verdict_p_min": (
+        "verdict_p",
+        "the verdict's smallest corrected p over every signal and layer; also the verdict's level: below it the "
+        "verdict is detected (the model's, not a layer's; needs held-out images)",
+    ),
     "membership_excess_max": (
         "membership_excess",
         "share of units whose argmax is a member minus the members' share of the data points (needs held-out images)",
@@ -70,7 +75,9 @@ P_VALUE_FIGURES = ("membership_p", "ttest_p")
 WHEN = ("estimate", "significant")
 SEVERITIES = ("fail", "warn")
 MULTIPLE_TESTING = ("holm", "none")
+MODEL_GATES = ("verdict_p_min",)  # gated once for the model (verdictgate.py), never per layer
 NEEDS = {  # figures an audit has only with something extra, and how to get it
+    "verdict_p": "held-out images (--memaudit-holdout DIR)",
     "membership_excess": "held-out images (--memaudit-holdout DIR)",
     "membership_p": "held-out images (--memaudit-holdout DIR)",
     "excess_over_control": "the random-weights control (--memaudit-control random)",
@@ -308,7 +315,7 @@ def figures_had(result: AuditResult) -> set[str]:
     """The figures that need something extra (NEEDS) which a finished result has."""
     has = set()
     if result.membership is not None or any(layer.membership is not None for layer in result.layers):
-        has |= {"membership_excess", "membership_p"}
+        has |= {"membership_excess", "membership_p", "verdict_p"}
     if any(layer.control_excess is not None for layer in result.layers):
         has.add("excess_over_control")
     return has
@@ -324,7 +331,7 @@ def without_rise_gates(thresholds: dict[str, Gate | float]) -> dict[str, Gate | 
     return {key: value for key, value in thresholds.items() if key not in RISE_LIMITS}
 
 
-HOLDOUT_FIGURES = ("membership_excess", "membership_p")  # a run's own figures that need held-out images
+HOLDOUT_FIGURES = ("membership_excess", "membership_p", "verdict_p")  # a run's own figures that need held-out images
 
 
 def holdout_gates(thresholds: dict[str, Gate | float]) -> list[str]:

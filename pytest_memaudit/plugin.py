@@ -21,7 +21,7 @@ from . import parallel
 if TYPE_CHECKING:
     from .compare import Comparison
     from .config import AuditCatalog, AuditFile, RunSettings
-    from .gates import GateOutcome
+    from .gates import Gate, GateOutcome
     from .models import LayerSpec, ModelSpec
     from .outputs import OutputLog
     from .results import AuditResult
@@ -167,6 +167,7 @@ class AuditSession:
     catalog: "AuditCatalog | None" = None
     _user_net: Any = None  # a user model, built at collection to check its layer names; the audit reuses it
     build_error: str | None = None  # why that build failed (a usage error once collection is done)
+    verdict_level: float | None = None  # the verdicts' level, from the audit files' verdict_p_min (verdictgate.py)
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None and self.stored is not None:
@@ -320,6 +321,10 @@ class AuditSession:
     def _set_runs(self, runs: "dict[str | None, AuditResult]") -> None:
         for result in runs.values():
             result.multiple_testing = self.multiple_testing
+            if self.verdict_level is not None:
+                from .verdictgate import apply_level
+
+                apply_level(result, self.verdict_level)
             if self.unapplied_compare_gates:
                 result.notes.append("the audit files' compare gates (compare:) were not applied: there was no "
                                     "baseline to compare with (--memaudit-compare NAME|PATH|latest)")
@@ -377,7 +382,8 @@ class AuditSession:
             return False
         if not parallel.is_worker(self.config) or not self.wanted_layers:
             return True
-        return any(layer.outcome is not None for result in self.runs.values() for layer in result.layers)
+        return any(layer.outcome is not None or result.verdict_gate is not None
+                   for result in self.runs.values() for layer in result.layers)
 
     def report(self, markup: bool) -> dict[str, Any] | None:
         """What this process has to show at the end: the summary, the output lines, the error."""
@@ -540,7 +546,7 @@ class AuditYamlFile(pytest.File):
                 yield OtherModelItem.from_parent(self, name=name, reason=reason)
             return
         try:
-            from .gates import without_rise_gates
+            from .gates import MODEL_GATES, without_rise_gates
 
             overrides = state.threshold_overrides()
             thresholds = audit.thresholds_for(spec, overrides)
@@ -559,12 +565,35 @@ class AuditYamlFile(pytest.File):
             self._check_user_layers(state, spec)
         state.multiple_testing = audit.multiple_testing
         state.spec = spec
+        gate, gated = self._verdict_gate(state, thresholds)
+        thresholds = {name: {key: value for key, value in limits.items() if key not in MODEL_GATES}
+                      for name, limits in thresholds.items()}
         state.thresholds.update(thresholds)
+        checkpoints = list(state.series or state.stored or [None])  # [None]: one run
         for layer in spec.layers:
-            for checkpoint in list(state.series or state.stored or [None]):  # [None]: one run
+            for checkpoint in checkpoints:
                 name = layer.name if checkpoint is None else f"{layer.name}[{checkpoint}]"
                 yield LayerItem.from_parent(self, name=name, layer=layer, thresholds=thresholds[layer.name],
                                             checkpoint=checkpoint)
+        if gated:
+            from .verdictgate import ITEM
+
+            for checkpoint in checkpoints:
+                name = ITEM if checkpoint is None else f"{ITEM}[{checkpoint}]"
+                yield VerdictItem.from_parent(self, name=name, gate=gate, checkpoint=checkpoint)
+
+    def _verdict_gate(self, state: AuditSession, thresholds: dict) -> "tuple[Gate | None, bool]":
+        """The model's verdict_p_min gate (None: off, or left out for want of held-out images), and
+        whether it has an item (to run, or to skip saying why); the verdicts' level follows it."""
+        from .verdictgate import VERDICT_GATE, level_of, verdict_gate
+
+        gate = verdict_gate(thresholds)
+        level = level_of(gate)
+        if state.verdict_level is not None and state.verdict_level != level:
+            raise self.CollectError(f"memaudit: {self.path}: {VERDICT_GATE} gives the verdicts the level {level:g}, and "
+                                    f"another audit file gives them {state.verdict_level:g}: set it in one file")
+        state.verdict_level = level
+        return gate, gate is not None or VERDICT_GATE in state.unevaluated_holdout_gates
 
     @staticmethod
     def _without_holdout_gates(state: AuditSession, limits: dict) -> dict:
@@ -709,6 +738,51 @@ class LayerItem(pytest.Item):
         return self.path, None, f"memaudit layer {self.layer.name} ({self.layer.module}){where}"
 
 
+class VerdictGateFailure(Exception):
+    """The model's verdict is detected: its corrected p crossed verdict_p_min."""
+
+
+class VerdictItem(pytest.Item):
+    """The audited model's verdict (verdict.py) over every signal and layer: fails when memorization is
+    detected (verdictgate.py); skipped, saying why, when the audit has no test to decide it."""
+
+    def __init__(self, *, gate: "Gate | None", checkpoint: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = gate  # None: left out, the run has no held-out images
+        self.checkpoint = checkpoint
+
+    def runtest(self) -> None:
+        import math
+        import warnings
+
+        from .errors import MemauditWarning
+        from .verdictgate import evaluate_verdict, gate_message, not_testable
+
+        result = self.config.stash[audit_session_key].result_for(self.checkpoint)
+        verdict = result.verdict if self.gate is not None else None
+        reason = not_testable(verdict)
+        if reason is not None:
+            pytest.skip(f"memaudit: {reason}")
+        outcome = evaluate_verdict(verdict, self.gate)
+        result.verdict_gate = outcome
+        self.user_properties += [("memaudit_verdict", verdict.memorization),
+                                 ("memaudit_verdict_p", round(verdict.p_value, 6) if math.isfinite(verdict.p_value)
+                                  else None), ("memaudit_verdict_p_min", self.gate.limit)]
+        if outcome.warnings:
+            warnings.warn(MemauditWarning(gate_message(verdict, outcome)))
+        if not outcome.passed:
+            raise VerdictGateFailure(gate_message(verdict, outcome))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, VerdictGateFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        where = "" if self.checkpoint is None else f" of checkpoint {self.checkpoint}"
+        return self.path, None, f"memaudit verdict of the model over every layer{where}"
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Run the audit once, after -k/-m deselection: for exactly the selected layers, or for every
     layer when a selected test uses the ``memaudit_result`` fixture."""
@@ -721,10 +795,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         state.error = message  # the worker's first layer test fails with it; the controller exits 4
         return
     items = [item for item in session.items if isinstance(item, LayerItem)]
+    verdicts = [item for item in session.items if isinstance(item, VerdictItem)]
     for_fixture = any(FIXTURE in getattr(item, "fixturenames", ()) for item in session.items)
-    if session.config.option.collectonly or not (items or for_fixture):
+    if session.config.option.collectonly or not (items or verdicts or for_fixture):
         return
-    if for_fixture:
+    if verdicts:  # the verdict is over every layer
+        state.wanted_layers = {layer.name for layer in state.spec.layers}
+    elif for_fixture:
         from .errors import ConfigError
 
         try:
@@ -734,7 +811,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         state.wanted_layers = {layer.name for layer in spec.layers}
     else:
         state.wanted_layers = {item.layer.name for item in items}
-    state.wanted_checkpoints = {item.checkpoint for item in items if item.checkpoint is not None}
+    state.wanted_checkpoints = {item.checkpoint for item in items + verdicts if item.checkpoint is not None}
     check_baseline_architecture(state)
     if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
         state.run()

@@ -80,6 +80,7 @@ class AuditResult:
     control: SubjectResult | None = None
     planted: PlantedResult | None = None
     verdict: Verdict | None = None  # memorization detected / inconclusive / none (verdict.py), over every test
+    verdict_gate: GateOutcome | None = None  # the verdict against verdict_p_min (verdictgate.py), once gated
     multiple_testing: str = "holm"  # how the gates corrected p-values across layers (set when gating)
     # the processes that computed it: world_size, backend (None for one process), shards (data points per process)
     distributed: dict[str, Any] | None = None
@@ -160,6 +161,7 @@ class AuditResult:
                 "layers_not_gated": len(self.layers) - sum(o.status != "not gated" for o in outcomes),
                 "membership": _membership_json(self.membership),
                 "verdict": None if self.verdict is None else self.verdict.as_dict(),
+                "verdict_gate": _verdict_gate_json(self.verdict_gate, self.verdict),
                 "multiple_testing": self.multiple_testing,
             },
             "timing": self.timing,
@@ -199,6 +201,7 @@ class AuditResult:
             control=None if data.get("control") is None else _subject_from_json(data["control"]),
             planted=_planted_from_json(data.get("planted"), samples),
             verdict=_verdict_from_json(data["summary"].get("verdict"), layers),
+            verdict_gate=_verdict_gate_from_json(data["summary"].get("verdict_gate")),
             multiple_testing=data["summary"].get("multiple_testing", "holm"),
             distributed=data.get("distributed"),
             signals=[_signal_from_json(entry) for entry in data.get("signals") or []],
@@ -275,6 +278,21 @@ def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
     if entry.get("checks") is not None:
         layer.outcome = GateOutcome(layer.name, tuple(_check_from_json(item) for item in entry["checks"]))
     return layer
+
+
+def _verdict_gate_json(outcome: GateOutcome | None, verdict: Verdict | None) -> dict[str, Any] | None:
+    if outcome is None or verdict is None:
+        return None
+    from .verdictgate import gate_message
+
+    return {"outcome": outcome.status, "message": gate_message(verdict, outcome),
+            "checks": [_check_json(check) for check in outcome.checks]}
+
+
+def _verdict_gate_from_json(data: dict[str, Any] | None) -> GateOutcome | None:
+    from .verdictgate import ITEM
+
+    return None if data is None else GateOutcome(ITEM, tuple(_check_from_json(item) for item in data["checks"]))
 
 
 def _subject_json(subject: SubjectResult) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""The verdict gate: the audited model's verdict (verdict.py) against the ``verdict_p_min`` threshold.
+
+One gate for the whole model, beside each layer's gates, and one test item in pytest: it fails
+when the verdict is ``detected``, i.e. when the smallest corrected p over every signal and layer
+(the loss attack's included) is below its limit. That limit is also the level of every verdict of
+the run (the model's, the random and planted controls') and of the answers built on them, so the
+gate, the verdicts and the answers cannot disagree. A verdict that has no test (no held-out images,
+or a network whose every unit is constant) cannot be gated: the item is skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .gates import Check, Gate, GateOutcome
+from .verdict import MEMBERSHIP_SIGNAL, VERDICT_LEVEL, Verdict, format_p
+
+if TYPE_CHECKING:
+    from .results import AuditResult
+
+VERDICT_GATE = "verdict_p_min"  # the threshold key (gates.LIMITS); set for the model, never per layer
+VERDICT_FIGURE = "verdict_p"
+ITEM = "verdict"  # the test item's name: audits/memaudit.yaml::verdict
+
+
+def verdict_gate(thresholds: dict[str, dict[str, Gate | float]]) -> Gate | None:
+    """The ``verdict_p_min`` gate of the model (the same in every layer's ``thresholds``); None when off."""
+    gate = next((limits.get(VERDICT_GATE) for limits in thresholds.values()), None)
+    return gate if isinstance(gate, Gate) and gate.limit is not None else None
+
+
+def level_of(gate: Gate | None) -> float:
+    """The verdicts' level: the gate's limit, or VERDICT_LEVEL when the gate is off."""
+    return VERDICT_LEVEL if gate is None else float(gate.limit)
+
+
+def apply_level(result: AuditResult, level: float) -> None:
+    """Every verdict of ``result`` (the model's, its random control's, its planted control's) at ``level``."""
+    if result.verdict is not None:
+        result.verdict = result.verdict.at_level(level)
+    for subject in (result.control, result.planted):
+        if subject is not None and subject.verdict is not None:
+            subject.verdict = subject.verdict.at_level(level)
+
+
+def not_testable(verdict: Verdict | None) -> str | None:
+    """Why ``verdict`` cannot be gated, or None when it can."""
+    if verdict is None:
+        return (f"not testable: {VERDICT_GATE} needs held-out images to contrast with the members, and this audit "
+                "has none (--memaudit-holdout DIR)")
+    if verdict.tests == 0 or not math.isfinite(verdict.p_value):
+        return f"not testable: {verdict.reason}"
+    return None
+
+
+def evaluate_verdict(verdict: Verdict, gate: Gate) -> GateOutcome:
+    """The gate's outcome: crossed when the verdict's corrected p is below the limit (the verdict is detected)."""
+    check = Check(VERDICT_GATE, VERDICT_FIGURE, verdict.p_value, float(gate.limit),
+                  not verdict.p_value < gate.limit, severity=gate.severity, low=verdict.low, high=verdict.high)
+    return GateOutcome(ITEM, (check,))
+
+
+def gate_message(verdict: Verdict, outcome: GateOutcome) -> str:
+    """The verdict gate's outcome in words, naming the deciding figure, its value and the limit."""
+    check = outcome.checks[0]
+    interval = (f" [{verdict.low:.3g}, {verdict.high:.3g}]" if math.isfinite(verdict.low) and math.isfinite(verdict.high)
+                else "")
+    estimate = "member-share excess" if verdict.signal == MEMBERSHIP_SIGNAL else "AUC"
+    figure = (f"{verdict.signal} at {verdict.layer} ({estimate} {verdict.estimate:.3g}{interval}, p "
+              f"{format_p(verdict.raw_p_value)} before the correction)")
+    if check.passed:
+        return (f"verdict {verdict.memorization}: the smallest corrected p, {format_p(verdict.p_value)} from {figure}, "
+                f"is not below {VERDICT_GATE} = {check.limit:g}")
+    return (f"memorization detected: {figure}: corrected p = {format_p(verdict.p_value)} is below {VERDICT_GATE} = "
+            f"{check.limit:g} ({verdict.correction})")
