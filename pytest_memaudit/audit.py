@@ -41,6 +41,7 @@ from .labelled import LabelledImages, labelled_images
 from .membership import Contrast, membership_contrast
 from .models import InputContract, LayerSpec, ModelSpec, get_model_spec
 from .planted import InputSketches, PlantedRecorder, PlantedUnit, choose_plants, plantable
+from .planted import default_units, planted_verdict
 from .planted import evaluate as evaluate_planted
 from .results import AuditResult, LayerResult, SubjectResult
 from .signals import terminate_as_interrupt
@@ -359,13 +360,18 @@ def _audit(
                                                settings.seed)
                    for subject in run.subjects if is_model(subject.role)}
         embedding = gather_embedding(run, merged, points["model"])
+        planted = next((subject for subject in run.subjects if subject.role == "planted"), None)
+        planted_units = None if planted is None else membership_contrast(
+            {layer.name: planted.states[layer.name] for layer in run.selected}, labels, planted.members,
+            planted.holdout, permutations=settings.permutations, seed=settings.seed,
+            units=default_units(run.plants, settings.planted_strength))
         timing["finalize_s"] = time.perf_counter() - clock
     finally:
         if run is not None:
             run.close()
         world.close()
     return assemble(run, merged, finished, points, signals, embedding,
-                    timing | {"wall_s": time.perf_counter() - started})
+                    timing | {"wall_s": time.perf_counter() - started}, planted_units)
 
 
 def is_model(role: str) -> bool:
@@ -658,8 +664,10 @@ def gather_embedding(run: AuditRun, merged: Merged, points: DataPoints) -> np.nd
 
 
 def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, DataPoints],
-             signals: dict[str, list], embedding: np.ndarray | None, timing: dict[str, float]) -> list[AuditResult]:
-    """The AuditResult of the finished subjects: the model's, then each later checkpoint's."""
+             signals: dict[str, list], embedding: np.ndarray | None, timing: dict[str, float],
+             planted_units: Contrast | None = None) -> list[AuditResult]:
+    """The AuditResult of the finished subjects: the model's, then each later checkpoint's;
+    ``planted_units``: the planted control's contrast over its planted units alone."""
     settings, images = run.settings, run.images
     samples = [images.ids[position] for position in merged.read.tolist()]
     labels = [LABELS[code] for code in images.labels[merged.read].tolist()]
@@ -690,7 +698,7 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
             settings.planted_strength,
             None if planted_contrast is None else planted_contrast.overall,
         )
-        planted.verdict = subject_verdict(planted_layers, settings)
+        planted.verdict = planted_verdict(planted_units, settings.permutations)
         if planted.recall < 0.9:
             notes.append(
                 f"the planted control was found in only {planted.recall:.0%} of its units at strength "

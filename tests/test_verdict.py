@@ -14,8 +14,10 @@ from pytest_memaudit.config import load_audit_file, make_settings
 from pytest_memaudit.controls import blind_copy
 from pytest_memaudit.gates import evaluate_result
 from pytest_memaudit.models import LayerSpec, ModelSpec
+from pytest_memaudit.planted import PLANTED_UNITS
 from pytest_memaudit.results import AuditResult
 from pytest_memaudit.verdict import decide
+from pytest_memaudit.verdictgate import not_testable
 
 DEFAULT_AUDIT = Path(__file__).resolve().parents[1] / "audits" / "memaudit.yaml"
 
@@ -143,8 +145,9 @@ def test_on_the_blind_control_nothing_is_found():
         assert (layer.membership.units, layer.membership.excluded_units) == (0, layer.channels)
     assert result.verdict.memorization == "none" and "no test could run" in result.verdict.reason
     assert result.control.verdict.memorization == "none"
-    assert result.planted.verdict.memorization == "none"
+    assert result.planted.verdict.memorization == "none" and result.planted.verdict.tests == 0
     assert result.planted.recall == 0 and result.planted.argmax_hits == 0
+    assert not_testable(result.verdict).startswith("not testable: no test could run")  # the verdict gate skips
     again = AuditResult.from_json(result.to_json())
     assert again.verdict == result.verdict and again.planted.verdict == result.planted.verdict
     assert again.control.verdict == result.control.verdict
@@ -165,6 +168,14 @@ def test_on_the_encoder_itself_the_planted_control_is_found_and_the_random_contr
     result, outcomes = audit(TwoConv)
     assert result.planted.verdict.memorization == "detected"
     assert result.planted.recall == 1.0 and result.planted.argmax_hits == 8
+    # Its verdict tests the 8 planted units alone: each picks its own planted image, so they pick
+    # planted images 8 times in 8 (share 1) against the planted images' share of the pooled images,
+    # and no relabelling of 1,000 matches that (all 8 picked images must fall among 8 of the pool).
+    v = result.planted.verdict
+    pooled = result.count("planted") + result.count("holdout")
+    assert (v.layer, v.tests) == (PLANTED_UNITS, 1)
+    assert v.estimate == pytest.approx(1 - result.count("planted") / pooled)
+    assert v.raw_p_value == pytest.approx(1 / 1001) and v.p_value == v.raw_p_value
     assert result.control.verdict.memorization == "none"
     # the model's own verdict and its gates say the same: generated images, untrained weights
     assert result.verdict.memorization in ("none", "inconclusive")
