@@ -61,6 +61,18 @@ def evaluate_verdict(verdict: Verdict, gate: Gate) -> GateOutcome:
     return GateOutcome(ITEM, (check,))
 
 
+def gate_result(result: AuditResult, thresholds: dict[str, dict[str, Gate | float]]) -> GateOutcome | None:
+    """Gate ``result``'s verdict without pytest, as the plugin's item does: every verdict of the result
+    set to the level of ``thresholds``' verdict_p_min (``AuditFile.thresholds_for``), then the gate's
+    outcome, also kept on the result; None when the gate is off or the verdict not testable."""
+    gate = verdict_gate(thresholds)
+    apply_level(result, level_of(gate))
+    if gate is None or not_testable(result.verdict) is not None:
+        return None
+    result.verdict_gate = evaluate_verdict(result.verdict, gate)
+    return result.verdict_gate
+
+
 def gate_message(verdict: Verdict, outcome: GateOutcome) -> str:
     """The verdict gate's outcome in words, naming the deciding figure, its value and the limit."""
     check = outcome.checks[0]

@@ -12,12 +12,12 @@ from torch import nn
 from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import load_audit_file, make_settings
 from pytest_memaudit.controls import blind_copy
-from pytest_memaudit.gates import evaluate_result
+from pytest_memaudit.gates import Gate, evaluate_result
 from pytest_memaudit.models import LayerSpec, ModelSpec
 from pytest_memaudit.planted import PLANTED_UNITS
 from pytest_memaudit.results import AuditResult
 from pytest_memaudit.verdict import decide
-from pytest_memaudit.verdictgate import not_testable
+from pytest_memaudit.verdictgate import gate_result, not_testable
 
 DEFAULT_AUDIT = Path(__file__).resolve().parents[1] / "audits" / "memaudit.yaml"
 
@@ -125,6 +125,10 @@ LAYERS = (LayerSpec("a", "a"), LayerSpec("b", "b"))
 FIXED = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
 
 
+def result_spec():
+    return ModelSpec(name="twoconv", layers=LAYERS, build=None, default_image_size=16)
+
+
 def audit(build):
     spec = ModelSpec(name="twoconv", layers=LAYERS, build=lambda checkpoint: build(), default_image_size=16)
     settings = make_settings(model="twoconv", data="builtin", samples=40, holdout="builtin", augmentations=2,
@@ -180,6 +184,17 @@ def test_on_the_encoder_itself_the_planted_control_is_found_and_the_random_contr
     # the model's own verdict and its gates say the same: generated images, untrained weights
     assert result.verdict.memorization in ("none", "inconclusive")
     assert all(o.status == "passed" for o in outcomes.values())
+    # the library's verdict gate: at the shipped level it passes; its level reaches every verdict;
+    # turned off, there is no outcome and the level is the default's
+    thresholds = load_audit_file(DEFAULT_AUDIT).thresholds_for(result_spec())
+    assert gate_result(result, thresholds).status == "passed" and result.verdict.level == 0.01
+    assert result.verdict_gate.checks[0].value == result.verdict.p_value
+    strict = {name: limits | {"verdict_p_min": Gate(0.002)} for name, limits in thresholds.items()}
+    assert gate_result(result, strict).status == "passed"
+    assert result.verdict.level == result.control.verdict.level == result.planted.verdict.level == 0.002
+    assert result.planted.verdict.memorization == "detected"  # 1 / 1001 < 0.002
+    off = {name: limits | {"verdict_p_min": Gate(None)} for name, limits in thresholds.items()}
+    assert gate_result(result, off) is None and result.planted.verdict.level == 0.01
 
 
 def test_a_p_gate_the_permutations_cannot_reach_is_warned_about(pytester):
