@@ -638,6 +638,17 @@ class AuditYamlFile(pytest.File):
                 f"membership_p_min = {min(limits):g} cannot fail: with {settings.permutations:,} permutations the "
                 f"smallest p-value after the {method} correction over {tests} layer(s) is {smallest:.3g}; use "
                 f"--memaudit-permutations {math.ceil(tests / min(limits))} or more"))
+        from .verdictgate import VERDICT_GATE, smallest_verdict_p, verdict_gate
+
+        gate = verdict_gate(thresholds)
+        if gate is not None:
+            smallest, factor = smallest_verdict_p(len(spec.layers), spec.loss is not None,
+                                                  max(1, settings.augmentations), settings.permutations, method)
+            if smallest >= gate.limit:
+                warnings.warn(MemauditWarning(
+                    f"{VERDICT_GATE} = {gate.limit:g} cannot fail: with {settings.permutations:,} permutations the "
+                    f"verdict's smallest p after its two-stage {method} correction is {smallest:.3g}; use "
+                    f"--memaudit-permutations {math.ceil(factor / gate.limit)} or more"))
 
     def _check_gates_can_be_evaluated(self, state: AuditSession, settings, spec, thresholds) -> None:
         """A gate whose figure this audit (or the stored one, or the baseline) will not have is an error now,

@@ -14,7 +14,7 @@ import math
 from typing import TYPE_CHECKING
 
 from .gates import Check, Gate, GateOutcome
-from .verdict import MEMBERSHIP_SIGNAL, VERDICT_LEVEL, Verdict, format_p
+from .verdict import MEMBERSHIP_SIGNAL, VERDICT_LEVEL, Verdict, format_p, smallest_corrected_p
 
 if TYPE_CHECKING:
     from .results import AuditResult
@@ -59,6 +59,18 @@ def evaluate_verdict(verdict: Verdict, gate: Gate) -> GateOutcome:
     check = Check(VERDICT_GATE, VERDICT_FIGURE, verdict.p_value, float(gate.limit),
                   not verdict.p_value < gate.limit, severity=gate.severity, low=verdict.low, high=verdict.high)
     return GateOutcome(ITEM, (check,))
+
+
+def smallest_verdict_p(layers: int, has_loss: bool, views: int, permutations: int, method: str) -> tuple[float, int]:
+    """(the smallest corrected p the verdict's family can reach, the count of permutations that would
+    reach ``1 / (that count + 1)`` per test) for an audit of ``layers`` layers: the argmax membership and
+    every per-image signal at each layer (view alignment needs 2 views), and the loss, if any, once."""
+    from .imagesignals import SIGNALS
+
+    per_layer = [s for s in SIGNALS if s != "loss" and (s != "view_alignment" or views >= 2)]
+    signals = 1 + len(per_layer) + int(has_loss)
+    fewest = 1 if has_loss else layers
+    return smallest_corrected_p(fewest, permutations, method, signals), fewest * signals if method == "holm" else 1
 
 
 def gate_result(result: AuditResult, thresholds: dict[str, dict[str, Gate | float]]) -> GateOutcome | None:

@@ -190,3 +190,15 @@ def test_a_null_passes_the_verdict_gate(pytester):
     result.assert_outcomes(passed=2)
     summary = json.loads((pytester.path / "null.json").read_text())["summary"]
     assert summary["verdict"]["memorization"] == "none" and summary["verdict_gate"]["outcome"] == "passed"
+
+
+def test_a_verdict_gate_the_permutations_cannot_reach_is_warned_about(pytester):
+    """The one-layer model with its loss: 6 signals (the argmax membership, 4 per-image signals, the
+    loss), the loss a single test, so its smallest corrected p is 6 / (P + 1): 200 permutations give
+    6 / 201 = 0.0299, above 0.01; 600 would reach it."""
+    setup(pytester, members_brighter=True)
+    result = run(pytester, "--collect-only", "--memaudit-permutations", "200")
+    result.stdout.fnmatch_lines(["*verdict_p_min = 0.01 cannot fail: with 200 permutations the verdict's smallest p "
+                                 "after its two-stage holm correction is 0.0299; use --memaudit-permutations 600 or "
+                                 "more*"])
+    assert "cannot fail" not in run(pytester, "--collect-only", "--memaudit-permutations", "600").stdout.str()
