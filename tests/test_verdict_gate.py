@@ -172,6 +172,20 @@ def test_the_level_follows_the_configuration_and_the_gate_can_be_turned_off(pyte
     verdict = json.loads((pytester.path / "off.json").read_text())["summary"]
     assert (verdict["verdict"]["memorization"], verdict["verdict"]["level"], verdict["verdict_gate"]) == (
         "detected", 0.01, None)
+    audit_file = pytester.path / "audits" / "memaudit.yaml"
+    audit_file.write_text(audit_file.read_text().replace("{verdict_p_min: 0.01}",
+                                                         "{verdict_p_min: {limit: 0.01, severity: warn}}"))
+    warned = run(pytester, "--memaudit-json", "warn.json")
+    assert warned.ret == pytest.ExitCode.OK, warned.stdout.str()
+    warned.assert_outcomes(passed=2, warnings=1)
+    warned.stdout.fnmatch_lines(["*MemauditWarning: memorization detected: * is below verdict_p_min = 0.01*"])
+    assert json.loads((pytester.path / "warn.json").read_text())["summary"]["verdict_gate"]["outcome"] == "warned"
+    # a second audit file that gives the verdicts another level: which one holds is the user's to say
+    (pytester.path / "audits" / "memaudit_strict.yaml").write_text("thresholds: {verdict_p_min: 0.001}\n")
+    both = run(pytester, "--collect-only")
+    assert both.ret == pytest.ExitCode.INTERRUPTED, both.stdout.str()
+    both.stdout.fnmatch_lines(["*verdict_p_min gives the verdicts the level 0.001, and another audit file gives them "
+                               "0.01: set it in one file*"])
 
 
 def test_without_held_out_images_the_verdict_is_not_testable(pytester):
