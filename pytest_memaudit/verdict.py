@@ -170,7 +170,7 @@ def rule(p_value: float, raw_p_value: float, smallest_p: float, permutations: in
     elif p_value < suggestive or smallest >= suggestive:  # a signal, or no test could show one
         outcome = "inconclusive"
         if smallest >= level:
-            need = math.ceil(smallest * (permutations + 1) / level) if permutations else math.nan
+            need = math.ceil(round(smallest * (permutations + 1), 6) / level) if permutations else math.nan
             why = (f"{permutations:,} permutations cannot give a corrected p below {level:g} for {tests} tests "
                    f"(the smallest is {smallest:.3g}): use at least {need} permutations")
         else:
