@@ -167,7 +167,7 @@ class AuditSession:
     catalog: "AuditCatalog | None" = None
     _user_net: Any = None  # a user model, built at collection to check its layer names; the audit reuses it
     build_error: str | None = None  # why that build failed (a usage error once collection is done)
-    verdict_level: float | None = None  # the verdicts' level, from the audit files' verdict_p_min (verdictgate.py)
+    verdict_level: float | None = None  # the verdicts' level, the audit files' verdict_p_min (None: the default's)
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None and self.stored is not None:
@@ -321,10 +321,9 @@ class AuditSession:
     def _set_runs(self, runs: "dict[str | None, AuditResult]") -> None:
         for result in runs.values():
             result.multiple_testing = self.multiple_testing
-            if self.verdict_level is not None:
-                from .verdictgate import apply_level
+            from .verdictgate import apply_level, level_of
 
-                apply_level(result, self.verdict_level)
+            apply_level(result, level_of(None) if self.verdict_level is None else self.verdict_level)
             if self.unapplied_compare_gates:
                 result.notes.append("the audit files' compare gates (compare:) were not applied: there was no "
                                     "baseline to compare with (--memaudit-compare NAME|PATH|latest)")
@@ -588,11 +587,12 @@ class AuditYamlFile(pytest.File):
         from .verdictgate import VERDICT_GATE, level_of, verdict_gate
 
         gate = verdict_gate(thresholds)
-        level = level_of(gate)
-        if state.verdict_level is not None and state.verdict_level != level:
-            raise self.CollectError(f"memaudit: {self.path}: {VERDICT_GATE} gives the verdicts the level {level:g}, and "
-                                    f"another audit file gives them {state.verdict_level:g}: set it in one file")
-        state.verdict_level = level
+        if gate is not None:
+            level = level_of(gate)
+            if state.verdict_level not in (None, level):
+                raise self.CollectError(f"memaudit: {self.path}: {VERDICT_GATE} gives the verdicts the level {level:g}, "
+                                        f"and another audit file gives them {state.verdict_level:g}: set it in one file")
+            state.verdict_level = level
         return gate, gate is not None or VERDICT_GATE in state.unevaluated_holdout_gates
 
     @staticmethod
@@ -763,7 +763,6 @@ class VerdictItem(pytest.Item):
         self.checkpoint = checkpoint
 
     def runtest(self) -> None:
-        import math
         import warnings
 
         from .errors import MemauditWarning
