@@ -22,7 +22,7 @@ from .planted import PlantedResult, PlantedUnit, PlantedUnitResult
 from .resultschema import check_document
 from .stats import CorrelationResult, Interval, LayerStats, depth_correlation
 from .unitmem import UnitMemValues
-from .verdict import Verdict, decide, membership_tests
+from .verdict import GATED_AS, Verdict, decide, gate_sentence, membership_tests
 
 SCHEMA_VERSION = 2
 
@@ -283,16 +283,13 @@ def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
 def _verdict_gate_json(outcome: GateOutcome | None, verdict: Verdict | None) -> dict[str, Any] | None:
     if outcome is None or verdict is None:
         return None
-    from .verdictgate import gate_message
-
-    return {"outcome": outcome.status, "message": gate_message(verdict, outcome),
+    check = outcome.checks[0]
+    return {"outcome": outcome.status, "message": gate_sentence(verdict, check.key, check.limit, not check.passed),
             "checks": [_check_json(check) for check in outcome.checks]}
 
 
 def _verdict_gate_from_json(data: dict[str, Any] | None) -> GateOutcome | None:
-    from .verdictgate import ITEM
-
-    return None if data is None else GateOutcome(ITEM, tuple(_check_from_json(item) for item in data["checks"]))
+    return None if data is None else GateOutcome(GATED_AS, tuple(_check_from_json(item) for item in data["checks"]))
 
 
 def _subject_json(subject: SubjectResult) -> dict[str, Any]:

@@ -36,6 +36,7 @@ VERDICT_LEVEL = 0.01
 SUGGESTIVE_FACTOR = 5  # inconclusive below SUGGESTIVE_FACTOR x level (0.05 for 0.01), corrected
 MEMBERSHIP_SIGNAL = "argmax_membership"  # the membership test's name among signals
 OUTCOMES = ("detected", "inconclusive", "none")
+GATED_AS = "verdict"  # the name the verdict's gate goes by: its outcome's, its pytest item's
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,20 @@ def rule(p_value: float, raw_p_value: float, smallest_p: float, permutations: in
         outcome = "none"
         why = f"the smallest corrected p is {format_p(p_value)} ({format_p(raw_p_value)} before the correction)"
     return outcome, f"{why}. Rule: {text}."
+
+
+def gate_sentence(verdict: Verdict, key: str, limit: float, crossed: bool) -> str:
+    """The verdict against a gate ``key`` of ``limit`` in words: the deciding figure, its value, the limit."""
+    interval = (f" [{verdict.low:.3g}, {verdict.high:.3g}]" if math.isfinite(verdict.low) and math.isfinite(verdict.high)
+                else "")
+    estimate = "member-share excess" if verdict.signal == MEMBERSHIP_SIGNAL else "AUC"
+    figure = (f"{verdict.signal} at {verdict.layer} ({estimate} {verdict.estimate:.3g}{interval}, p "
+              f"{format_p(verdict.raw_p_value)} before the correction)")
+    if not crossed:
+        return (f"verdict {verdict.memorization}: the smallest corrected p, {format_p(verdict.p_value)} from {figure}, "
+                f"is not below {key} = {limit:g}")
+    return (f"memorization detected: {figure}: corrected p = {format_p(verdict.p_value)} is below {key} = "
+            f"{limit:g} ({verdict.correction})")
 
 
 def _finite(value: float) -> float:

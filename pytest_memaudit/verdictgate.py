@@ -14,14 +14,14 @@ import math
 from typing import TYPE_CHECKING
 
 from .gates import Check, Gate, GateOutcome
-from .verdict import MEMBERSHIP_SIGNAL, VERDICT_LEVEL, Verdict, format_p, smallest_corrected_p
+from .verdict import GATED_AS, VERDICT_LEVEL, Verdict, gate_sentence, smallest_corrected_p
 
 if TYPE_CHECKING:
     from .results import AuditResult
 
 VERDICT_GATE = "verdict_p_min"  # the threshold key (gates.LIMITS); set for the model, never per layer
 VERDICT_FIGURE = "verdict_p"
-ITEM = "verdict"  # the test item's name: audits/memaudit.yaml::verdict
+ITEM = GATED_AS  # the test item's name: audits/memaudit.yaml::verdict
 
 
 def verdict_gate(thresholds: dict[str, dict[str, Gate | float]]) -> Gate | None:
@@ -88,13 +88,4 @@ def gate_result(result: AuditResult, thresholds: dict[str, dict[str, Gate | floa
 def gate_message(verdict: Verdict, outcome: GateOutcome) -> str:
     """The verdict gate's outcome in words, naming the deciding figure, its value and the limit."""
     check = outcome.checks[0]
-    interval = (f" [{verdict.low:.3g}, {verdict.high:.3g}]" if math.isfinite(verdict.low) and math.isfinite(verdict.high)
-                else "")
-    estimate = "member-share excess" if verdict.signal == MEMBERSHIP_SIGNAL else "AUC"
-    figure = (f"{verdict.signal} at {verdict.layer} ({estimate} {verdict.estimate:.3g}{interval}, p "
-              f"{format_p(verdict.raw_p_value)} before the correction)")
-    if check.passed:
-        return (f"verdict {verdict.memorization}: the smallest corrected p, {format_p(verdict.p_value)} from {figure}, "
-                f"is not below {VERDICT_GATE} = {check.limit:g}")
-    return (f"memorization detected: {figure}: corrected p = {format_p(verdict.p_value)} is below {VERDICT_GATE} = "
-            f"{check.limit:g} ({verdict.correction})")
+    return gate_sentence(verdict, VERDICT_GATE, check.limit, not check.passed)
