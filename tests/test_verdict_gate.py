@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pytest_memaudit.audit  # noqa: F401  (pytester runs: see test_user_models.py)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (pytester runs: see test_user_models.py)
 import pytest_memaudit.plugin  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 import pytest_memaudit.report  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
-from pytest_memaudit.config import load_audit_file, parse_threshold_option
 from pytest_memaudit.errors import ConfigError
-from pytest_memaudit.verdict import decide, format_p
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.gates.limits import parse_threshold_option
+from pytest_memaudit.metric.verdict import decide, format_p
 
 pytest_plugins = ["pytester"]
 

@@ -2,14 +2,15 @@
 
 The shipped weights (``demo_encoder.pt``, a plain state_dict stored as float16) come with
 ``demo_encoder.json``: how they were trained, on what, and each canary's repetition count.
-Retrain with ``python -m pytest_memaudit.train_demo --out PATH``.
+Retrain with ``python -m pytest_memaudit.models.train_demo --out PATH``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import BUILTIN_PREFIX, CANARY_PREFIX, ImageSet, builtin_ids
+from ..data.builtin import BUILTIN_PREFIX, CANARY_PREFIX, builtin_ids
+from ..data.images import ImageSet
 from ..errors import CheckpointError
 
 WIDTH = 32  # VAREncoder(ch=WIDTH): the 22 layers of var_d16 at a fifth of its width
@@ -121,11 +122,25 @@ def build_demo(checkpoint: Path | None):
     return model.eval()
 
 
+def make_decoder(z_channels: int = 32) -> nn.Sequential:
+    """The demo's decoder: z (z_channels x s/16 x s/16) to an image, four nearest-upsample + conv stages."""
+    from torch import nn
+
+    layers: list[nn.Module] = [nn.Conv2d(z_channels, 128, 3, padding=1), nn.SiLU()]
+    for c_in, c_out in ((128, 128), (128, 64), (64, 32), (32, 32)):
+        layers += [
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.GroupNorm(8, c_out),
+            nn.SiLU(),
+        ]
+    layers.append(nn.Conv2d(32, 3, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
 def memorizer_decoder():
     """The ``demo_memorizer``'s frozen decoder (float32, eval mode)."""
     import torch
-
-    from ..train_demo import make_decoder
 
     decoder = make_decoder()
     decoder.load_state_dict({k: v.float() for k, v in torch.load(MEMORIZER_DECODER, map_location="cpu",

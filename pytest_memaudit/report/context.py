@@ -11,20 +11,21 @@ from typing import Any
 
 import numpy as np
 
-from ..compare import Comparison
-from ..data import display_id
-from ..gates import GATES, Check, adjusted_p_values
-from ..results import AuditResult, LayerResult
-from ..stats import group_size
-from ..views import describe as describe_views
-from ..views import record_of
+from ..data.images import display_id
+from ..gates.compare import Comparison
+from ..gates.thresholds import adjusted_p_values
+from ..metric.stats import group_size
+from ..pipeline.views import describe as describe_views
+from ..pipeline.views import record_of
+from ..results.outcomes import GATES, Check
+from ..results.result import AuditResult, LayerResult
 from . import figures
 from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section
-from .signals import signals_section
 from .format import fmt, fmt_interval, fmt_p
 from .memorized import memorized_section
 from .series import series_section
+from .signals import signals_section
 from .thumbnails import Gallery
 
 TABLE1_UNITS = 20
@@ -121,7 +122,7 @@ def gate_status(layer: LayerResult) -> str:
 
 
 def verdict(layers: list[LayerResult], result: AuditResult | None = None) -> dict[str, str]:
-    """The report's banner: the gates' outcome, the model's verdict gate (verdictgate.py) first."""
+    """The report's banner: the gates' outcome, the model's verdict gate (gates/verdictgate.py) first."""
     gated = [layer for layer in layers if layer.outcome is not None and layer.outcome.status != "not gated"]
     failed = [layer.name for layer in gated if layer.outcome.status == "failed"]
     warned = [layer.name for layer in gated if layer.outcome.status == "warned"]
@@ -131,7 +132,7 @@ def verdict(layers: list[LayerResult], result: AuditResult | None = None) -> dic
         return {"status": "not gated", "text": "No threshold applied to any layer: nothing was gated."}
     text = ""
     if model is not None:
-        from ..verdictgate import gate_message
+        from ..gates.verdictgate import gate_message
 
         text = f"The model's verdict gate {model.status}: {gate_message(result.verdict, model)}. "
     if not gated:
