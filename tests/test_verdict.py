@@ -12,9 +12,12 @@ from torch import nn
 from pytest_memaudit.pipeline.audit import run_audit
 from pytest_memaudit.gates.config import load_audit_file
 from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.controls.planted import PLANTED_UNITS
 from pytest_memaudit.controls.random import blind_copy
 from pytest_memaudit.gates.thresholds import evaluate_result
+from pytest_memaudit.gates.verdictgate import gate_result, not_testable
 from pytest_memaudit.models import LayerSpec, ModelSpec
+from pytest_memaudit.results.outcomes import Gate
 from pytest_memaudit.results.result import AuditResult
 from pytest_memaudit.metric.verdict import decide
 
@@ -124,6 +127,10 @@ LAYERS = (LayerSpec("a", "a"), LayerSpec("b", "b"))
 FIXED = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
 
 
+def result_spec():
+    return ModelSpec(name="twoconv", layers=LAYERS, build=None, default_image_size=16)
+
+
 def audit(build):
     spec = ModelSpec(name="twoconv", layers=LAYERS, build=lambda checkpoint: build(), default_image_size=16)
     settings = make_settings(model="twoconv", data="builtin", samples=40, holdout="builtin", augmentations=2,
@@ -146,8 +153,9 @@ def test_on_the_blind_control_nothing_is_found():
         assert (layer.membership.units, layer.membership.excluded_units) == (0, layer.channels)
     assert result.verdict.memorization == "none" and "no test could run" in result.verdict.reason
     assert result.control.verdict.memorization == "none"
-    assert result.planted.verdict.memorization == "none"
+    assert result.planted.verdict.memorization == "none" and result.planted.verdict.tests == 0
     assert result.planted.recall == 0 and result.planted.argmax_hits == 0
+    assert not_testable(result.verdict).startswith("not testable: no test could run")  # the verdict gate skips
     again = AuditResult.from_json(result.to_json())
     assert again.verdict == result.verdict and again.planted.verdict == result.planted.verdict
     assert again.control.verdict == result.control.verdict
@@ -168,10 +176,29 @@ def test_on_the_encoder_itself_the_planted_control_is_found_and_the_random_contr
     result, outcomes = audit(TwoConv)
     assert result.planted.verdict.memorization == "detected"
     assert result.planted.recall == 1.0 and result.planted.argmax_hits == 8
+    # Its verdict tests the 8 planted units alone: each picks its own planted image, so they pick
+    # planted images 8 times in 8 (share 1) against the planted images' share of the pooled images,
+    # and no relabelling of 1,000 matches that (all 8 picked images must fall among 8 of the pool).
+    v = result.planted.verdict
+    pooled = result.count("planted") + result.count("holdout")
+    assert (v.layer, v.tests) == (PLANTED_UNITS, 1)
+    assert v.estimate == pytest.approx(1 - result.count("planted") / pooled)
+    assert v.raw_p_value == pytest.approx(1 / 1001) and v.p_value == v.raw_p_value
     assert result.control.verdict.memorization == "none"
     # the model's own verdict and its gates say the same: generated images, untrained weights
     assert result.verdict.memorization in ("none", "inconclusive")
     assert all(o.status == "passed" for o in outcomes.values())
+    # the library's verdict gate: at the shipped level it passes; its level reaches every verdict;
+    # turned off, there is no outcome and the level is the default's
+    thresholds = load_audit_file(DEFAULT_AUDIT).thresholds_for(result_spec())
+    assert gate_result(result, thresholds).status == "passed" and result.verdict.level == 0.01
+    assert result.verdict_gate.checks[0].value == result.verdict.p_value
+    strict = {name: limits | {"verdict_p_min": Gate(0.002)} for name, limits in thresholds.items()}
+    assert gate_result(result, strict).status == "passed"
+    assert result.verdict.level == result.control.verdict.level == result.planted.verdict.level == 0.002
+    assert result.planted.verdict.memorization == "detected"  # 1 / 1001 < 0.002
+    off = {name: limits | {"verdict_p_min": Gate(None)} for name, limits in thresholds.items()}
+    assert gate_result(result, off) is None and result.planted.verdict.level == 0.01
 
 
 def test_a_p_gate_the_permutations_cannot_reach_is_warned_about(pytester):

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metric.membership import CONSTANT_TOLERANCE, Membership
+from ..metric.membership import CONSTANT_TOLERANCE, Contrast, Membership
 from ..metric.unitmem import UnitMemValues
-from ..metric.verdict import Verdict
+from ..metric.verdict import MEMBERSHIP_SIGNAL, MembershipTest, Verdict, decide
 from ..models import LayerSpec
 from ..models.hooks import LayerRecorder, UnitAxis, find_module, measured_tokens, output_part, unit_means
 
@@ -288,3 +288,30 @@ def evaluate(plants: Sequence[PlantedUnit], layers: dict[str, UnitMemValues], st
             "measured_strength": float(np.median(measured)) if measured else None,
         })
     return result
+
+
+PLANTED_UNITS = "the planted units"  # the ``layer`` of the planted control's one test: its units, over every layer
+
+
+def default_units(plants: Sequence[PlantedUnit], strength: float) -> dict[str, list[int]]:
+    """The units planted at the default ``strength``, by layer: the ones the planted control's verdict tests."""
+    units: dict[str, list[int]] = {}
+    for plant in plants:
+        if plant.strength == strength:
+            units.setdefault(plant.layer, []).append(plant.unit)
+    return units
+
+
+def planted_verdict(contrast: Contrast | None, permutations: int) -> Verdict | None:
+    """The planted control's verdict, from a test built for what it planted: the argmax membership of
+    its default-strength units alone, pooled over layers (do they pick the planted images more than
+    the planted images' share of the pooled images?), against its permutation null over images. The
+    model's other units, which memorized nothing, do not dilute it; and a network blind to its input
+    gives its planted units no argmax (they are constant), so no test: verdict none."""
+    if contrast is None:
+        return None
+    m = contrast.overall
+    interval = m.excess_interval
+    test = MembershipTest(MEMBERSHIP_SIGNAL, PLANTED_UNITS, m.excess, math.nan if interval is None else interval.low,
+                          math.nan if interval is None else interval.high, m.p_value)
+    return decide([test], permutations=permutations)

@@ -33,7 +33,7 @@ from ..models import TOKEN_CHOICES, UNIT_LAYOUTS, InputContract, LayerSpec, Mode
 from ..pipeline.settings import check_views_value
 from ..results.outcomes import GATES, LIMITS, MULTIPLE_TESTING, Gate
 from . import yamlsafe
-from .limits import _check_keys, _compare_block, _expect_mapping, _number, _threshold_block, _whole
+from .limits import _check_keys, _check_model_gates, _compare_block, _expect_mapping, _number, _threshold_block, _whole
 
 if TYPE_CHECKING:
     from .limits import Partial
@@ -362,4 +362,7 @@ def _layer_block(path, where, block) -> dict[str, dict[str, float | None]]:
     if block is None:
         return {}
     _expect_mapping(path, where, block)
-    return {str(name): _threshold_block(path, f"{where}: {shorten(str(name))}", entry) for name, entry in block.items()}
+    blocks = {str(name): _threshold_block(path, f"{where}: {shorten(str(name))}", entry) for name, entry in block.items()}
+    for name, entry in blocks.items():
+        _check_model_gates(f"{path}: {where}: {shorten(name)}", entry)
+    return blocks

@@ -8,8 +8,8 @@ import math
 from typing import Any
 
 from ..errors import ConfigError, quote, shorten
-from ..results.outcomes import (COMPARED, INTERVAL_FIGURES, LIMITS, P_VALUE_FIGURES, SETTINGS, SEVERITIES,
-                                THRESHOLD_KEYS, WHEN)
+from ..results.outcomes import (COMPARED, INTERVAL_FIGURES, LIMITS, MODEL_GATES, P_VALUE_FIGURES, SETTINGS,
+                                SEVERITIES, THRESHOLD_KEYS, WHEN)
 
 _GATE_FIELDS = ("limit", "when", "severity")
 
@@ -207,4 +207,15 @@ def parse_threshold_option(text: str) -> tuple[str, str, Partial]:
         value = None if raw.lower() in ("none", "null", "off") else float(raw)
     except ValueError:
         raise ConfigError(f"--memaudit-threshold {text!r}: {raw!r} is not a number (or 'off')") from None
+    if layer.strip() not in ("", "*"):
+        _check_model_gates(f"--memaudit-threshold {text!r}", {key: value})
     return layer.strip() or "*", key, threshold_entry(f"--memaudit-threshold {key}", key, value)
+
+
+def _check_model_gates(where: str, entry: dict) -> None:
+    """A model's gate (the verdict's) set for one layer: a ConfigError saying where it belongs."""
+    for key in MODEL_GATES:
+        if key in entry:
+            raise ConfigError(f"{where}: {key} gates the model's verdict over every layer, not one layer: set it under "
+                              "thresholds: (or models: NAME: thresholds:), or on the command line without a layer "
+                              f"(--memaudit-threshold {key}=VALUE)")

@@ -153,7 +153,7 @@ def figures_had(result: AuditResult) -> set[str]:
     """The figures that need something extra (NEEDS) which a finished result has."""
     has = set()
     if result.membership is not None or any(layer.membership is not None for layer in result.layers):
-        has |= {"membership_excess", "membership_p"}
+        has |= {"membership_excess", "membership_p", "verdict_p"}
     if any(layer.control_excess is not None for layer in result.layers):
         has.add("excess_over_control")
     return has
@@ -169,7 +169,7 @@ def without_rise_gates(thresholds: dict[str, Gate | float]) -> dict[str, Gate | 
     return {key: value for key, value in thresholds.items() if key not in RISE_LIMITS}
 
 
-HOLDOUT_FIGURES = ("membership_excess", "membership_p")  # a run's own figures that need held-out images
+HOLDOUT_FIGURES = ("membership_excess", "membership_p", "verdict_p")  # a run's own figures that need held-out images
 
 
 def holdout_gates(thresholds: dict[str, Gate | float]) -> list[str]:

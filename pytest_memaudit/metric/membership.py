@@ -26,7 +26,7 @@ question, per layer and over all layers together:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,9 +80,11 @@ def membership_contrast(
     *,
     permutations: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
+    units: Mapping[str, Sequence[int]] | None = None,
 ) -> Contrast | None:
     """The contrast of ``member_labels`` against ``holdout_labels`` over the layers in ``states``
-    (name -> state, in forward order); None when either side has no data points."""
+    (name -> state, in forward order); None when either side has no data points. ``units`` (layer
+    name -> unit indices): only those units take part (the planted control's planted units)."""
     pooled_labels = [*member_labels, *holdout_labels]
     pooled = np.flatnonzero(np.isin(point_labels, pooled_labels))
     is_member = np.isin(point_labels[pooled], member_labels)
@@ -96,7 +98,13 @@ def membership_contrast(
     for name, state in states.items():
         extremes = state.extremes(pooled_labels)
         picks = picking_units(extremes)
-        excluded[name] = int(np.count_nonzero(~picks))
+        if units is not None:
+            chosen = np.zeros(picks.shape, dtype=bool)
+            chosen[np.asarray(units.get(name, ()), dtype=np.int64)] = True
+            picks &= chosen
+            excluded[name] = int(np.count_nonzero(chosen & ~picks))
+        else:
+            excluded[name] = int(np.count_nonzero(~picks))
         layer_counts[name] = _argmax_counts(extremes.argmax[picks], position, pooled.size)
         top_index = state.top(pooled_labels)[1][:, picks]
         topk_shares[name] = float(is_member[position[top_index]].mean()) if top_index.size else math.nan

@@ -9,8 +9,9 @@ then Holm across the signals. With one signal this is Holm across its layers. A 
 once for the whole model (the loss of the reference attack) then pays for the number of signals,
 not for every layer of the others. The verdict says:
 
-- ``detected``: some test's corrected p-value is below ``level`` (VERDICT_LEVEL, the level of the
-  default ``membership_p_min`` gate, so that the verdict and the default gates agree);
+- ``detected``: some test's corrected p-value is below ``level``: the limit of the ``verdict_p_min``
+  gate (``gates/verdictgate.py``), which fails the run exactly then; VERDICT_LEVEL when no audit file sets
+  one (a re-decided verdict, ``Verdict.at_level``, keeps every corrected p);
 - ``inconclusive``: none is, but one is below ``SUGGESTIVE_FACTOR`` times ``level`` (0.05), or the
   permutations could not even reach that after the correction; the verdict then gives the estimate,
   its interval, its p before and after the correction, and why there is no verdict;
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .stats import holm
@@ -35,6 +36,7 @@ VERDICT_LEVEL = 0.01
 SUGGESTIVE_FACTOR = 5  # inconclusive below SUGGESTIVE_FACTOR x level (0.05 for 0.01), corrected
 MEMBERSHIP_SIGNAL = "argmax_membership"  # the membership test's name among signals
 OUTCOMES = ("detected", "inconclusive", "none")
+GATED_AS = "verdict"  # the name the verdict's gate goes by: its outcome's, its pytest item's
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,16 @@ class Verdict:
     correction: str  # how the family was corrected, in words
     level: float
     reason: str  # why this verdict, in words, with the rule
+    smallest_p: float = math.nan  # the smallest corrected p the permutations can give (NaN: unknown)
+    permutations: int | None = None  # the relabellings behind the p-values
+
+    def at_level(self, level: float) -> Verdict:
+        """The same family's verdict at another ``level`` (a user's ``verdict_p_min``): the corrected
+        p-values do not depend on it, only the outcome and its reason do."""
+        if self.tests == 0:
+            return replace(self, level=level)
+        outcome, reason = rule(self.p_value, self.raw_p_value, self.smallest_p, self.permutations, self.tests, level)
+        return replace(self, memorization=outcome, level=level, reason=reason)
 
     def as_dict(self) -> dict[str, Any]:
         return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
@@ -75,7 +87,7 @@ class Verdict:
 
 
 _FIELDS = tuple(Verdict.__dataclass_fields__)
-_FLOATS = ("p_value", "estimate", "low", "high", "raw_p_value", "level")
+_FLOATS = ("p_value", "estimate", "low", "high", "raw_p_value", "level", "smallest_p")
 
 
 def membership_tests(layers: Iterable[Any]) -> list[MembershipTest]:
@@ -132,39 +144,62 @@ def decide(tests: Sequence[Any], level: float = VERDICT_LEVEL, method: str = "ho
                       f"{len(signals)} signals ({', '.join(signals)})")
     if not usable:
         return Verdict("none", math.nan, None, None, math.nan, math.nan, math.nan, math.nan, 0, correction, level,
-                       "no test could run: every unit responds alike to every image (dead or constant units, "
-                       "e.g. a network blind to its input), so nothing tells members from held-out images")
+                       NO_TEST, permutations=permutations)
     adjusted = corrected(usable) if method == "holm" else [t.p_value for t in usable]
     order = sorted(range(m), key=lambda i: (adjusted[i], usable[i].p_value, -_finite(usable[i].estimate)))
-    best = order[0]
+    t = usable[order[0]]
     fewest = min(sum(t.signal == name for t in usable) for name in signals)  # the signal with fewest tests
     smallest = 0.0 if permutations is None else smallest_corrected_p(fewest, permutations, method, len(signals))
+    return Verdict("none", float(adjusted[order[0]]), t.signal, t.layer, float(t.estimate), float(t.low),
+                   float(t.high), float(t.p_value), m, correction, level, "", smallest, permutations).at_level(level)
+
+
+NO_TEST = ("no test could run: every unit responds alike to every image (dead or constant units, e.g. a network "
+           "blind to its input), so nothing tells members from held-out images")
+
+
+def rule(p_value: float, raw_p_value: float, smallest_p: float, permutations: int | None, tests: int,
+         level: float) -> tuple[str, str]:
+    """(outcome, reason) of a family whose smallest corrected p is ``p_value`` (``raw_p_value``
+    before the correction; ``smallest_p``: the smallest the permutations allow) at ``level``."""
     suggestive = SUGGESTIVE_FACTOR * level
-    rule = (f"detected when a test's corrected p is below {level:g}, inconclusive when it is below {suggestive:g}, "
+    text = (f"detected when a test's corrected p is below {level:g}, inconclusive when it is below {suggestive:g}, "
             "none otherwise")
-    chosen, t = best, usable[best]
-    if adjusted[best] < level:
-        outcome, why = "detected", f"the smallest corrected p is {_p(adjusted[best])}"
-    elif adjusted[best] < suggestive or smallest >= suggestive:  # a signal, or no test could show one
+    smallest = smallest_p if math.isfinite(smallest_p) else 0.0  # unknown (an older file): reachable
+    if p_value < level:
+        outcome, why = "detected", f"the smallest corrected p is {format_p(p_value)}"
+    elif p_value < suggestive or smallest >= suggestive:  # a signal, or no test could show one
         outcome = "inconclusive"
         if smallest >= level:
-            why = (f"{permutations:,} permutations cannot give a corrected p below {level:g} for {m} tests "
-                   f"(the smallest is {smallest:.3g}): use at least "
-                   f"{math.ceil(fewest * len(signals) / level) if method == 'holm' else math.ceil(1 / level)} "
-                   "permutations")
+            need = math.ceil(round(smallest * (permutations + 1), 6) / level) if permutations else math.nan
+            why = (f"{permutations:,} permutations cannot give a corrected p below {level:g} for {tests} tests "
+                   f"(the smallest is {smallest:.3g}): use at least {need} permutations")
         else:
-            why = (f"the smallest corrected p, {_p(adjusted[best])} ({_p(t.p_value)} before the correction), is "
+            why = (f"the smallest corrected p, {format_p(p_value)} ({format_p(raw_p_value)} before the correction), is "
                    f"below {suggestive:g} but not below {level:g}")
     else:
         outcome = "none"
-        why = f"the smallest corrected p is {_p(adjusted[best])} ({_p(t.p_value)} before the correction)"
-    return Verdict(outcome, float(adjusted[chosen]), t.signal, t.layer, float(t.estimate), float(t.low),
-                   float(t.high), float(t.p_value), m, correction, level, f"{why}. Rule: {rule}.")
+        why = f"the smallest corrected p is {format_p(p_value)} ({format_p(raw_p_value)} before the correction)"
+    return outcome, f"{why}. Rule: {text}."
+
+
+def gate_sentence(verdict: Verdict, key: str, limit: float, crossed: bool) -> str:
+    """The verdict against a gate ``key`` of ``limit`` in words: the deciding figure, its value, the limit."""
+    interval = (f" [{verdict.low:.3g}, {verdict.high:.3g}]" if math.isfinite(verdict.low) and math.isfinite(verdict.high)
+                else "")
+    estimate = "member-share excess" if verdict.signal == MEMBERSHIP_SIGNAL else "AUC"
+    figure = (f"{verdict.signal} at {verdict.layer} ({estimate} {verdict.estimate:.3g}{interval}, p "
+              f"{format_p(verdict.raw_p_value)} before the correction)")
+    if not crossed:
+        return (f"verdict {verdict.memorization}: the smallest corrected p, {format_p(verdict.p_value)} from {figure}, "
+                f"is not below {key} = {limit:g}")
+    return (f"memorization detected: {figure}: corrected p = {format_p(verdict.p_value)} is below {key} = "
+            f"{limit:g} ({verdict.correction})")
 
 
 def _finite(value: float) -> float:
     return value if value is not None and math.isfinite(value) else 0.0
 
 
-def _p(value: float) -> str:
+def format_p(value: float) -> str:
     return f"{value:.2g}" if value >= 0.001 else f"{value:.1e}"

@@ -138,18 +138,24 @@ def make_decoder(z_channels: int = 32) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def memorizer_decoder():
+    """The ``demo_memorizer``'s frozen decoder (float32, eval mode)."""
+    import torch
+
+    decoder = make_decoder()
+    decoder.load_state_dict({k: v.float() for k, v in torch.load(MEMORIZER_DECODER, map_location="cpu",
+                                                                 weights_only=True).items()})
+    return decoder.eval().requires_grad_(False)
+
+
 def reconstruction_loss(checkpoint: Path | None):
     """The reference attack's loss for a demo encoder: each image's mean squared error through the
     ``demo_memorizer``'s decoder (fitted to the frozen demo encoder on images that neither the demo,
     the memorizer, nor their held-out sets contain)."""
-    import torch
     import torch.nn.functional as F
 
     encoder = build_demo(checkpoint)
-    decoder = make_decoder()
-    decoder.load_state_dict({k: v.float() for k, v in torch.load(MEMORIZER_DECODER, map_location="cpu",
-                                                                 weights_only=True).items()})
-    decoder.eval().requires_grad_(False)
+    decoder = memorizer_decoder()
     encoder.requires_grad_(False)
 
     def loss(images: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..models import ModelSpec, get_model_spec
 from ..results.result import AuditResult
 from .device import cpu_threads, precision_mode, selected_device
 from .distributed import join
-from .finalize import assemble, finalize, gather_embedding
+from .finalize import assemble, finalize, gather_embedding, planted_units_contrast
 from .heap import reuse_freed_memory
 from .merge import merge
 from .run import ProgressCallback, is_model
@@ -99,6 +99,7 @@ def _audit(
                                                settings.seed)
                    for subject in run.subjects if is_model(subject.role)}
         embedding = gather_embedding(run, merged, points["model"])
+        planted_units = planted_units_contrast(run, settings, labels)
         timing["finalize_s"] = time.perf_counter() - clock
     except KeyboardInterrupt:
         world.after_interrupt()  # a lost process, not the launcher's SIGTERM that followed, ends the audit
@@ -108,4 +109,4 @@ def _audit(
             run.close()
         world.close()
     return assemble(run, merged, finished, points, signals, embedding,
-                    timing | {"wall_s": time.perf_counter() - started})
+                    timing | {"wall_s": time.perf_counter() - started}, planted_units)

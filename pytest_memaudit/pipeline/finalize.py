@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis.datapoints import DataPoints, embedded_rows, what_gets_memorized
+from ..controls.planted import default_units, planted_verdict
 from ..controls.planted import evaluate as evaluate_planted
 from ..errors import AuditError
 from ..metric.membership import Contrast, membership_contrast
@@ -44,9 +45,22 @@ def gather_embedding(run: AuditRun, merged: Merged, points: DataPoints) -> np.nd
     return embedding
 
 
+def planted_units_contrast(run: AuditRun, settings: RunSettings, labels: np.ndarray) -> Contrast | None:
+    """The planted control's contrast over its default-strength planted units alone (what its verdict
+    tests); None without a planted control."""
+    planted = next((subject for subject in run.subjects if subject.role == "planted"), None)
+    if planted is None:
+        return None
+    return membership_contrast({layer.name: planted.states[layer.name] for layer in run.selected}, labels,
+                               planted.members, planted.holdout, permutations=settings.permutations,
+                               seed=settings.seed, units=default_units(run.plants, settings.planted_strength))
+
+
 def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, DataPoints],
-             signals: dict[str, list], embedding: np.ndarray | None, timing: dict[str, float]) -> list[AuditResult]:
-    """The AuditResult of the finished subjects: the model's, then each later checkpoint's."""
+             signals: dict[str, list], embedding: np.ndarray | None, timing: dict[str, float],
+             planted_units: Contrast | None = None) -> list[AuditResult]:
+    """The AuditResult of the finished subjects: the model's, then each later checkpoint's;
+    ``planted_units``: the planted control's contrast over its planted units alone."""
     settings, images = run.settings, run.images
     samples = [images.ids[position] for position in merged.read.tolist()]
     labels = [LABELS[code] for code in images.labels[merged.read].tolist()]
@@ -77,7 +91,7 @@ def assemble(run: AuditRun, merged: Merged, finished: dict, points: dict[str, Da
             settings.planted_strength,
             None if planted_contrast is None else planted_contrast.overall,
         )
-        planted.verdict = subject_verdict(planted_layers, settings)
+        planted.verdict = planted_verdict(planted_units, settings.permutations)
         if planted.recall < 0.9:
             notes.append(
                 f"the planted control was found in only {planted.recall:.0%} of its units at strength "

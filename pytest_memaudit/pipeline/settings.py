@@ -211,7 +211,7 @@ def audit_has(settings: RunSettings, spec: ModelSpec) -> set[str]:
     """The figures that need something extra (gates.NEEDS) which this audit will have."""
     has = set()
     if has_holdout(settings, spec):
-        has |= {"membership_excess", "membership_p"}
+        has |= {"membership_excess", "membership_p", "verdict_p"}
     if "random" in control_roles(settings, spec):
         has.add("excess_over_control")
     return has

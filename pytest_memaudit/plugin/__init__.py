@@ -15,7 +15,7 @@ import pytest
 
 from . import parallel
 from .files import write_outputs
-from .items import AuditYamlFile, LayerItem, check_baseline_architecture, is_audit_file
+from .items import AuditYamlFile, LayerItem, VerdictItem, check_baseline_architecture, is_audit_file
 from .options import (CHOICES, DEFAULT_FILE_PATTERNS, DEFAULT_REPORT_DIR, GALLERY_MODES, OPTIONS, OUTPUTS_NOT_WRITTEN,
                       REPEATABLE, add_baseline_options, gallery_mode, list_saved)
 from .session import AuditSession, audit_session_key, is_rank_zero, validate_options
@@ -89,10 +89,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         state.error = message  # the worker's first layer test fails with it; the controller exits 4
         return
     items = [item for item in session.items if isinstance(item, LayerItem)]
+    verdicts = [item for item in session.items if isinstance(item, VerdictItem)]
     for_fixture = any(FIXTURE in getattr(item, "fixturenames", ()) for item in session.items)
-    if session.config.option.collectonly or not (items or for_fixture):
+    if session.config.option.collectonly or not (items or verdicts or for_fixture):
         return
-    if for_fixture:
+    if verdicts:  # the verdict is over every layer
+        state.wanted_layers = {layer.name for layer in state.spec.layers}
+    elif for_fixture:
         from ..errors import ConfigError
 
         try:
@@ -102,7 +105,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         state.wanted_layers = {layer.name for layer in spec.layers}
     else:
         state.wanted_layers = {item.layer.name for item in items}
-    state.wanted_checkpoints = {item.checkpoint for item in items if item.checkpoint is not None}
+    state.wanted_checkpoints = {item.checkpoint for item in items + verdicts if item.checkpoint is not None}
     check_baseline_architecture(state)
     if not parallel.is_worker(session.config):  # a worker audits when its first layer test runs, if one does
         state.run()

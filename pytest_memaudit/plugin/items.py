@@ -14,7 +14,7 @@ from .session import audit_session_key
 
 if TYPE_CHECKING:
     from ..gates.config import AuditCatalog
-    from ..results.outcomes import GateOutcome
+    from ..results.outcomes import Gate, GateOutcome
     from ..models import LayerSpec, ModelSpec
     from .session import AuditSession
     from ..results.result import AuditResult
@@ -51,6 +51,7 @@ class AuditYamlFile(pytest.File):
             return
         try:
             from ..gates.thresholds import without_rise_gates
+            from ..results.outcomes import MODEL_GATES
 
             overrides = state.threshold_overrides()
             thresholds = audit.thresholds_for(spec, overrides)
@@ -69,12 +70,36 @@ class AuditYamlFile(pytest.File):
             self._check_user_layers(state, spec)
         state.multiple_testing = audit.multiple_testing
         state.spec = spec
+        gate, gated = self._verdict_gate(state, thresholds)
+        thresholds = {name: {key: value for key, value in limits.items() if key not in MODEL_GATES}
+                      for name, limits in thresholds.items()}
         state.thresholds.update(thresholds)
+        checkpoints = list(state.series or state.stored or [None])  # [None]: one run
         for layer in spec.layers:
-            for checkpoint in list(state.series or state.stored or [None]):  # [None]: one run
+            for checkpoint in checkpoints:
                 name = layer.name if checkpoint is None else f"{layer.name}[{checkpoint}]"
                 yield LayerItem.from_parent(self, name=name, layer=layer, thresholds=thresholds[layer.name],
                                             checkpoint=checkpoint)
+        if gated:
+            from ..gates.verdictgate import ITEM
+
+            for checkpoint in checkpoints:
+                name = ITEM if checkpoint is None else f"{ITEM}[{checkpoint}]"
+                yield VerdictItem.from_parent(self, name=name, gate=gate, checkpoint=checkpoint)
+
+    def _verdict_gate(self, state: AuditSession, thresholds: dict) -> "tuple[Gate | None, bool]":
+        """The model's verdict_p_min gate (None: off, or left out for want of held-out images), and
+        whether it has an item (to run, or to skip saying why); the verdicts' level follows it."""
+        from ..gates.verdictgate import VERDICT_GATE, level_of, verdict_gate
+
+        gate = verdict_gate(thresholds)
+        if gate is not None:
+            level = level_of(gate)
+            if state.verdict_level not in (None, level):
+                raise self.CollectError(f"memaudit: {self.path}: {VERDICT_GATE} gives the verdicts the level {level:g}, "
+                                        f"and another audit file gives them {state.verdict_level:g}: set it in one file")
+            state.verdict_level = level
+        return gate, gate is not None or VERDICT_GATE in state.unevaluated_holdout_gates
 
     @staticmethod
     def _without_holdout_gates(state: AuditSession, limits: dict) -> dict:
@@ -119,6 +144,17 @@ class AuditYamlFile(pytest.File):
                 f"membership_p_min = {min(limits):g} cannot fail: with {settings.permutations:,} permutations the "
                 f"smallest p-value after the {method} correction over {tests} layer(s) is {smallest:.3g}; use "
                 f"--memaudit-permutations {math.ceil(tests / min(limits))} or more"))
+        from ..gates.verdictgate import VERDICT_GATE, smallest_verdict_p, verdict_gate
+
+        gate = verdict_gate(thresholds)
+        if gate is not None:
+            smallest, factor = smallest_verdict_p(len(spec.layers), spec.loss is not None,
+                                                  max(1, settings.augmentations), settings.permutations, method)
+            if smallest >= gate.limit:
+                warnings.warn(MemauditWarning(
+                    f"{VERDICT_GATE} = {gate.limit:g} cannot fail: with {settings.permutations:,} permutations the "
+                    f"verdict's smallest p after its two-stage {method} correction is {smallest:.3g}; use "
+                    f"--memaudit-permutations {math.ceil(factor / gate.limit)} or more"))
 
     def _check_gates_can_be_evaluated(self, state: AuditSession, settings, spec, thresholds) -> None:
         """A gate whose figure this audit (or the stored one, or the baseline) will not have is an error now,
@@ -219,6 +255,50 @@ class LayerItem(pytest.Item):
     def reportinfo(self):
         where = "" if self.checkpoint is None else f" of checkpoint {self.checkpoint}"
         return self.path, None, f"memaudit layer {self.layer.name} ({self.layer.module}){where}"
+
+
+class VerdictGateFailure(Exception):
+    """The model's verdict is detected: its corrected p crossed verdict_p_min."""
+
+
+class VerdictItem(pytest.Item):
+    """The audited model's verdict (metric/verdict.py) over every signal and layer: fails when memorization
+    is detected (gates/verdictgate.py); skipped, saying why, when the audit has no test to decide it."""
+
+    def __init__(self, *, gate: "Gate | None", checkpoint: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = gate  # None: left out, the run has no held-out images
+        self.checkpoint = checkpoint
+
+    def runtest(self) -> None:
+        import warnings
+
+        from ..errors import MemauditWarning
+        from ..gates.verdictgate import evaluate_verdict, gate_message, not_testable
+
+        result = self.config.stash[audit_session_key].result_for(self.checkpoint)
+        verdict = result.verdict if self.gate is not None else None
+        reason = not_testable(verdict)
+        if reason is not None:
+            pytest.skip(f"memaudit: {reason}")
+        outcome = evaluate_verdict(verdict, self.gate)
+        result.verdict_gate = outcome
+        self.user_properties += [("memaudit_verdict", verdict.memorization),
+                                 ("memaudit_verdict_p", round(verdict.p_value, 6) if math.isfinite(verdict.p_value)
+                                  else None), ("memaudit_verdict_p_min", self.gate.limit)]
+        if outcome.warnings:
+            warnings.warn(MemauditWarning(gate_message(verdict, outcome)))
+        if not outcome.passed:
+            raise VerdictGateFailure(gate_message(verdict, outcome))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, VerdictGateFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        where = "" if self.checkpoint is None else f" of checkpoint {self.checkpoint}"
+        return self.path, None, f"memaudit verdict of the model over every layer{where}"
 
 
 def check_baseline_architecture(state: AuditSession) -> None:

@@ -54,6 +54,7 @@ class AuditSession:
     catalog: "AuditCatalog | None" = None
     _user_net: Any = None  # a user model, built at collection to check its layer names; the audit reuses it
     build_error: str | None = None  # why that build failed (a usage error once collection is done)
+    verdict_level: float | None = None  # the verdicts' level, the audit files' verdict_p_min (None: the default's)
 
     def load_settings(self) -> "RunSettings":
         if self.settings is None and self.stored is not None:
@@ -207,6 +208,9 @@ class AuditSession:
     def _set_runs(self, runs: "dict[str | None, AuditResult]") -> None:
         for result in runs.values():
             result.multiple_testing = self.multiple_testing
+            from ..gates.verdictgate import apply_level, level_of
+
+            apply_level(result, level_of(None) if self.verdict_level is None else self.verdict_level)
             if self.unapplied_compare_gates:
                 result.notes.append("the audit files' compare gates (compare:) were not applied: there was no "
                                     "baseline to compare with (--memaudit-compare NAME|PATH|latest)")
@@ -264,7 +268,8 @@ class AuditSession:
             return False
         if not parallel.is_worker(self.config) or not self.wanted_layers:
             return True
-        return any(layer.outcome is not None for result in self.runs.values() for layer in result.layers)
+        return any(layer.outcome is not None or result.verdict_gate is not None
+                   for result in self.runs.values() for layer in result.layers)
 
     def report(self, markup: bool) -> dict[str, Any] | None:
         """What this process has to show at the end: the summary, the output lines, the error."""

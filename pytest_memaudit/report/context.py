@@ -58,7 +58,7 @@ def report_context(result: AuditResult, gallery: Gallery, comparison: Comparison
             "p": fmt(p, ".4g"),
             "group": k,
         },
-        "verdict": verdict(result.layers),
+        "verdict": verdict(result.layers, result),
         "gates": gate_table(result.layers),
         "table1": [unit_row(rank, result.layers[i], u, gallery) for rank, (i, u) in enumerate(ranked[:TABLE1_UNITS], 1)],
         "table2": [layer_row(layer) for layer in result.layers],
@@ -121,26 +121,37 @@ def gate_status(layer: LayerResult) -> str:
     return "not gated" if layer.outcome is None else layer.outcome.status
 
 
-def verdict(layers: list[LayerResult]) -> dict[str, str]:
+def verdict(layers: list[LayerResult], result: AuditResult | None = None) -> dict[str, str]:
+    """The report's banner: the gates' outcome, the model's verdict gate (gates/verdictgate.py) first."""
     gated = [layer for layer in layers if layer.outcome is not None and layer.outcome.status != "not gated"]
     failed = [layer.name for layer in gated if layer.outcome.status == "failed"]
     warned = [layer.name for layer in gated if layer.outcome.status == "warned"]
     untestable = [layer.name for layer in gated if layer.outcome.status == UNTESTABLE]
     ungated = len(layers) - len(gated)
-    if not gated:
+    model = None if result is None or result.verdict_gate is None or result.verdict is None else result.verdict_gate
+    if not gated and model is None:
         return {"status": "not gated", "text": "No threshold applied to any layer: nothing was gated."}
-    if failed:
-        text = f"{len(failed)} of {len(gated)} gated layers crossed a threshold: {', '.join(failed)}."
+    text = ""
+    if model is not None:
+        from ..gates.verdictgate import gate_message
+
+        text = f"The model's verdict gate {model.status}: {gate_message(result.verdict, model)}. "
+    if not gated:
+        text += "No threshold applied to any layer."
+    elif failed:
+        text += f"{len(failed)} of {len(gated)} gated layers crossed a threshold: {', '.join(failed)}."
     elif untestable:
-        text = (f"{len(untestable)} of {len(gated)} gated layers could not be tested on every gate (every unit dead "
-                f"or constant): {', '.join(untestable)}; no layer crossed a threshold.")
+        text += (f"{len(untestable)} of {len(gated)} gated layers could not be tested on every gate (every unit "
+                 f"dead or constant): {', '.join(untestable)}; no layer crossed a threshold.")
     else:
-        text = f"All {len(gated)} gated layers are within their thresholds."
+        text += f"All {len(gated)} gated layers are within their thresholds."
     if warned:
         text += f" {len(warned)} crossed a warning threshold: {', '.join(warned)}."
-    if ungated:
+    if gated and ungated:
         text += f" {ungated} layer(s) had no threshold and were not gated."
-    status = "failed" if failed else UNTESTABLE if untestable else "warned" if warned else "passed"
+    statuses = [layer.outcome.status for layer in gated] + ([model.status] if model is not None else [])
+    status = ("failed" if "failed" in statuses else UNTESTABLE if UNTESTABLE in statuses
+              else "warned" if "warned" in statuses else "passed")
     return {"status": status, "text": text}
 
 

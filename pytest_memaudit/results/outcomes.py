@@ -24,6 +24,11 @@ from dataclasses import dataclass
 
 # key -> (figure, what it limits), in the order failures are reported.
 LIMITS: dict[str, tuple[str, str]] = {
+    "verdict_p_min": (
+        "verdict_p",
+        "the verdict's smallest corrected p over every signal and layer; also the verdict's level: below it the "
+        "verdict is detected (the model's, not a layer's; needs held-out images)",
+    ),
     "membership_excess_max": (
         "membership_excess",
         "share of units whose argmax is a member minus the members' share of the data points (needs held-out images)",
@@ -78,10 +83,12 @@ WHEN = ("estimate", "significant")
 SEVERITIES = ("fail", "warn")
 
 MULTIPLE_TESTING = ("holm", "none")
+MODEL_GATES = ("verdict_p_min",)  # gated once for the model (gates/verdictgate.py), never per layer
 
 UNTESTABLE = "not testable"  # the status of a layer with a gate its figures cannot evaluate
 
 NEEDS = {  # figures an audit has only with something extra, and how to get it
+    "verdict_p": "held-out images (--memaudit-holdout DIR)",
     "membership_excess": "held-out images (--memaudit-holdout DIR)",
     "membership_p": "held-out images (--memaudit-holdout DIR)",
     "excess_over_control": "the random-weights control (--memaudit-control random)",

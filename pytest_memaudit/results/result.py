@@ -18,7 +18,7 @@ from ..metric.imagesignals import SignalResult
 from ..metric.membership import Membership
 from ..metric.stats import Interval, LayerStats, depth_correlation
 from ..metric.unitmem import UnitMemValues
-from ..metric.verdict import Verdict, decide, membership_tests
+from ..metric.verdict import GATED_AS, Verdict, decide, gate_sentence, membership_tests
 from ..models.hooks import UnitAxis
 from .encoding import (_array, _check_from_json, _check_json, _float, _floats, _interval_from_json, _interval_json,
                        _membership_from_json, _membership_json, _memorized_from_json, _memorized_json, _number,
@@ -82,6 +82,7 @@ class AuditResult:
     control: SubjectResult | None = None
     planted: PlantedResult | None = None
     verdict: Verdict | None = None  # memorization detected / inconclusive / none (verdict.py), over every test
+    verdict_gate: GateOutcome | None = None  # the verdict against verdict_p_min (gates/verdictgate.py), once gated
     multiple_testing: str = "holm"  # how the gates corrected p-values across layers (set when gating)
     # the processes that computed it: world_size, backend (None for one process), shards (data points per process)
     distributed: dict[str, Any] | None = None
@@ -163,6 +164,7 @@ class AuditResult:
                 "layers_not_gated": len(self.layers) - sum(o.status != "not gated" for o in outcomes),
                 "membership": _membership_json(self.membership),
                 "verdict": None if self.verdict is None else self.verdict.as_dict(),
+                "verdict_gate": _verdict_gate_json(self.verdict_gate, self.verdict),
                 "multiple_testing": self.multiple_testing,
             },
             "timing": self.timing,
@@ -202,6 +204,7 @@ class AuditResult:
             control=None if data.get("control") is None else _subject_from_json(data["control"]),
             planted=_planted_from_json(data.get("planted"), samples),
             verdict=_verdict_from_json(data["summary"].get("verdict"), layers),
+            verdict_gate=_verdict_gate_from_json(data["summary"].get("verdict_gate")),
             multiple_testing=data["summary"].get("multiple_testing", "holm"),
             distributed=data.get("distributed"),
             signals=[_signal_from_json(entry) for entry in data.get("signals") or []],
@@ -279,6 +282,18 @@ def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
         layer.outcome = GateOutcome(layer.name, tuple(_check_from_json(item) for item in entry["checks"]),
                                     tuple((item["key"], item["reason"]) for item in entry.get("untestable") or ()))
     return layer
+
+
+def _verdict_gate_json(outcome: GateOutcome | None, verdict: Verdict | None) -> dict[str, Any] | None:
+    if outcome is None or verdict is None:
+        return None
+    check = outcome.checks[0]
+    return {"outcome": outcome.status, "message": gate_sentence(verdict, check.key, check.limit, not check.passed),
+            "checks": [_check_json(check) for check in outcome.checks]}
+
+
+def _verdict_gate_from_json(data: dict[str, Any] | None) -> GateOutcome | None:
+    return None if data is None else GateOutcome(GATED_AS, tuple(_check_from_json(item) for item in data["checks"]))
 
 
 def _subject_json(subject: SubjectResult) -> dict[str, Any]:

@@ -154,6 +154,11 @@ LAYER = record({
     "excess_over_control": INTERVAL, "thresholds": mapping(GATE, null=True), "outcome": text(null=True),
     "checks": items(CHECK, null=True), "untestable": items(record({"key": text(), "reason": text()}), null=True),
 })
+VERDICT = record({"memorization": text(choices=("detected", "inconclusive", "none")), "p_value": FIGURE,
+                  "raw_p_value": FIGURE, "estimate": FIGURE, "low": FIGURE, "high": FIGURE,
+                  "tests": whole(), "level": number(null=False, low=0, high=1), "correction": text(),
+                  "reason": text(), "signal": text(null=True), "layer": text(null=True)},
+                 {"smallest_p": FIGURE, "permutations": whole(null=True)}, null=True)
 CORRELATION = record({"rho": FIGURE, "ci_low": FIGURE, "ci_high": FIGURE, "p_value": FIGURE, "n": whole(),
                       "dropped": whole()})
 DOCUMENT = record({
@@ -161,7 +166,8 @@ DOCUMENT = record({
     "settings": record({"image_size": whole(low=16, high=MAX_STORED_IMAGE_SIZE)}),
     "data_source": text(),
     "samples": items(text()),
-    "summary": record({}, {"membership": MEMBERSHIP, "multiple_testing": text()}),
+    "summary": record({}, {"membership": MEMBERSHIP, "multiple_testing": text(), "verdict": VERDICT,
+                           "verdict_gate": record({"checks": items(CHECK)}, null=True)}),
     "layers": items(LAYER, least=1),
 }, {
     "checkpoint": either(text(null=True), record({}, {"path": text(null=True), "sha256": text(null=True)})),
@@ -182,13 +188,13 @@ DOCUMENT = record({
     "classes": record({"names": items(text()), "images": items(whole()), "mean_score": items(FIGURE),
                        "unit_share": items(FIGURE), "kruskal_h": FIGURE, "kruskal_p": FIGURE}, null=True),
     "control": record({"role": text(), "description": text(), "layers": items(LAYER, least=1)},
-                      {"membership": MEMBERSHIP}, null=True),
+                      {"membership": MEMBERSHIP, "verdict": VERDICT}, null=True),
     "planted": record({
         "strength": number(null=False), "top_share": number(null=False),
         "units": items(record({"layer": text(), "unit": whole(), "image_index": whole(), "strength": FIGURE,
                                "scale": FIGURE, "unitmem": FIGURE, "rank": whole(null=True), "found": flag,
                                "argmax_hit": flag, "measured_strength": FIGURE})),
-    }, {"membership": MEMBERSHIP, "curve": anything}, null=True),
+    }, {"membership": MEMBERSHIP, "curve": anything, "verdict": VERDICT}, null=True),
 })
 
 
