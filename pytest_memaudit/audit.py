@@ -549,8 +549,9 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
                     continue  # measured in the model's pass
                 with run.timer, user_code(f"the forward pass of {run.spec.name} ({subject.role}) on views of shape "
                                           f"{tuple(batch_views.shape)}"):
-                    outputs, taken = run.forward.with_riders(
-                        subject.net, subject.recorder, batch_views,
+                    outputs, taken = reusing_pass(
+                        run.forward, subject.net, subject.recorder, batch_views, run.layout,
+                        batch.positions if batch.views is None else [],  # views made here, as the set-up pass made them
                         [rider.recorder for rider in riders] if subject.role == "model" else [])
                 measured = [(subject, outputs)] + [(rider, rider.recorder.combine(outputs, part))
                                                    for rider, part in zip(riders, taken)]
@@ -937,8 +938,13 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
                                     "choosing the planted units")
     if not plants:
         return [], None
-    return plants, PlantedRecorder(model_net, plants, selected, prototypes,
-                                   {position: i for i, position in enumerate(kept)}, recorder.axes)
+    rider = PlantedRecorder(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)},
+                            recorder.axes)
+    for i, position in enumerate(kept):  # this pass's measurements of the planted images, for the stream to reuse
+        rows = slice(i * views, (i + 1) * views)
+        rider.known[position] = ({name: values[rows].clone() for name, values in outputs.items()},
+                                 {name: rider.implants(name, found[name][rows]) for name in rider.units})
+    return plants, rider
 
 
 def select_layers(spec: ModelSpec, names: Sequence[str] | None) -> list[LayerSpec]:
@@ -1117,6 +1123,29 @@ class AdaptiveForward:
             f"halved to {self.size // 2} and retried (set --memaudit-batch-size to start there)"
         )
         self.size //= 2
+
+
+def reusing_pass(forward: AdaptiveForward, net: torch.nn.Module, recorder: LayerRecorder, views: torch.Tensor,
+                 layout: torch.memory_format, positions: Sequence[int],
+                 riders: Sequence[PlantedRecorder]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``forward.with_riders`` over a batch's views (image-major, of the data points at ``positions``), but
+    the data points whose views the rider (the planted control) measured in its set-up pass
+    (``PlantedRecorder.known``: the planted images) are not passed again: their measurements are
+    taken from there and put in their place."""
+    known = [i for i, position in enumerate(positions) if len(riders) == 1 and position in riders[0].known]
+    if not known:
+        return forward.with_riders(net, recorder, views, riders)
+    rows = torch.arange(len(views), device=views.device).view(len(positions), -1)
+    fresh = rows[[i for i in range(len(positions)) if i not in known]].flatten()
+    stored = [riders[0].known.pop(positions[i]) for i in known]
+    outputs = {name: torch.cat([model[name] for model, _ in stored]) for name in stored[0][0]}
+    implants = {name: torch.cat([part[name] for _, part in stored]) for name in stored[0][1]}
+    if len(fresh):
+        measured, (added,) = forward.with_riders(net, recorder, views[fresh].contiguous(memory_format=layout), riders)
+        order = torch.argsort(torch.cat([rows[known].flatten(), fresh]))  # back to the batch's order
+        outputs = {name: torch.cat([values, measured[name]])[order] for name, values in outputs.items()}
+        implants = {name: torch.cat([values, added[name]])[order] for name, values in implants.items()}
+    return outputs, [implants]
 
 
 def _joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
