@@ -36,7 +36,7 @@ from .errors import AuditError, DataError, user_code
 from .hardware import precision_notes, usable_cpus
 from .heap import reuse_freed_memory
 from .hooks import LayerRecorder
-from .imagesignals import LOSS_LAYER, check_loss, image_signals, signal_key, view_scalars
+from .imagesignals import LOSS_LAYER, ViewMeans, check_loss, image_signals, neighbour_sample, signal_key, view_scalars
 from .labelled import LabelledImages, labelled_images
 from .membership import Contrast, membership_contrast
 from .models import InputContract, LayerSpec, ModelSpec, get_model_spec
@@ -120,18 +120,22 @@ class Measured:
     embedding: list[np.ndarray] = field(default_factory=list)  # (images, units) per batch
     # per batch, the per-image signal values of the model's subjects, by signal_key (imagesignals.py)
     signals: list[dict[str, np.ndarray]] = field(default_factory=list)
+    view_means: ViewMeans = field(default_factory=lambda: ViewMeans(np.zeros(0, dtype=bool)))  # a sample's
 
     def add(self, positions: list[int], characteristics: dict[str, np.ndarray], embedding: np.ndarray | None,
-            signals: dict[str, np.ndarray]) -> None:
+            signals: dict[str, np.ndarray], view_means: dict[str, np.ndarray]) -> None:
         self.positions.append(np.asarray(positions, dtype=np.int64))
         self.characteristics.append(characteristics)
         self.signals.append(signals)
+        if view_means:
+            self.view_means.add(positions, view_means)
         if embedding is not None:
             self.embedding.append(embedding)
 
     def state_dict(self) -> dict:
         positions = np.concatenate(self.positions) if self.positions else np.zeros(0, dtype=np.int64)
         names = self.characteristics[0] if self.characteristics else {}
+        means = self.view_means.state_dict()
         return {
             "positions": torch.from_numpy(positions),
             "characteristics": {name: torch.from_numpy(np.concatenate([c[name] for c in self.characteristics]))
@@ -139,6 +143,8 @@ class Measured:
             "embedding": torch.from_numpy(np.concatenate(self.embedding)) if self.embedding else None,
             "signals": {key: torch.from_numpy(np.concatenate([s[key] for s in self.signals if key in s]))
                         for key in dict.fromkeys(key for s in self.signals for key in s)},
+            "view_means": {"positions": torch.from_numpy(means["positions"]),
+                           "rows": {key: torch.from_numpy(rows) for key, rows in means["rows"].items()}},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -146,6 +152,8 @@ class Measured:
         self.characteristics = [{name: values.numpy() for name, values in state["characteristics"].items()}]
         self.signals = [{key: values.numpy() for key, values in state["signals"].items()}]
         self.embedding = [] if state["embedding"] is None else [state["embedding"].numpy()]
+        self.view_means.load_state_dict({"positions": state["view_means"]["positions"].numpy(),
+                                         "rows": {key: rows.numpy() for key, rows in state["view_means"]["rows"].items()}})
 
 
 @dataclass
@@ -264,6 +272,9 @@ class AuditRun:
             sizes.append(measured["embedding"].shape[0])
         if any(size != read.size for size in sizes):
             return f"its image characteristics or embedding cover {sizes} data points, not the {read.size} read"
+        sampled = read[self.measured.view_means.sample[read]]
+        if not np.array_equal(np.sort(measured["view_means"]["positions"].numpy()), sampled):
+            return f"its view-means (neighbour_distance) are not those of the {sampled.size} sampled data points read"
         if self.checker is not None:
             digested = [position for _, position in [*self.checker.members.items(), *self.checker.holdout]]
             if not np.isin(np.array(digested, dtype=np.int64), read).all():
@@ -290,6 +301,7 @@ class Merged:
     waited_s: float  # of the merge's time, spent waiting for the other processes to finish their shards
     characteristics: dict[str, np.ndarray]  # per data point (new index)
     signals: dict[str, np.ndarray]  # per data point (new index), by imagesignals.signal_key
+    view_means: dict[str, tuple[np.ndarray, np.ndarray]]  # by signal_key: (data points (new index), view-means)
 
 
 def run_audit(
@@ -356,7 +368,7 @@ def _audit(
         }
         signals = {subject.role: image_signals(subject.role, finished[subject.role][1], merged.signals,
                                                [layer.name for layer in run.selected], settings.permutations,
-                                               settings.seed)
+                                               settings.seed, merged.view_means)
                    for subject in run.subjects if is_model(subject.role)}
         embedding = gather_embedding(run, merged, points["model"])
         timing["finalize_s"] = time.perf_counter() - clock
@@ -424,6 +436,7 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
         AdaptiveForward(views_per_pass(settings, device), device, notes), notes, timer=ForwardTimer(device),
         checker=OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None,
         threads=threads, cpus=f"{cpus_why}; {threads} intra-op thread(s): {threads_why}",
+        measured=Measured(view_means=ViewMeans(neighbour_sample(len(images), settings.seed))),
     )
     if settings.state:
         run.snapshots = Snapshots(settings.state, world.rank, world.size, fingerprint, settings.state_every)
@@ -542,7 +555,7 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
             index = torch.tensor(batch.positions, dtype=torch.int64, device=device)
             label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
             group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
-            embedding, signals = None, {}
+            embedding, signals, view_means = None, {}, {}
             riders = [subject for subject in run.subjects if subject.rides]
             for subject in run.subjects:
                 if subject.rides:
@@ -563,7 +576,8 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
                             embedding = values.float().cpu().numpy()
                         if is_model(who.role):
                             for signal, scalars in view_scalars(per_view.view(n, views, -1)).items():
-                                signals[signal_key(who.role, name, signal)] = scalars.cpu().numpy()
+                                kept = view_means if signal == "mean" else signals  # the view-means: a sample's
+                                kept[signal_key(who.role, name, signal)] = scalars.cpu().numpy()
                 if subject.role in run.losses:
                     plain = model_input(batch.images.to(device).float().div_(127.5).sub_(1), run.spec.input_contract,
                                         run.layout)
@@ -571,7 +585,7 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
                                               f"{tuple(plain.shape)}"):
                         loss = run.losses[subject.role](plain)
                     signals[signal_key(subject.role, LOSS_LAYER, "loss")] = check_loss(loss, n, run.spec.name)
-            run.measured.add(batch.positions, batch.characteristics, embedding, signals)
+            run.measured.add(batch.positions, batch.characteristics, embedding, signals, view_means)
         run.progress.done += n + len(batch.skipped)
         if progress:
             progress(run.progress.done, len(run.progress.positions))
@@ -611,13 +625,14 @@ def merge(run: AuditRun) -> Merged:
             state.reindex(new_index)
     characteristics = gather_characteristics(run, new_index, read.size)
     signals = gather_characteristics(run, new_index, read.size, "signals")
+    view_means = gather_view_means(run, new_index)
     notes = list(dict.fromkeys(note for theirs in everyone for note in theirs["notes"]))
     resumed = sum(theirs["resumed"] for theirs in everyone)
     if resumed:
         notes.append(f"resumed from the snapshots in {run.settings.state}: {resumed} of {len(images)} data points "
                      "had been streamed before")
     return Merged(read, skipped_ids, [theirs["read"] for theirs in everyone], new_index, notes, waited, characteristics,
-                  signals)
+                  signals, view_means)
 
 
 def gather_characteristics(run: AuditRun, new_index: np.ndarray, count: int,
@@ -635,6 +650,21 @@ def gather_characteristics(run: AuditRun, new_index: np.ndarray, count: int,
         for name, column in values.items():
             merged.setdefault(name, np.full((count, *column.shape[1:]), np.nan))[rows[kept]] = column[kept]
     return merged
+
+
+def gather_view_means(run: AuditRun, new_index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every process's view-means of the sampled data points (``ViewMeans``), by key: (data points (new
+    index), their rows)."""
+    everyone = run.world.all_gather_object(run.measured.view_means.state_dict(), "gathering the view-means")
+    merged: dict[str, tuple[list, list]] = {}
+    for theirs in everyone:
+        rows = new_index[theirs["positions"]]
+        kept = rows >= 0
+        for key, values in theirs["rows"].items():
+            indices, parts = merged.setdefault(key, ([], []))
+            indices.append(rows[kept])
+            parts.append(values[kept])
+    return {key: (np.concatenate(indices), np.concatenate(parts)) for key, (indices, parts) in merged.items()}
 
 
 def gather_embedding(run: AuditRun, merged: Merged, points: DataPoints) -> np.ndarray | None:
