@@ -72,7 +72,7 @@ def var_widths(ckpt: Path) -> list[int]:
     """var_d16's audited layers' unit counts, in forward order."""
     import torch
 
-    from pytest_memaudit.hooks import LayerRecorder
+    from pytest_memaudit.models.hooks import LayerRecorder
     from pytest_memaudit.models import get_model_spec
 
     spec = get_model_spec("var_d16")
@@ -84,9 +84,9 @@ def var_widths(ckpt: Path) -> list[int]:
 
 
 def child_stand_in(config: dict) -> None:
-    from pytest_memaudit.audit import run_audit
-    from pytest_memaudit.config import make_settings
-    from pytest_memaudit.results import write_json_atomic
+    from pytest_memaudit.pipeline.audit import run_audit
+    from pytest_memaudit.pipeline.settings import make_settings
+    from pytest_memaudit.results.result import write_json_atomic
 
     settings = make_settings(model="stand_in", data=config["data"], image_size=config["size"],
                              augmentations=config["views"], device="cpu", **config["extra"])
@@ -124,7 +124,7 @@ def rss_runs(opts, ckpt: Path, workdir: Path) -> list[dict]:
 
 
 def decode_rates(opts, workdir: Path) -> list[dict]:
-    from pytest_memaudit.data import ImageSet
+    from pytest_memaudit.data.images import ImageSet
 
     folder = write_images(workdir / f"jpeg-{opts.decode_images}", opts.decode_images, 0, suffix=".jpg",
                           shape=(375, 500))

@@ -6,10 +6,10 @@ import torch
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from pytest_memaudit import imagesignals
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.imagesignals import ViewMeans, neighbour_column, neighbour_sample
+from pytest_memaudit.metric import imagesignals
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.metric.imagesignals import ViewMeans, neighbour_column, neighbour_sample
 from pytest_memaudit.models import LayerSpec, ModelSpec
 
 
