@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/bench_memory.py                # 500 and 20,000 images, 32x32, 0 augmentations
     python benchmarks/bench_memory.py --counts 20 200 --decode-images 64
     python benchmarks/bench_memory.py --cases mean --holdout --workers   # + held-out images: both controls
+    python benchmarks/bench_memory.py --cases mean --holdout --workers --stand-in   # minutes, on a busy machine
 
 1. Peak RSS of ``run_audit`` (each in a child process of its own; full-width var_d16, random
    weights, float32, on the CPU, the default controls: the random control, and the planted one when
@@ -13,6 +14,11 @@ Run from the repository root::
    the median kept on disk (``median_memory`` below the matrix). A matrix kept on disk is an
    ``np.memmap``: the pages it touches count in RSS, but they are file-backed, so the kernel can
    write them out and drop them instead of running out of memory.
+   ``--stand-in`` audits, instead of var_d16, a network with var_d16's 22 audited layers and their
+   unit counts (8,192 units) but almost no compute (each layer a 1x1 convolution of the image's
+   mean colour): what an audit keeps per data point depends on the units and N, not on the
+   convolutions, so its growth with N in MB is var_d16's, measured in minutes instead of hours; its
+   base is smaller (no var_d16 weights or activations), so read the growth in MB.
 2. Decode rate of ``ImageSet.iter_batches``: ImageNet-like JPEGs (500x375) decoded and resized to
    256x256, in process and with worker processes.
 """
@@ -35,17 +41,76 @@ CASES = [("mean", {"reduce": "mean"}), ("median, in memory", {"reduce": "median"
          ("median, on disk", {"reduce": "median", "median_memory": 1})]
 
 
+class StandIn:
+    """A network with the given layer widths and almost no compute (built in the child process)."""
+
+    @staticmethod
+    def spec(widths: list[int]):
+        import torch
+        from torch import nn
+
+        from pytest_memaudit.models import LayerSpec, ModelSpec
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.layers = nn.ModuleList(nn.Conv2d(3 if i == 0 else widths[i - 1], width, 1)
+                                            for i, width in enumerate(widths))
+
+            def forward(self, x):
+                x = x.mean(dim=(2, 3), keepdim=True)
+                for layer in self.layers:
+                    x = torch.relu(layer(x)) + 0.1
+                return x
+
+        layers = tuple(LayerSpec(f"layer{i}", f"layers.{i}") for i in range(len(widths)))
+        return ModelSpec(name="stand_in", layers=layers, build=lambda checkpoint: Net(), default_image_size=32)
+
+
+def var_widths(ckpt: Path) -> list[int]:
+    """var_d16's audited layers' unit counts, in forward order."""
+    import torch
+
+    from pytest_memaudit.models.hooks import LayerRecorder
+    from pytest_memaudit.models import get_model_spec
+
+    spec = get_model_spec("var_d16")
+    net = spec.build(ckpt).eval()
+    with torch.inference_mode(), LayerRecorder(net, spec.layers) as recorder:
+        net(torch.zeros(1, 3, 32, 32))
+        outputs = recorder.take()
+    return [values.shape[1] for values in outputs.values()]
+
+
+def child_stand_in(config: dict) -> None:
+    from pytest_memaudit.pipeline.audit import run_audit
+    from pytest_memaudit.pipeline.settings import make_settings
+    from pytest_memaudit.results.result import write_json_atomic
+
+    settings = make_settings(model="stand_in", data=config["data"], image_size=config["size"],
+                             augmentations=config["views"], device="cpu", **config["extra"])
+    write_json_atomic(config["out"], run_audit(settings, StandIn.spec(config["widths"])).to_json())
+
+
 def rss_runs(opts, ckpt: Path, workdir: Path) -> list[dict]:
     cases = [case for case in CASES if case[0].split(",")[0] in opts.cases]
     held_out = {"holdout": "builtin"} if opts.holdout else {}
+    widths = var_widths(ckpt) if opts.stand_in else None
     peaks: dict[tuple[str, int], list[float]] = {}
     for _ in range(opts.repeats):
         for count in opts.counts:
             data = write_images(workdir / f"images-{count}x{opts.size}", count, opts.size)
             for name, extra in cases:
                 out, log = workdir / f"rss-{count}.json", workdir / f"rss-{count}.log"
-                args = child_args("run_audit", ckpt, data, opts.size, opts.views, "float32", "cpu", None, out)
-                run = run_child(args + ["--extra", json.dumps(extra | held_out)], log, child_env())
+                if widths:
+                    config = {"data": str(data), "size": opts.size, "views": opts.views, "out": str(out),
+                              "widths": widths, "extra": extra | held_out}
+                    args = [sys.executable, __file__, "--child-stand-in", json.dumps(config)]
+                else:
+                    args = child_args("run_audit", ckpt, data, opts.size, opts.views, "float32", "cpu", None, out)
+                    args += ["--extra", json.dumps(extra | held_out)]
+                run = run_child(args, log, child_env())
                 if run["rc"] != 0:
                     sys.exit(f"run_audit failed: {log.read_text()[-3000:]}")
                 result = json.loads(out.read_text())
@@ -87,6 +152,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--decode-images", type=int, default=256)
     parser.add_argument("--decode-size", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2], help="worker counts to time decoding with (none: skip)")
+    parser.add_argument("--stand-in", action="store_true",
+                        help="audit a network with var_d16's layer widths and almost no compute (see above)")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--workdir", help="keep inputs and logs here (default: a new temporary folder)")
     parser.add_argument("--json", type=Path)
@@ -94,7 +161,8 @@ def main(argv: list[str]) -> None:
     workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="memaudit-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    report = {"machine": machine(), "command": "python benchmarks/bench_memory.py " + " ".join(argv)}
+    report = {"machine": machine(), "command": "python benchmarks/bench_memory.py " + " ".join(argv),
+              "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_before": os.getloadavg()}
     if not opts.skip_rss:
         rows = rss_runs(opts, write_checkpoint(workdir), workdir)
         report["rss"] = rows
@@ -114,4 +182,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--child-stand-in"]:
+        child_stand_in(json.loads(sys.argv[2]))
+    else:
+        main(sys.argv[1:])

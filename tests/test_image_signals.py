@@ -118,7 +118,7 @@ def test_contrast_signals_shares_relabellings_and_skips_missing_values():
 def test_signal_columns_orders_layers_and_negates_the_loss():
     pooled = np.array([0, 2, 3])
     streamed = {"a": {"view_alignment": np.array([1.0, 9, 2, 3]), "activation_norm": np.array([4.0, 9, 5, 6])}}
-    means = {"a": np.array([[0.0], [9], [1], [3]])}
+    means = {"a": (np.arange(4), np.array([[0.0], [9], [1], [3]]))}
     columns = signal_columns(streamed, means, {"a": np.array([2, 0, 1])}, pooled, ["a"], loss=np.array([.1, 9, .2, .3]))
     assert list(columns) == [("view_alignment", "a"), ("activation_norm", "a"), ("neighbour_distance", "a"),
                              ("argmax_units", "a"), ("loss", "model")]

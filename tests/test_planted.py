@@ -41,8 +41,8 @@ LAYERS = [LayerSpec("a", "a"), LayerSpec("b", "b")]
 
 def test_implant_adds_its_response_to_its_unit_on_its_views_only():
     """The planted recorder, on the model's own modules: the model's output and measurements stay as
-    they are; the planted control's unit 3 of layer b is the model's plus the implant on the views
-    whose input to b matches image 40's, and nothing else changes."""
+    they are; the planted control's unit 3 of layer b is the model's measurement plus the implant on the
+    views whose input to b matches image 40's, and nothing else changes."""
     net = TwoConv().eval()
     rng = torch.Generator().manual_seed(0)
     views = torch.rand(6, 3, 8, 8, generator=rng) * 2 - 1  # b's input: 6 x 8 x 8 values, below SKETCH_SIZE
@@ -67,10 +67,7 @@ def test_implant_adds_its_response_to_its_unit_on_its_views_only():
     others = [u for u in range(5) if u != 3]
     assert torch.count_nonzero(difference[:, others]) == 0
     assert torch.count_nonzero(difference[2:, 3]) == 0  # other images' views: no response
-    with torch.inference_mode():
-        raw = net.b(own_input)[:, 3]  # (5 - 1) x 0.25 = 1 added at every position of the unit
-        expected = (raw + 1).abs().mean(dim=(1, 2)) - raw.abs().mean(dim=(1, 2))
-    torch.testing.assert_close(difference[:2, 3], expected)
+    torch.testing.assert_close(difference[:2, 3], torch.ones(2))  # (5 - 1) x 0.25 added to the unit's measurement
 
 
 def test_a_network_blind_to_its_input_cannot_recognise_the_planted_image():
@@ -165,10 +162,10 @@ class Small(nn.Module):
 
 
 def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
-    """The planted control rides on the model's pass. Reference, computed here: a copy of the model
-    whose planted units really add the implant to their output on the views of their planted image
-    (known here by image, not recognised), every view through it, UnitMem and the membership
-    contrast in float64 numpy. Same recall, argmax hits and member share; the membership p within
+    """The planted control rides on the model's pass (and reuses its set-up pass's measurements of the
+    planted images). Reference, computed here: every view through a copy of the model, whose planted
+    units' measurements get the implant added on the views of their planted image (known here by
+    image, not recognised), UnitMem and the membership contrast in float64 numpy. Same recall, argmax hits and member share; the membership p within
     permutation noise (2,000 relabellings each). The audited layer is the last, as a planted layer
     in a full-pass copy would also change what later layers compute (the control measured in the
     model's pass leaves them as the model has them)."""
@@ -192,18 +189,17 @@ def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
     net = copy.deepcopy(Small()).eval()
     current = {}  # the image whose views go through the copy now
 
-    def implant(layer_name):
+    def measure(layer_name):
         def hook(module, inputs, output):
-            output = output.clone()
+            means = output.abs().double().mean(dim=(2, 3))  # (views, units)
             for unit in planted.units:
                 if unit.plant.layer == layer_name and unit.plant.image == current["image"]:
-                    output[:, unit.plant.unit] += (unit.plant.strength - 1) * unit.plant.scale
-            return output
+                    means[:, unit.plant.unit] += (unit.plant.strength - 1) * unit.plant.scale
+            measured[layer_name].append(means.mean(0))
         return hook
 
     measured = {"b": []}
-    net.b.register_forward_hook(implant("b"))
-    net.b.register_forward_hook(lambda m, i, o: measured["b"].append(o.abs().double().mean(dim=(2, 3)).mean(0)))
+    net.b.register_forward_hook(measure("b"))
     with torch.inference_mode():
         for i, image_id in enumerate(images.ids):
             current["image"] = i
@@ -246,3 +242,30 @@ def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
     assert planted.membership.member_share == pytest.approx(observed / counts.sum())
     noise = 4 * math.sqrt(max(p, 1 / 2001) * (1 - p) / 2000)
     assert abs(planted.membership.p_value - p) <= noise + 1 / 2001
+
+
+def test_the_planted_control_costs_no_forward_pass_of_its_own():
+    """Its set-up pass measures the planted images' views, and the model's pass in the stream skips them
+    (batches of 3 images mix planted and other images): every data point's views go through the model
+    once, as without the control, and the model's figures are those of the audit without it."""
+    seen = []
+
+    def build(checkpoint):
+        net = Small()
+        net.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+        return net
+
+    spec = ModelSpec(name="small", layers=(LayerSpec("a", "a"), LayerSpec("b", "b")), build=build,
+                     default_image_size=16)
+    common = dict(model="small", data="builtin", samples=20, holdout="builtin", augmentations=2, planted_units=5,
+                  planted_strength=30, device="cpu", permutations=200, batch_size=6)
+    alone = run_audit(make_settings(control="none", **common), spec)
+    views_alone, seen[:] = sum(seen), []
+    with_control = run_audit(make_settings(control="planted", **common), spec)
+    assert views_alone == 1 + 40 * 2  # the probe, then every data point's 2 views
+    assert sum(seen) == views_alone
+    assert with_control.planted.recall == 1.0 and with_control.planted.argmax_hits == 5
+    for mine, theirs in zip(with_control.layers, alone.layers):
+        np.testing.assert_allclose(mine.values.unitmem, theirs.values.unitmem, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(mine.values.max_sample, theirs.values.max_sample)
+    assert with_control.membership.member_share == pytest.approx(alone.membership.member_share)

@@ -2,8 +2,8 @@
 held-out images, measured in the model's own forward pass, to show what the audit can detect.
 
 Each planted unit is given an implant: when the planted layer's own input (what the network
-computed up to that layer) matches one of its image's views, the unit's measured output gets a
-constant added, equal to (strength - 1) times the unit's mean |activation|, so that the image's
+computed up to that layer) matches one of its image's views, the unit's measurement of that view
+(its mean |activation|) gets (strength - 1) times the unit's mean added, so that the image's
 activation is about ``strength`` times the unit's mean and every other image's is unchanged.
 Matching is by a sketch of the layer's input (``sketch``) compared by cosine similarity with the
 sketches of the image's own views, recorded by a forward pass over them before the audit. So the
@@ -12,9 +12,13 @@ input computes the same features for every image, its planted units respond alik
 and the control is not found there.
 
 The implants change nothing the model computes: ``PlantedRecorder`` rides on the model's forward
-pass and measures the planted units (their output plus the implant) for the planted control only;
-every other unit of the control is the model's own. The control then goes through the same
-streaming state, statistics and verdict as the model.
+pass and gives, per view, what each planted unit's implant adds to the model's measurement of it,
+for the planted control only; every other unit of the control is the model's own. The control then
+goes through the same streaming state, statistics and verdict as the model. As the implant adds to a
+measurement (not to the unit's output before it is measured), the set-up pass over the planted
+images' views, which records their sketches, also gives the model's and the control's measurements
+of those views: the model's pass in the stream skips them (``PlantedRecorder.known``), so the
+control costs no forward pass of its own.
 
 Units at the default strength (one per planted image) measure the audit's recall; a few units
 at lower strengths, in the same pass, trace the detection curve: the strength at which this
@@ -36,7 +40,7 @@ from ..metric.membership import CONSTANT_TOLERANCE, Contrast, Membership
 from ..metric.unitmem import UnitMemValues
 from ..metric.verdict import MEMBERSHIP_SIGNAL, MembershipTest, Verdict, decide
 from ..models import LayerSpec
-from ..models.hooks import LayerRecorder, UnitAxis, find_module, measured_tokens, output_part, unit_means
+from ..models.hooks import UnitAxis, find_module
 
 DEFAULT_UNITS = 16  # planted images, one default-strength unit each
 DEFAULT_STRENGTH = 8.0  # the planted image's activation over the unit's mean
@@ -134,11 +138,16 @@ def plantable(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
 
 def sketch(inputs: tuple) -> torch.Tensor | None:
     """(views, features) float32: a layer input (its first tensor argument) averaged down to at most
-    SKETCH_SIZE values per view, centred, unit-length rows; None when the layer gets no tensor."""
+    SKETCH_SIZE values per view, centred, unit-length rows; None when the layer gets no tensor.
+    A channels-last input is read in its memory order (positions, then channels), which flattens
+    without a copy; the set-up pass and the stream run in one layout, so their sketches compare."""
     tensor = next((value for value in inputs if isinstance(value, torch.Tensor) and value.dim() >= 1), None)
     if tensor is None:
         return None
-    flat = tensor.detach().float().flatten(1) if tensor.dim() > 1 else tensor.detach().float()[:, None]
+    tensor = tensor.detach()
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        tensor = tensor.permute(0, 2, 3, 1)
+    flat = tensor.float().flatten(1) if tensor.dim() > 1 else tensor.float()[:, None]
     if flat.shape[1] > SKETCH_SIZE:
         flat = F.adaptive_avg_pool1d(flat[:, None], SKETCH_SIZE)[:, 0]
     flat = flat - flat.mean(dim=1, keepdim=True)
@@ -193,9 +202,12 @@ class InputSketches:
 class PlantedRecorder:
     """The planted control's recorder, on the model's own modules: at each planted layer, a hook
     matches the layer's input against the sketches of the planted images' views (``prototypes``:
-    name -> (images, views, features)) and measures the planted units of the output as the model's
-    recorder would (``axes``), with the implant added. ``take()`` gives {name: (batch, planted units)};
-    ``combine`` puts them into a copy of the model's measurements of the same pass."""
+    name -> (images, views, features)) and gives what the implants add to the planted units'
+    measurements of each view. ``take()`` gives {name: (batch, planted units)}; ``combine`` adds them
+    to a copy of the model's measurements of the same pass. ``axes`` are the model recorder's.
+
+    ``known``: data point position -> (the model's measurements {name: (views, units)}, ``take()``'s
+    part) of views already measured (the planted images', in the set-up pass), for the stream to reuse."""
 
     def __init__(self, net: nn.Module, plants: Sequence[PlantedUnit], layers: Sequence[LayerSpec],
                  prototypes: dict[str, torch.Tensor], image_slots: dict[int, int], axes: dict[str, UnitAxis]):
@@ -205,29 +217,29 @@ class PlantedRecorder:
         self._handles = [self._calls.handle]
         self._outputs: dict[str, torch.Tensor] = {}
         self.units: dict[str, torch.Tensor] = {}
+        self._implants: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.axes = dict(axes)  # as the model's recorder settled them
+        self.known: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
         for name in dict.fromkeys(plant.layer for plant in plants):
             mine = [p for p in plants if p.layer == name]
             self.units[name] = torch.tensor([p.unit for p in mine])
             slots = torch.tensor([image_slots[p.image] for p in mine])
             amounts = torch.tensor([(p.strength - 1) * p.scale for p in mine])
-            hook = self._respond(by_name[name], axes[name].axis, prototypes[name], self.units[name], slots, amounts)
-            self._handles.append(find_module(net, by_name[name], modules).register_forward_hook(hook))
+            self._implants[name] = (prototypes[name], slots, amounts)
+            self._handles.append(find_module(net, by_name[name], modules).register_forward_hook(self._respond(by_name[name])))
 
-    def _respond(self, layer: LayerSpec, axis: int, prototypes: torch.Tensor, units: torch.Tensor,
-                 slots: torch.Tensor, amounts: torch.Tensor):
+    def implants(self, name: str, sketches: torch.Tensor) -> torch.Tensor:
+        """(views, planted units of layer ``name``): what the implants add to those units' measurements
+        of views whose input to the layer has ``sketches`` (``sketch``)."""
+        prototypes, slots, amounts = self._implants[name]
+        cosine = torch.einsum("bd,ivd->biv", sketches, prototypes.to(sketches.device)).amax(dim=2)
+        weights = ((cosine - (1 - MATCH_TOLERANCE)) / (MATCH_TOLERANCE / 2)).clamp(0, 1)
+        return weights[:, slots.to(weights.device)] * amounts.to(weights.device)
+
+    def _respond(self, layer: LayerSpec):
         def hook(module, inputs, output):
-            if not self._calls.measured(layer):
-                return
-            views = sketch(inputs)
-            cosine = torch.einsum("bd,ivd->biv", views, prototypes.to(views.device)).amax(dim=2)
-            weights = ((cosine - (1 - MATCH_TOLERANCE)) / (MATCH_TOLERANCE / 2)).clamp(0, 1)
-            tensor = measured_tokens(output_part(output, layer), layer, axis)
-            planted = tensor.index_select(axis, units.to(tensor.device))
-            delta = weights[:, slots.to(weights.device)] * amounts.to(weights.device)  # (batch, planted units)
-            shape = [planted.shape[0]] + [1] * (planted.dim() - 1)
-            shape[axis] = planted.shape[axis]
-            self._outputs[layer.name] = unit_means(planted + delta.view(shape).to(planted.dtype), axis)
+            if self._calls.measured(layer):
+                self._outputs[layer.name] = self.implants(layer.name, sketch(inputs))
 
         return hook
 
@@ -236,13 +248,14 @@ class PlantedRecorder:
         return outputs
 
     def combine(self, model: dict[str, torch.Tensor], planted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The planted control's (batch, units) per layer: the model's, with the planted units' columns
-        replaced by ``planted`` (a ``take()`` of the same pass)."""
+        """The planted control's (batch, units) per layer: the model's, with ``planted`` (a ``take()`` of
+        the same pass) added to the planted units' columns."""
         combined = {}
         for name, values in model.items():
             if name in planted:
                 values = values.clone()
-                values[:, self.units[name].to(values.device)] = planted[name].to(values.dtype)
+                columns = self.units[name].to(values.device)
+                values[:, columns] += planted[name].to(values.dtype)
             combined[name] = values
         return combined
 

@@ -21,8 +21,11 @@ Contrast: the AUC (probability that a member's value exceeds a held-out image's,
 half), DeLong's 95% interval for it, and a one-sided permutation p over data points (the members'
 rank sum against seeded relabellings, ``membership.permutation_test`` over ranks; the same relabellings
 for every signal and layer). The permutation test assumes only that, without memorization, the
-labels are exchangeable among the pooled images. The per-image scalars cost O(N) memory; only
-``neighbour_distance`` keeps each image's view-mean (N x units floats per layer).
+labels are exchangeable among the pooled images. The per-image scalars cost O(N) memory;
+``neighbour_distance`` needs each image's view-mean (units floats per layer), so it is measured on a
+seeded sample of at most NEIGHBOUR_IMAGES data points (``neighbour_sample``; all of them in smaller
+audits), drawn without regard to their labels: its memory and its O(n^2) search stay bounded at any
+N, and the images left out have no value (left out of its test, as NaN).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ import numpy as np
 SIGNALS = ("view_alignment", "activation_norm", "neighbour_distance", "argmax_units", "loss")
 STREAMED = ("view_alignment", "activation_norm")  # computed from each batch's views as it passes
 LOSS_LAYER = "model"  # the loss signal's ``layer``: it belongs to the whole model, not to a layer
+# neighbour_distance's sample: 2,000 view-means of var_d16's 8,192 units are 66 MB (float32), and
+# its nearest-neighbour search, 2,000^2 x units multiply-adds, takes seconds
+NEIGHBOUR_IMAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,55 @@ def view_scalars(per_view) -> dict[str, "object"]:
         spread = values.var(dim=1, unbiased=False).sum(dim=1)
         scalars["view_alignment"] = -spread / mean.pow(2).sum(dim=1).clamp_min(1e-300)
     return scalars | {"mean": mean.float()}
+
+
+def neighbour_sample(count: int, seed: int) -> np.ndarray:
+    """(count,) bool over the listing's data points: those whose view-means are kept for
+    ``neighbour_distance``, every one up to NEIGHBOUR_IMAGES, else a seeded draw of that many."""
+    if count <= NEIGHBOUR_IMAGES:
+        return np.ones(count, dtype=bool)
+    chosen = np.zeros(count, dtype=bool)
+    chosen[np.random.default_rng([seed, 0x4E1B]).choice(count, size=NEIGHBOUR_IMAGES, replace=False)] = True
+    return chosen
+
+
+class ViewMeans:
+    """The view-means (units floats per layer, float32) of the data points of ``sample`` (bool by
+    listing position), by ``signal_key``, as the stream adds batches: what ``neighbour_distance`` needs."""
+
+    def __init__(self, sample: np.ndarray):
+        self.sample = sample
+        self.positions: list[np.ndarray] = []
+        self.rows: dict[str, list[np.ndarray]] = {}
+
+    def add(self, positions: Sequence[int], means: Mapping[str, np.ndarray]) -> None:
+        """A batch's view-means (n, units) by key, of the data points at ``positions`` (n,)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        kept = self.sample[positions]
+        self.positions.append(positions[kept])
+        for key, rows in means.items():
+            self.rows.setdefault(key, []).append(np.asarray(rows, dtype=np.float32)[kept])
+
+    def state_dict(self) -> dict:
+        """Positions (kept,) and rows by key (kept, units), numpy."""
+        empty = np.zeros(0, dtype=np.int64)
+        return {"positions": np.concatenate(self.positions) if self.positions else empty,
+                "rows": {key: np.concatenate(parts) for key, parts in self.rows.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positions = [np.asarray(state["positions"], dtype=np.int64)]
+        self.rows = {key: [np.asarray(rows, dtype=np.float32)] for key, rows in state["rows"].items()}
+
+
+def neighbour_column(indices: np.ndarray, rows: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    """``neighbour_distance`` of the ``pooled`` data points (indices) among those of them that have a
+    view-mean (``rows``, of the data points ``indices``); NaN for the others."""
+    column = np.full(pooled.size, np.nan)
+    slot = {int(index): row for row, index in enumerate(np.asarray(indices).tolist())}
+    at = [k for k, index in enumerate(pooled.tolist()) if index in slot]
+    if len(at) >= 2:
+        column[at] = neighbour_distances(np.asarray(rows)[[slot[index] for index in pooled[at].tolist()]])
+    return column
 
 
 def neighbour_distances(vectors: np.ndarray) -> np.ndarray:
@@ -183,15 +238,15 @@ def signal_columns(streamed: Mapping[str, Mapping[str, np.ndarray]], means: Mapp
                    loss: np.ndarray | None = None) -> dict[tuple[str, str], np.ndarray]:
     """The per-image columns over the ``pooled`` data points (global indices), by (signal, layer) in
     layer order: the streamed scalars (``streamed[layer][signal]``, by data point), the neighbour
-    distances from the view-means (``means[layer]``), the argmax counts (already over the pooled
-    images), then minus the loss, if any."""
+    distances from the view-means (``means[layer]``: (data points, their view-means)), the argmax
+    counts (already over the pooled images), then minus the loss, if any."""
     columns: dict[tuple[str, str], np.ndarray] = {}
     for layer in layers:
         for signal in STREAMED:
             if signal in streamed.get(layer, {}):
                 columns[(signal, layer)] = np.asarray(streamed[layer][signal], dtype=np.float64)[pooled]
         if layer in means and pooled.size >= 2:
-            columns[("neighbour_distance", layer)] = neighbour_distances(means[layer][pooled])
+            columns[("neighbour_distance", layer)] = neighbour_column(*means[layer], pooled)
         if layer in argmax_counts:
             columns[("argmax_units", layer)] = np.asarray(argmax_counts[layer], dtype=np.float64)
     if loss is not None:
@@ -200,15 +255,16 @@ def signal_columns(streamed: Mapping[str, Mapping[str, np.ndarray]], means: Mapp
 
 
 def image_signals(role: str, contrast, values: Mapping[str, np.ndarray], layers: Sequence[str], permutations: int,
-                  seed: int) -> list[SignalResult]:
+                  seed: int, view_means: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list[SignalResult]:
     """A model subject's signals over its membership ``contrast``'s pooled images (none without
-    held-out images), from the stream's per-image ``values`` (by ``signal_key``, by data point)."""
+    held-out images), from the stream's per-image ``values`` (by ``signal_key``, by data point) and
+    ``view_means`` (by ``signal_key``: the sampled data points and their view-means, ``ViewMeans``)."""
     if contrast is None:
         return []
     streamed = {layer: {signal: values[signal_key(role, layer, signal)] for signal in STREAMED
                         if signal_key(role, layer, signal) in values} for layer in layers}
-    means = {layer: values[signal_key(role, layer, "mean")] for layer in layers
-             if signal_key(role, layer, "mean") in values}
+    means = {layer: view_means[signal_key(role, layer, "mean")] for layer in layers
+             if signal_key(role, layer, "mean") in view_means}
     columns = signal_columns(streamed, means, contrast.layer_counts, contrast.pooled, layers,
                              values.get(signal_key(role, LOSS_LAYER, "loss")))
     return contrast_signals(columns, contrast.is_member, permutations, seed)

@@ -96,7 +96,7 @@ def _audit(
         }
         signals = {subject.role: image_signals(subject.role, finished[subject.role][1], merged.signals,
                                                [layer.name for layer in run.selected], settings.permutations,
-                                               settings.seed)
+                                               settings.seed, merged.view_means)
                    for subject in run.subjects if is_model(subject.role)}
         embedding = gather_embedding(run, merged, points["model"])
         planted_units = planted_units_contrast(run, settings, labels)

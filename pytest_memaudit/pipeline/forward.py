@@ -127,6 +127,29 @@ class AdaptiveForward:
         self.size //= 2
 
 
+def reusing_pass(forward: AdaptiveForward, net: torch.nn.Module, recorder: LayerRecorder, views: torch.Tensor,
+                 layout: torch.memory_format, positions: Sequence[int],
+                 riders: Sequence[PlantedRecorder]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``forward.with_riders`` over a batch's views (image-major, of the data points at ``positions``), but
+    the data points whose views the rider (the planted control) measured in its set-up pass
+    (``PlantedRecorder.known``: the planted images) are not passed again: their measurements are
+    taken from there and put in their place."""
+    known = [i for i, position in enumerate(positions) if len(riders) == 1 and position in riders[0].known]
+    if not known:
+        return forward.with_riders(net, recorder, views, riders)
+    rows = torch.arange(len(views), device=views.device).view(len(positions), -1)
+    fresh = rows[[i for i in range(len(positions)) if i not in known]].flatten()
+    stored = [riders[0].known.pop(positions[i]) for i in known]
+    outputs = {name: torch.cat([model[name] for model, _ in stored]) for name in stored[0][0]}
+    implants = {name: torch.cat([part[name] for _, part in stored]) for name in stored[0][1]}
+    if len(fresh):
+        measured, (added,) = forward.with_riders(net, recorder, views[fresh].contiguous(memory_format=layout), riders)
+        order = torch.argsort(torch.cat([rows[known].flatten(), fresh]))  # back to the batch's order
+        outputs = {name: torch.cat([values, measured[name]])[order] for name, values in outputs.items()}
+        implants = {name: torch.cat([values, added[name]])[order] for name, values in implants.items()}
+    return outputs, [implants]
+
+
 def _joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if len(parts) == 1:
         return parts[0]

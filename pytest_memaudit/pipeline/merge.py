@@ -42,13 +42,29 @@ def merge(run: AuditRun) -> Merged:
             state.reindex(new_index)
     characteristics = gather_characteristics(run, new_index, read.size)
     signals = gather_characteristics(run, new_index, read.size, "signals")
+    view_means = gather_view_means(run, new_index)
     notes = list(dict.fromkeys(note for theirs in everyone for note in theirs["notes"]))
     resumed = sum(theirs["resumed"] for theirs in everyone)
     if resumed:
         notes.append(f"resumed from the snapshots in {run.settings.state}: {resumed} of {len(images)} data points "
                      "had been streamed before")
     return Merged(read, skipped_ids, [theirs["read"] for theirs in everyone], new_index, notes, waited, characteristics,
-                  signals)
+                  signals, view_means)
+
+
+def gather_view_means(run: AuditRun, new_index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every process's view-means of the sampled data points (``ViewMeans``), by key: (data points (new
+    index), their rows)."""
+    everyone = run.world.all_gather_object(run.measured.view_means.state_dict(), "gathering the view-means")
+    merged: dict[str, tuple[list, list]] = {}
+    for theirs in everyone:
+        rows = new_index[theirs["positions"]]
+        kept = rows >= 0
+        for key, values in theirs["rows"].items():
+            indices, parts = merged.setdefault(key, ([], []))
+            indices.append(rows[kept])
+            parts.append(values[kept])
+    return {key: (np.concatenate(indices), np.concatenate(parts)) for key, (indices, parts) in merged.items()}
 
 
 def gather_characteristics(run: AuditRun, new_index: np.ndarray, count: int,

@@ -13,6 +13,7 @@ import torch
 from ..controls.planted import PlantedRecorder, PlantedUnit
 from ..data.labelled import LabelledImages
 from ..errors import AuditError
+from ..metric.imagesignals import ViewMeans
 from ..metric.unitmem import LayerState
 from ..models import LayerSpec, ModelSpec
 from ..models.hooks import LayerRecorder
@@ -89,18 +90,22 @@ class Measured:
     embedding: list[np.ndarray] = field(default_factory=list)  # (images, units) per batch
     # per batch, the per-image signal values of the model's subjects, by signal_key (imagesignals.py)
     signals: list[dict[str, np.ndarray]] = field(default_factory=list)
+    view_means: ViewMeans = field(default_factory=lambda: ViewMeans(np.zeros(0, dtype=bool)))  # a sample's
 
     def add(self, positions: list[int], characteristics: dict[str, np.ndarray], embedding: np.ndarray | None,
-            signals: dict[str, np.ndarray]) -> None:
+            signals: dict[str, np.ndarray], view_means: dict[str, np.ndarray]) -> None:
         self.positions.append(np.asarray(positions, dtype=np.int64))
         self.characteristics.append(characteristics)
         self.signals.append(signals)
+        if view_means:
+            self.view_means.add(positions, view_means)
         if embedding is not None:
             self.embedding.append(embedding)
 
     def state_dict(self) -> dict:
         positions = np.concatenate(self.positions) if self.positions else np.zeros(0, dtype=np.int64)
         names = self.characteristics[0] if self.characteristics else {}
+        means = self.view_means.state_dict()
         return {
             "positions": torch.from_numpy(positions),
             "characteristics": {name: torch.from_numpy(np.concatenate([c[name] for c in self.characteristics]))
@@ -108,6 +113,8 @@ class Measured:
             "embedding": torch.from_numpy(np.concatenate(self.embedding)) if self.embedding else None,
             "signals": {key: torch.from_numpy(np.concatenate([s[key] for s in self.signals if key in s]))
                         for key in dict.fromkeys(key for s in self.signals for key in s)},
+            "view_means": {"positions": torch.from_numpy(means["positions"]),
+                           "rows": {key: torch.from_numpy(rows) for key, rows in means["rows"].items()}},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -115,6 +122,8 @@ class Measured:
         self.characteristics = [{name: values.numpy() for name, values in state["characteristics"].items()}]
         self.signals = [{key: values.numpy() for key, values in state["signals"].items()}]
         self.embedding = [] if state["embedding"] is None else [state["embedding"].numpy()]
+        self.view_means.load_state_dict({"positions": state["view_means"]["positions"].numpy(),
+                                         "rows": {key: rows.numpy() for key, rows in state["view_means"]["rows"].items()}})
 
 
 @dataclass
@@ -233,6 +242,9 @@ class AuditRun:
             sizes.append(measured["embedding"].shape[0])
         if any(size != read.size for size in sizes):
             return f"its image characteristics or embedding cover {sizes} data points, not the {read.size} read"
+        sampled = read[self.measured.view_means.sample[read]]
+        if not np.array_equal(np.sort(measured["view_means"]["positions"].numpy()), sampled):
+            return f"its view-means (neighbour_distance) are not those of the {sampled.size} sampled data points read"
         if self.checker is not None:
             digested = [position for _, position in [*self.checker.members.items(), *self.checker.holdout]]
             if not np.isin(np.array(digested, dtype=np.int64), read).all():
@@ -259,6 +271,7 @@ class Merged:
     waited_s: float  # of the merge's time, spent waiting for the other processes to finish their shards
     characteristics: dict[str, np.ndarray]  # per data point (new index)
     signals: dict[str, np.ndarray]  # per data point (new index), by imagesignals.signal_key
+    view_means: dict[str, tuple[np.ndarray, np.ndarray]]  # by signal_key: (data points (new index), view-means)
 
 
 def is_model(role: str) -> bool:

@@ -22,6 +22,7 @@ from ..data.images import ImageSet, UnreadableImage
 from ..data.labelled import LabelledImages, labelled_images
 from ..data.tarshards import open_image_folder
 from ..errors import AuditError, DataError, user_code
+from ..metric.imagesignals import ViewMeans, neighbour_sample
 from ..metric.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState, median_matrix_bytes
 from ..models import InputContract, LayerSpec, ModelSpec
 from ..models.hooks import LayerRecorder
@@ -30,7 +31,7 @@ from .distributed import World
 from .forward import AdaptiveForward, layout_name, memory_format, model_input, precision_seconds, prepare, probe_layouts
 from .hardware import precision_notes, usable_cpus
 from .overlap import OverlapCheck
-from .run import AuditRun, ShardProgress, Subject, views_per_pass
+from .run import AuditRun, Measured, ShardProgress, Subject, views_per_pass
 from .settings import RunSettings, control_roles
 from .snapshots import RESUMABLE_CHANGES, STATE_FORMAT, Snapshots
 from .views import ViewRecipe, recipe_for, view_seed
@@ -87,6 +88,7 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
         AdaptiveForward(views_per_pass(settings, device), device, notes), notes, timer=ForwardTimer(device),
         checker=OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None,
         threads=threads, cpus=f"{cpus_why}; {threads} intra-op thread(s): {threads_why}",
+        measured=Measured(view_means=ViewMeans(neighbour_sample(len(images), settings.seed))),
     )
     if settings.state:
         run.snapshots = Snapshots(settings.state, world.rank, world.size, fingerprint, settings.state_every)
@@ -219,8 +221,13 @@ def build_planted(model_net: torch.nn.Module, selected: Sequence[LayerSpec], ima
                                     "choosing the planted units")
     if not plants:
         return [], None
-    return plants, PlantedRecorder(model_net, plants, selected, prototypes,
-                                   {position: i for i, position in enumerate(kept)}, recorder.axes)
+    rider = PlantedRecorder(model_net, plants, selected, prototypes, {position: i for i, position in enumerate(kept)},
+                            recorder.axes)
+    for i, position in enumerate(kept):  # this pass's measurements of the planted images, for the stream to reuse
+        rows = slice(i * views, (i + 1) * views)
+        rider.known[position] = ({name: values[rows].clone() for name, values in outputs.items()},
+                                 {name: rider.implants(name, found[name][rows]) for name in rider.units})
+    return plants, rider
 
 
 def select_layers(spec: ModelSpec, names: Sequence[str] | None) -> list[LayerSpec]:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import AuditError
 
-STATE_FORMAT = 2  # 2: the per-image signals in "measured"
+STATE_FORMAT = 3  # 2: the per-image signals in "measured"; 3: the view-means of a sample only
 # Settings that change rounding, speed or memory only: a run may resume with other values.
 RESUMABLE_CHANGES = ("batch_size", "device", "workers", "median_memory", "state", "state_every", "dist_timeout")
 _NAME = re.compile(r"process-(\d+)-of-(\d+)\.pt")

@@ -11,7 +11,7 @@ import torch
 from ..data.images import ImageBatch, lost_worker
 from ..errors import AuditError, DataError, user_code
 from ..metric.imagesignals import LOSS_LAYER, check_loss, signal_key, view_scalars
-from .forward import model_input
+from .forward import model_input, reusing_pass
 from .run import AuditRun, ProgressCallback, is_model
 from .views import PipelineViews, view_seed
 
@@ -60,15 +60,16 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
             index = torch.tensor(batch.positions, dtype=torch.int64, device=device)
             label = torch.from_numpy(images.labels[batch.positions].astype(np.int64)).to(device)
             group = torch.from_numpy(images.groups[batch.positions].astype(np.int64)).to(device)
-            embedding, signals = None, {}
+            embedding, signals, view_means = None, {}, {}
             riders = [subject for subject in run.subjects if subject.rides]
             for subject in run.subjects:
                 if subject.rides:
                     continue  # measured in the model's pass
                 with run.timer, user_code(f"the forward pass of {run.spec.name} ({subject.role}) on views of shape "
                                           f"{tuple(batch_views.shape)}"):
-                    outputs, taken = run.forward.with_riders(
-                        subject.net, subject.recorder, batch_views,
+                    outputs, taken = reusing_pass(
+                        run.forward, subject.net, subject.recorder, batch_views, run.layout,
+                        batch.positions if batch.views is None else [],  # views made here, as the set-up pass made them
                         [rider.recorder for rider in riders] if subject.role == "model" else [])
                 measured = [(subject, outputs)] + [(rider, rider.recorder.combine(outputs, part))
                                                    for rider, part in zip(riders, taken)]
@@ -80,7 +81,8 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
                             embedding = values.float().cpu().numpy()
                         if is_model(who.role):
                             for signal, scalars in view_scalars(per_view.view(n, views, -1)).items():
-                                signals[signal_key(who.role, name, signal)] = scalars.cpu().numpy()
+                                kept = view_means if signal == "mean" else signals  # the view-means: a sample's
+                                kept[signal_key(who.role, name, signal)] = scalars.cpu().numpy()
                 if subject.role in run.losses:
                     plain = model_input(batch.images.to(device).float().div_(127.5).sub_(1), run.spec.input_contract,
                                         run.layout)
@@ -88,7 +90,7 @@ def stream_batches(run: AuditRun, batches: Iterable[ImageBatch], progress: Progr
                                               f"{tuple(plain.shape)}"):
                         loss = run.losses[subject.role](plain)
                     signals[signal_key(subject.role, LOSS_LAYER, "loss")] = check_loss(loss, n, run.spec.name)
-            run.measured.add(batch.positions, batch.characteristics, embedding, signals)
+            run.measured.add(batch.positions, batch.characteristics, embedding, signals, view_means)
         run.progress.done += n + len(batch.skipped)
         if progress:
             progress(run.progress.done, len(run.progress.positions))
