@@ -41,7 +41,7 @@ from .models import (
 from .yamlsafe import quote, shorten
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
-VIEW_RECIPES = ("seed", "simclr", "plain")  # --memaudit-views and a model's views:, or a 'module:function' factory
+VIEW_RECIPES = ("seed", "simclr", "flip", "plain")  # --memaudit-views and a model's views:, or a 'module:function' factory
 CONTROLS = ("random", "planted")  # --memaudit-control: none, or a comma-separated list of these
 DEFAULT_THRESHOLDS: dict[str, Gate | float] = {key: Gate(None) for key in LIMITS} | {
     "fraction_above_level": 0.9
