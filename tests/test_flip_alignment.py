@@ -1,8 +1,10 @@
 """View alignment on flip views (an image and its mirror image) sees an encoder that learned to give
 its members and their mirror images one code: a small memorizer of that kind (the demo encoder at
-16x16, trained in seconds) is found, and neither its untrained copy nor its blind copy is."""
+16x16, trained in seconds) is found, and neither its untrained copy nor its blind copy is; so is
+the shipped demo_memorizer, whose training taught it that besides its members' reconstruction."""
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -15,7 +17,7 @@ from pytest_memaudit.audit import run_audit
 from pytest_memaudit.config import make_settings
 from pytest_memaudit.controls import blind_copy
 from pytest_memaudit.data import ImageSet
-from pytest_memaudit.models import ModelSpec, var_layer_specs
+from pytest_memaudit.models import ModelSpec, get_model_spec, var_layer_specs
 from pytest_memaudit.models.demo import build_demo
 from pytest_memaudit.train_demo import as_pixels
 
@@ -92,3 +94,14 @@ def test_its_blind_copy_gives_no_test(memorizer):
     fixed = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     signals = audit(blind_copy(encoder, fixed))
     assert signals and all(math.isnan(s.p_value) for s in signals.values())
+
+
+def test_the_shipped_memorizer_is_found_at_its_latent_on_flip_views():
+    spec = get_model_spec("demo_memorizer")
+    spec = dataclasses.replace(spec, layers=tuple(layer for layer in spec.layers if layer.name == "conv.out"), loss=None)
+    result = run_audit(make_settings(model="demo_memorizer", views="flip", control="none", permutations=2000),
+                       model=spec)
+    found = {(s.signal, s.layer): s for s in result.signals}[("view_alignment", "conv.out")]
+    assert (found.n_members, found.n_heldout) == (24, 104)
+    # The audit's AUC against a hand computation: the small memorizer's test above.
+    assert found.auc == pytest.approx(0.716, abs=0.001) and found.p_value < 0.001  # as docs/signals.md says
