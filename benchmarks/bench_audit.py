@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pytest_memaudit.hardware import cpu_flags
+from pytest_memaudit.pipeline.hardware import cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"images": 4, "size": 16, "views": 2}
@@ -134,9 +134,9 @@ def child_args(mode, ckpt, data, size, views, precision, device, batch_size, out
 
 
 def child_run_audit(ckpt, data, size, views, precision, device, batch_size, out, **extra) -> None:
-    from pytest_memaudit.audit import run_audit
-    from pytest_memaudit.config import make_settings
-    from pytest_memaudit.results import write_json_atomic
+    from pytest_memaudit.pipeline.audit import run_audit
+    from pytest_memaudit.pipeline.settings import make_settings
+    from pytest_memaudit.results.result import write_json_atomic
 
     settings = make_settings(model="var_d16", checkpoint=str(ckpt), data=str(data), image_size=size,
                              augmentations=views, precision=precision, device=device, batch_size=batch_size,
@@ -230,8 +230,8 @@ def compare(a: dict, b: dict) -> dict:
 
 def exact_difference(ckpt, data, size, device, batch_size) -> dict:
     """Project against naive with 0 augmentations (the same views in both), in this process."""
-    from pytest_memaudit.audit import run_audit
-    from pytest_memaudit.config import make_settings
+    from pytest_memaudit.pipeline.audit import run_audit
+    from pytest_memaudit.pipeline.settings import make_settings
 
     settings = make_settings(model="var_d16", checkpoint=str(ckpt), data=str(data), image_size=size,
                              augmentations=0, device=device, batch_size=batch_size)
@@ -249,7 +249,7 @@ def bare_forward_ms(ckpt, size, device, configs, passes=3) -> dict:
     runs under the same ``--isa`` as the audits."""
     import torch
 
-    from pytest_memaudit.audit import precision_mode
+    from pytest_memaudit.pipeline.device import precision_mode
     from pytest_memaudit.models.var import build_var_d16
 
     dev = torch.device(device)

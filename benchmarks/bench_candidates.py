@@ -35,15 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pytest_memaudit.augment import augment_views
-from pytest_memaudit.data import ImageSet
-from pytest_memaudit.hooks import find_module
-from pytest_memaudit.imagesignals import auc
+from pytest_memaudit.data.augment import augment_views
+from pytest_memaudit.data.images import ImageSet
+from pytest_memaudit.models.hooks import find_module
+from pytest_memaudit.metric.imagesignals import auc
 from pytest_memaudit.models import var_layer_specs
 from pytest_memaudit.models.demo import (DATA_SEED, DECODER_IMAGES, DECODER_START, HOLDOUT_START, MEMORIZER_HOLDOUT,
                                          MEMORIZER_WEIGHTS, build_demo, memorizer_holdout_set, memorizer_member_set)
-from pytest_memaudit.train_demo import as_pixels, fit_decoder, memorize
-from pytest_memaudit.views import view_seed
+from pytest_memaudit.models.train_demo import as_pixels, fit_decoder, memorize
+from pytest_memaudit.pipeline.views import view_seed
 
 LAYERS = var_layer_specs()
 SEED_VIEWS = 4

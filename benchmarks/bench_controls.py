@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench_audit import child_env, machine, pytest_args, run_child, write_checkpoint, write_images
 
-from pytest_memaudit.hardware import cpu_flags
+from pytest_memaudit.pipeline.hardware import cpu_flags
 
 CONTROLS = {"default": None, "none": "none"}  # None: the model's default, random and planted
 QUICK = {"images": 4, "size": 16, "views": 2, "demo_samples": 24}

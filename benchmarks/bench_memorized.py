@@ -21,14 +21,15 @@ import time
 import numpy as np
 import torch
 
-from pytest_memaudit.audit import open_images, run_audit
-from pytest_memaudit.characteristics import image_characteristics
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.data import ImageSet
-from pytest_memaudit.datapoints import score_data_points, what_gets_memorized
-from pytest_memaudit.hardware import cpu_flags
+from pytest_memaudit.pipeline.setup import open_images
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.data.characteristics import image_characteristics
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.data.images import ImageSet
+from pytest_memaudit.analysis.datapoints import score_data_points, what_gets_memorized
+from pytest_memaudit.pipeline.hardware import cpu_flags
 from pytest_memaudit.models import get_model_spec
-from pytest_memaudit.unitmem import MEMBER, LayerState
+from pytest_memaudit.metric.unitmem import MEMBER, LayerState
 
 UNITS = [32] * 7 + [64] * 6 + [128] * 8 + [32]  # the demo's 22 layers
 

@@ -59,7 +59,7 @@ def rss_runs(opts, ckpt: Path, workdir: Path) -> list[dict]:
 
 
 def decode_rates(opts, workdir: Path) -> list[dict]:
-    from pytest_memaudit.data import ImageSet
+    from pytest_memaudit.data.images import ImageSet
 
     folder = write_images(workdir / f"jpeg-{opts.decode_images}", opts.decode_images, 0, suffix=".jpg",
                           shape=(375, 500))

@@ -28,16 +28,16 @@ import time
 import numpy as np
 import torch
 
-from pytest_memaudit.audit import model_input
-from pytest_memaudit.views import resolve_recipe, view_seed
-from pytest_memaudit.data import ImageSet
-from pytest_memaudit.hooks import LayerRecorder
-from pytest_memaudit.imagesignals import LOSS_LAYER, contrast_signals, signal_columns, view_scalars
+from pytest_memaudit.pipeline.forward import model_input
+from pytest_memaudit.pipeline.views import resolve_recipe, view_seed
+from pytest_memaudit.data.images import ImageSet
+from pytest_memaudit.models.hooks import LayerRecorder
+from pytest_memaudit.metric.imagesignals import LOSS_LAYER, contrast_signals, signal_columns, view_scalars
 from pytest_memaudit.models import VAR_INPUT, var_layer_specs
 from pytest_memaudit.models.demo import (DATA_SEED, DECODER_IMAGES, DECODER_START, HOLDOUT_START,
                                          MEMORIZER_HOLDOUT, build_demo, memorizer_holdout_set)
-from pytest_memaudit.stats import holm
-from pytest_memaudit.train_demo import as_pixels, fit_decoder, memorize, reconstruction_errors
+from pytest_memaudit.metric.stats import holm
+from pytest_memaudit.models.train_demo import as_pixels, fit_decoder, memorize, reconstruction_errors
 
 LAYERS = var_layer_specs()
 FRESH_START = HOLDOUT_START + MEMORIZER_HOLDOUT  # generated images nothing here trained on

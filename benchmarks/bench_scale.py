@@ -37,17 +37,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pytest_memaudit.audit import open_images  # noqa: E402
-from pytest_memaudit.characteristics import CHARACTERISTICS  # noqa: E402
-from pytest_memaudit.config import make_settings  # noqa: E402
-from pytest_memaudit.data import list_image_files  # noqa: E402
-from pytest_memaudit.datapoints import DataPoints, what_gets_memorized  # noqa: E402
+from pytest_memaudit.pipeline.setup import open_images  # noqa: E402
+from pytest_memaudit.data.characteristics import CHARACTERISTICS  # noqa: E402
+from pytest_memaudit.pipeline.settings import make_settings  # noqa: E402
+from pytest_memaudit.data.images import list_image_files  # noqa: E402
+from pytest_memaudit.analysis.datapoints import DataPoints, what_gets_memorized  # noqa: E402
 from pytest_memaudit.models import get_model_spec  # noqa: E402
 from pytest_memaudit.report import write_html  # noqa: E402
-from pytest_memaudit.results import AuditResult, LayerResult, write_json_atomic  # noqa: E402
-from pytest_memaudit.stats import layer_stats  # noqa: E402
-from pytest_memaudit.tarshards import list_tar_images, tar_shards  # noqa: E402
-from pytest_memaudit.unitmem import UnitMemValues  # noqa: E402
+from pytest_memaudit.results.result import AuditResult, LayerResult, write_json_atomic  # noqa: E402
+from pytest_memaudit.metric.stats import layer_stats  # noqa: E402
+from pytest_memaudit.data.tarshards import list_tar_images, tar_shards  # noqa: E402
+from pytest_memaudit.metric.unitmem import UnitMemValues  # noqa: E402
 
 # var_d16's audited layers and their units (ch 160, channel multipliers 1, 1, 2, 2, 4; z 32)
 VAR_D16_UNITS = [160, 160, 160, 160, 160, 160, 160, 320, 320, 320, 320, 320, 320, 640, 640, 640, 640, 640, 640,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench_audit import child_env, machine, run_child
 
-from pytest_memaudit.hardware import cpu_flags
+from pytest_memaudit.pipeline.hardware import cpu_flags
 
 BENCHMARKS = Path(__file__).resolve().parent
 ARGS = ["-m", "pytest", "examples/resnet50", "-q", "-p", "no:cacheprovider", "-p", "startup_probe",

@@ -5,7 +5,7 @@ Run from the repository root::
     python benchmarks/bench_steps.py                       # var_d16, 48 images, 64x64, 10 views, CPU
     python benchmarks/bench_steps.py --images 6 --repeats 1 --precisions float32
 
-Loop steps are undone by patching ``pytest_memaudit.audit`` in this process (NCHW instead of
+Loop steps are undone by patching ``pytest_memaudit.pipeline`` modules in this process (NCHW instead of
 channels_last; glibc's default malloc instead of reusing freed activation memory) or by a setting
 (views per forward pass). Configurations run interleaved, ``--repeats`` times; the report gives
 median audit seconds and each one's time relative to the project's defaults. Start-up costs are
@@ -31,13 +31,13 @@ from bench_audit import REPO, pytest_args, write_checkpoint, write_images
 def loop_steps(opts, ckpt: Path, data: Path) -> dict:
     import torch
 
-    from pytest_memaudit import audit
-    from pytest_memaudit.config import make_settings
+    from pytest_memaudit.pipeline import audit, forward
+    from pytest_memaudit.pipeline.settings import make_settings
 
     undo = {
         "defaults": {},
-        "NCHW instead of channels_last": {"MEMORY_FORMAT": torch.contiguous_format},
-        "glibc malloc defaults (no reuse of freed memory)": {"reuse_freed_memory": lambda device: contextlib.nullcontext()},
+        "NCHW instead of channels_last": {(forward, "MEMORY_FORMAT"): torch.contiguous_format},
+        "glibc malloc defaults (no reuse of freed memory)": {(audit, "reuse_freed_memory"): lambda device: contextlib.nullcontext()},
         **{f"{size} views per forward pass": {"batch_size": size} for size in opts.batch_sizes},
     }
     times: dict[tuple[str, str], list[float]] = {}
@@ -47,8 +47,9 @@ def loop_steps(opts, ckpt: Path, data: Path) -> dict:
             for name, change in undo.items():
                 batch_size = change.get("batch_size")
                 patches = {k: v for k, v in change.items() if k != "batch_size"}
-                saved = {k: getattr(audit, k) for k in patches}
-                vars(audit).update(patches)
+                saved = {(module, k): getattr(module, k) for module, k in patches}
+                for (module, k), value in patches.items():
+                    setattr(module, k, value)
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 try:
                     settings = make_settings(model="var_d16", checkpoint=str(ckpt), data=str(data),
@@ -56,7 +57,8 @@ def loop_steps(opts, ckpt: Path, data: Path) -> dict:
                                              device="cpu", batch_size=batch_size)
                     wall = audit.run_audit(settings).timing["wall_s"]
                 finally:
-                    vars(audit).update(saved)
+                    for (module, k), value in saved.items():
+                        setattr(module, k, value)
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
                 times.setdefault((precision, name), []).append(wall)
                 page_faults[(precision, name)] = faults

@@ -26,9 +26,9 @@ import time
 
 import numpy as np
 
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.hardware import cpu_flags
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.pipeline.hardware import cpu_flags
 
 FIGURES = ("mean_unitmem", "median_unitmem", "p90_unitmem", "gap", "excess_over_control", "membership_excess")
 

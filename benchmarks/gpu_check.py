@@ -35,9 +35,10 @@ sys.path.insert(0, str(REPO / "tests"))  # the independent float64 reference liv
 
 from var_reference import reference_forward  # noqa: E402
 
-from pytest_memaudit.audit import open_images, run_audit  # noqa: E402
-from pytest_memaudit.config import make_settings  # noqa: E402
-from pytest_memaudit.hardware import cpu_flags  # noqa: E402
+from pytest_memaudit.pipeline.setup import open_images  # noqa: E402
+from pytest_memaudit.pipeline.audit import run_audit  # noqa: E402
+from pytest_memaudit.pipeline.settings import make_settings  # noqa: E402
+from pytest_memaudit.pipeline.hardware import cpu_flags  # noqa: E402
 from pytest_memaudit.models import get_model_spec  # noqa: E402
 from pytest_memaudit.models.var import VAREncoder  # noqa: E402
 

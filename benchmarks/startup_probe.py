@@ -11,7 +11,7 @@ import pytest
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
-    import pytest_memaudit.audit as audit
+    import pytest_memaudit.pipeline.audit as audit
 
     stream = audit.stream
 

@@ -9,9 +9,12 @@ own code raises: ``user_code`` turns that into an ``AuditError``.
 from __future__ import annotations
 
 import contextlib
+import reprlib
 from collections.abc import Iterator
+from typing import Any
 
 CAUSE_CHARS = 500  # of the original message, in a user_code error
+QUOTE_CHARS = 200  # of any value quoted in an error message
 
 
 class AuditError(Exception):
@@ -49,3 +52,16 @@ def user_code(what: str) -> Iterator[None]:
 
 class MemauditWarning(UserWarning):
     """A gate of severity ``warn`` was crossed, or the audit has something to say that does not fail it."""
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, whatever the size or depth of ``value``."""
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxstring, shortener.maxother = 4, limit, limit
+    shortener.maxlist = shortener.maxdict = shortener.maxtuple = shortener.maxset = 8
+    return shorten(shortener.repr(value), limit)
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters (a name from the file, in an error message)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from pytest_memaudit.augment import ViewParams, apply_views, augment_views, sample_view_params
+from pytest_memaudit.data.augment import ViewParams, apply_views, augment_views, sample_view_params
 
 PERMUTATIONS = list(itertools.permutations(range(4)))
 

@@ -10,9 +10,9 @@ import pytest
 import scipy.stats
 import torch
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 from conftest import make_images
 from test_outputs import fail_writes_in
 from test_report import Page
@@ -449,7 +449,7 @@ def test_runs_saved_within_one_second_keep_their_order(tmp_path):
     # The checkpoints' hashes sort against the order of saving: dates alone must order the entries.
     from datetime import datetime, timezone
 
-    from pytest_memaudit.baselines import save_run, saved_runs
+    from pytest_memaudit.gates.baselines import save_run, saved_runs
 
     now = datetime(2026, 11, 29, 13, 16, 35, 400_000, tzinfo=timezone.utc)
     for sha, name in [("f" * 64, "release"), ("a" * 64, "auto"), ("0" * 64, "nightly")]:

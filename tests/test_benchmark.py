@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import AuditError
 from pytest_memaudit.models import LayerSpec, ModelSpec
-from pytest_memaudit.unitmem import MEMBER, LayerState
+from pytest_memaudit.metric.unitmem import MEMBER, LayerState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,18 +167,18 @@ def test_median_rows_moved_in_blocks_as_on_a_gpu_are_the_same():
 
 
 def test_the_cpu_keeps_the_contracts_layout_and_sizes_workers_by_device(monkeypatch):
-    from pytest_memaudit import audit as audit_module
-    from pytest_memaudit.data import ImageSet
+    from pytest_memaudit.pipeline import setup as setup_module
+    from pytest_memaudit.data.images import ImageSet
 
     assert audit().settings["memory_format"] == "NCHW"  # Tiny declares no channels-last support
-    monkeypatch.setattr(audit_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(setup_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     generated, files = ImageSet.builtin(4, 16, 0), ImageSet(["a.png"], Path("."), 16, 0)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert audit_module.default_workers(generated, cpu, 10) == 0  # generated in process, beside the compute
-    assert audit_module.default_workers(files, cpu, 10) == 8  # half the cores, 8 at most
-    assert audit_module.default_workers(files, cpu, 10, processes_here=4) == 2  # shared by 4 processes
-    assert audit_module.default_workers(generated, cuda, 10) == 2  # the GPU needs images, not views
-    assert audit_module.default_workers(files, cuda, 1) == 15  # one view per image: every core but one
+    assert setup_module.default_workers(generated, cpu, 10) == 0  # generated in process, beside the compute
+    assert setup_module.default_workers(files, cpu, 10) == 8  # half the cores, 8 at most
+    assert setup_module.default_workers(files, cpu, 10, processes_here=4) == 2  # shared by 4 processes
+    assert setup_module.default_workers(generated, cuda, 10) == 2  # the GPU needs images, not views
+    assert setup_module.default_workers(files, cuda, 1) == 15  # one view per image: every core but one
 
 
 def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):

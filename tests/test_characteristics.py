@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from pytest_memaudit.characteristics import CHARACTERISTICS, image_characteristics
+from pytest_memaudit.data.characteristics import CHARACTERISTICS, image_characteristics
 from pytest_memaudit.errors import DataError
 
 LUMA = np.array([0.2989, 0.587, 0.114])  # the ITU-R 601 weights the augmentations use

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_memaudit.clusters import cluster_features, kmeans, silhouette_score
+from pytest_memaudit.analysis.clusters import cluster_features, kmeans, silhouette_score
 from pytest_memaudit.errors import AuditError
 
 

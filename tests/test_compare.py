@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from pytest_memaudit.baselines import check_name, find_baseline, format_saved, new_entry, save_run, saved_runs
-from pytest_memaudit.compare import compare
-from pytest_memaudit.config import load_audit_file, parse_compare_option
+from pytest_memaudit.gates.baselines import check_name, find_baseline, format_saved, new_entry, save_run, saved_runs
+from pytest_memaudit.gates.compare import compare
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.gates.limits import parse_compare_option
 from pytest_memaudit.errors import ConfigError
-from pytest_memaudit.gates import Figure, Gate, evaluate
+from pytest_memaudit.results.outcomes import Figure, Gate
+from pytest_memaudit.gates.thresholds import evaluate
 from pytest_memaudit.models import LayerSpec, ModelSpec
-from pytest_memaudit.stats import Interval, difference_interval, distribution_shift_p
+from pytest_memaudit.metric.stats import Interval, difference_interval, distribution_shift_p
 from test_report import synthetic_result
 
 NAMES = ["stem", "block.0", "head"]
@@ -57,7 +59,7 @@ def shifted(result, layer, amount):
     """``result`` with ``amount`` added to every UnitMem value of one layer (stats and mean interval too)."""
     from dataclasses import replace
 
-    from pytest_memaudit.stats import layer_stats
+    from pytest_memaudit.metric.stats import layer_stats
 
     target = result.layer(layer)
     values = replace(target.values, unitmem=target.values.unitmem + amount)

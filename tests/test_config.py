@@ -2,9 +2,11 @@
 
 import pytest
 
-from pytest_memaudit.config import load_audit_file, make_settings, parse_threshold_option
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.gates.limits import parse_threshold_option
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import ConfigError
-from pytest_memaudit.gates import Gate
+from pytest_memaudit.results.outcomes import Gate
 from pytest_memaudit.models import BUILTIN_MODELS
 
 VAR = BUILTIN_MODELS["var_d16"]

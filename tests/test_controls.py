@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.models import VisionTransformer
 
-from pytest_memaudit.controls import random_weights_copy
+from pytest_memaudit.controls.random import random_weights_copy
 
 
 def trained(net: nn.Module, seed: int = 1) -> nn.Module:

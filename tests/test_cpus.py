@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.setup  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
-from pytest_memaudit import hardware
-from pytest_memaudit.device import intra_op_threads
+import pytest_memaudit.plugin.terminal  # noqa: F401
+from pytest_memaudit.pipeline import hardware
+from pytest_memaudit.pipeline.device import intra_op_threads
 
 pytest_plugins = ["pytester"]
 
@@ -86,7 +86,7 @@ def test_intra_op_threads(cpus, processes, current, environment, expected):
 
 def test_the_run_record_says_the_threads_and_workers(pytester, var_checkpoint, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(pytest_memaudit.audit, "usable_cpus", lambda: (1, "1 CPU(s): the cgroup's CPU quota is 0.5 CPUs"))
+    monkeypatch.setattr(pytest_memaudit.pipeline.setup, "usable_cpus", lambda: (1, "1 CPU(s): the cgroup's CPU quota is 0.5 CPUs"))
     pytester.mkdir("audits")
     (pytester.path / "audits" / "memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
     threads = torch.get_num_threads()

@@ -1,4 +1,4 @@
-"""Tests for pytest_memaudit.data: listing, sampling, decoding, the built-in set, batching."""
+"""Tests for pytest_memaudit.data.images: listing, sampling, decoding, the built-in set, batching."""
 
 from __future__ import annotations
 
@@ -14,18 +14,11 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import make_images
-from pytest_memaudit.data import (
-    ImageSet,
-    UnreadableImage,
-    builtin_ids,
-    builtin_image,
-    decode_image,
-    display_id,
-    list_image_files,
-    select_samples,
-)
+from pytest_memaudit.data.images import (ImageSet, UnreadableImage, decode_image, display_id, list_image_files,
+                                         select_samples)
+from pytest_memaudit.data.builtin import builtin_ids, builtin_image
 from pytest_memaudit.errors import DataError
-from pytest_memaudit.tarshards import open_image_folder
+from pytest_memaudit.data.tarshards import open_image_folder
 
 S = 16  # decoded size used by most tests
 

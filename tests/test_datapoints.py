@@ -11,18 +11,18 @@ from scipy import stats as scipy_stats
 from torch import nn
 
 from conftest import make_images
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.characteristics import CHARACTERISTICS, image_characteristics
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.data import decode_image
-from pytest_memaudit.datapoints import kept_digits, score_data_points
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.data.characteristics import CHARACTERISTICS, image_characteristics
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.data.images import decode_image
+from pytest_memaudit.analysis.datapoints import kept_digits, score_data_points
 from pytest_memaudit.models import LayerSpec, ModelSpec
 from pytest_memaudit.report import render_html
 from pytest_memaudit.report.memorized import classes as memorized_classes
 from pytest_memaudit.report.thumbnails import Gallery, display_id
-from pytest_memaudit import results
-from pytest_memaudit.results import AuditResult
-from pytest_memaudit.unitmem import HOLDOUT, MEMBER, LayerState
+from pytest_memaudit.results import result as results
+from pytest_memaudit.results.result import AuditResult
+from pytest_memaudit.metric.unitmem import HOLDOUT, MEMBER, LayerState
 
 
 def test_scores_match_a_direct_computation():

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.data import canary_image
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.data.builtin import canary_image
 from pytest_memaudit.errors import CheckpointError
 from pytest_memaudit.models import get_model_spec, var_layer_specs
 from pytest_memaudit.models.demo import (
@@ -93,7 +93,7 @@ def test_demo_training_set_is_deterministic_and_holds_the_canaries():
 def test_training_script_runs_end_to_end(tmp_path):
     out = tmp_path / "tiny.pt"
     run = subprocess.run(
-        [sys.executable, "-m", "pytest_memaudit.train_demo", "--out", str(out), "--steps", "3", "--images", "8",
+        [sys.executable, "-m", "pytest_memaudit.models.train_demo", "--out", str(out), "--steps", "3", "--images", "8",
          "--image-size", "32", "--log-every", "1", "--threads", "1"],
         capture_output=True, text=True, timeout=120,
     )

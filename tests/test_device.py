@@ -7,8 +7,8 @@ settings and calls the audit makes, not what a GPU does with them.
 import pytest
 import torch
 
-from pytest_memaudit import device as device_module
-from pytest_memaudit.device import (
+from pytest_memaudit.pipeline import device as device_module
+from pytest_memaudit.pipeline.device import (
     ForwardTimer,
     is_out_of_memory,
     precision_mode,
@@ -281,7 +281,7 @@ def test_timer_waits_for_the_gpu_at_both_ends(monkeypatch):
 def test_faster_layout_picks_the_faster_and_reports_both(monkeypatch):
     import time as clock
 
-    from pytest_memaudit.device import faster_layout
+    from pytest_memaudit.pipeline.device import faster_layout
 
     calls = []
 

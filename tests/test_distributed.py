@@ -12,11 +12,11 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import fair_argmax, free_port
-from pytest_memaudit.device import process_device
-from pytest_memaudit.distributed import Launch, World, join, launch_from_environment
+from pytest_memaudit.pipeline.device import process_device
+from pytest_memaudit.pipeline.distributed import Launch, World, join, launch_from_environment
 from pytest_memaudit.errors import AuditError
-from pytest_memaudit.selection import float_keys, grouped_order_statistics, key_floats
-from pytest_memaudit.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState
+from pytest_memaudit.metric.selection import float_keys, grouped_order_statistics, key_floats
+from pytest_memaudit.metric.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState
 
 # --- the selection ----------------------------------------------------------------------------
 
@@ -253,11 +253,11 @@ def test_each_process_of_a_machine_needs_its_own_device():
 
 
 def test_decoding_workers_share_the_machine_between_its_processes():
-    import pytest_memaudit.audit as audit
-    from pytest_memaudit.data import ImageSet
+    import pytest_memaudit.pipeline.setup as setup
+    from pytest_memaudit.data.images import ImageSet
 
     folder = ImageSet(["a.png"], Path("/data"), 16, 0)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [audit.default_workers(folder, cpu, 10, processes, 96) for processes in (1, 8, 48, 96)] == [8, 6, 1, 1]
-    assert audit.default_workers(ImageSet.builtin(2, 16, 0), cpu, 10, 1, 96) == 0  # generated images: in process
-    assert [audit.default_workers(folder, cuda, 1, processes, 96) for processes in (1, 8)] == [16, 11]  # a GPU each
+    assert [setup.default_workers(folder, cpu, 10, processes, 96) for processes in (1, 8, 48, 96)] == [8, 6, 1, 1]
+    assert setup.default_workers(ImageSet.builtin(2, 16, 0), cpu, 10, 1, 96) == 0  # generated images: in process
+    assert [setup.default_workers(folder, cuda, 1, processes, 96) for processes in (1, 8)] == [16, 11]  # a GPU each

@@ -12,10 +12,10 @@ from PIL import Image
 
 # pytester's in-process runs forget modules first imported inside them; C extensions cannot be
 # loaded twice, so import what an audit and the examples use before any run.
-import pytest_memaudit.audit  # noqa: F401
-import pytest_memaudit.discovery  # noqa: F401
+import pytest_memaudit.pipeline.audit  # noqa: F401
+import pytest_memaudit.plugin.discovery  # noqa: F401
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 import torchvision.models
 from conftest import make_images
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 
 pytest_plugins = ["pytester"]
 

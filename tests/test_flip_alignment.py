@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.controls import blind_copy
-from pytest_memaudit.data import ImageSet
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.controls.random import blind_copy
+from pytest_memaudit.data.images import ImageSet
 from pytest_memaudit.models import ModelSpec, get_model_spec, var_layer_specs
 from pytest_memaudit.models.demo import build_demo
-from pytest_memaudit.train_demo import as_pixels
+from pytest_memaudit.models.train_demo import as_pixels
 
 MEMBERS = ImageSet.builtin(6, 16, 0, start=4000)
 HELDOUT = ImageSet.builtin(24, 16, 0, start=4100)

@@ -1,8 +1,8 @@
 """A layer whose outcome holds no check is "not gated" everywhere, never "within thresholds"."""
 
-from pytest_memaudit.gates import Check, GateOutcome
+from pytest_memaudit.results.outcomes import Check, GateOutcome
 from pytest_memaudit.report.context import check_cell, gate_table, verdict
-from pytest_memaudit.terminal import render_summary
+from pytest_memaudit.plugin.terminal import render_summary
 from test_report import synthetic_result
 
 SAMPLES = [f"img_{i}.png" for i in range(12)]

@@ -5,11 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from pytest_memaudit.gates import Figure, Gate, adjusted_p_values, evaluate, layer_figures
-from pytest_memaudit.membership import Membership
-from pytest_memaudit.results import AuditResult, LayerResult
-from pytest_memaudit.stats import Interval, layer_stats
-from pytest_memaudit.unitmem import UnitMemValues
+from pytest_memaudit.results.outcomes import Figure, Gate
+from pytest_memaudit.gates.thresholds import adjusted_p_values, evaluate, layer_figures
+from pytest_memaudit.metric.membership import Membership
+from pytest_memaudit.results.result import AuditResult, LayerResult
+from pytest_memaudit.metric.stats import Interval, layer_stats
+from pytest_memaudit.metric.unitmem import UnitMemValues
 
 
 def figures(**values):

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
-from pytest_memaudit import hardware
+import pytest_memaudit.plugin.terminal  # noqa: F401
+from pytest_memaudit.pipeline import hardware
 
 pytest_plugins = ["pytester"]
 
@@ -72,11 +72,11 @@ def test_bf16_native_on_a_gpu(monkeypatch, capability, native):
 
 def test_bf16_measured_slower_gets_a_note(pytester, var_checkpoint, monkeypatch):
     """Timings injected: the audit's own measurement decides, and the note says by how much."""
-    import pytest_memaudit.audit as audit_module
+    import pytest_memaudit.pipeline.forward as forward_module
 
     monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: AVX2_ONLY)
     timed = []
-    monkeypatch.setattr(audit_module, "time_precisions",
+    monkeypatch.setattr(forward_module, "time_precisions",
                         lambda run, device: timed.append(run) or {"float32": 0.100, "bfloat16": 0.137})
     pytester.mkdir("audits")
     (pytester.path / "audits" / "memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
@@ -111,7 +111,7 @@ def test_precision_note_from_injected_timings(monkeypatch, float32, bfloat16, sl
 
 def test_time_precisions_warms_up_both_then_times_each(monkeypatch):
     """A fake clock (no wall-clock): each precision's pass is timed after a warm-up pass in both."""
-    from pytest_memaudit import device as device_module
+    from pytest_memaudit.pipeline import device as device_module
 
     clock = iter([0.0, 0.25, 1.0, 1.5])  # float32 timed 0.25 s, bfloat16 0.5 s
     monkeypatch.setattr(device_module.time, "perf_counter", lambda: next(clock))

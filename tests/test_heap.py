@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pytest_memaudit import heap
+from pytest_memaudit.pipeline import heap
 
 
 class FakeLibc:

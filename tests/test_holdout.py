@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from conftest import make_images
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import DataError
 from pytest_memaudit.models import LayerSpec, ModelSpec
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pytest_memaudit import hooks
+from pytest_memaudit.models import hooks
 from pytest_memaudit.errors import AuditError
-from pytest_memaudit.hooks import LayerRecorder, _mean_abs_one_pass, unit_means
+from pytest_memaudit.models.hooks import LayerRecorder, _mean_abs_one_pass, unit_means
 from pytest_memaudit.models import LayerSpec, var_layer_specs
 from pytest_memaudit.models.var import VAREncoder
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import mannwhitneyu, norm
 
-from pytest_memaudit.imagesignals import (
+from pytest_memaudit.metric.imagesignals import (
     auc,
     contrast_signals,
     delong_interval,

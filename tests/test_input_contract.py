@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from conftest import activations, make_images
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import load_audit_file, make_settings
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import AuditError
 
 ENCODER = '''

@@ -4,12 +4,12 @@ layer, planted images it could not plant, members it could not read."""
 import pytest
 
 from conftest import make_images, tiny_spec, write_shards
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.data import ImageSet
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.data.images import ImageSet
 from pytest_memaudit.errors import DataError
-from pytest_memaudit.labelled import labelled_images
-from pytest_memaudit.tarshards import open_image_folder
+from pytest_memaudit.data.labelled import labelled_images
+from pytest_memaudit.data.tarshards import open_image_folder
 
 TINY = tiny_spec()
 pytestmark = pytest.mark.usefixtures("one_thread")

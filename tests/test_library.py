@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import make_images
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import load_audit_file, make_settings
-from pytest_memaudit.gates import evaluate_result
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.gates.thresholds import evaluate_result
 from pytest_memaudit.report import write_report
-from pytest_memaudit.results import AuditResult
+from pytest_memaudit.results.result import AuditResult
 
 ENCODER = '''
 import torch

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import fair_argmax
-from pytest_memaudit.membership import membership_contrast, permutation_test
-from pytest_memaudit.stats import holm
-from pytest_memaudit.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState
+from pytest_memaudit.metric.membership import membership_contrast, permutation_test
+from pytest_memaudit.metric.stats import holm
+from pytest_memaudit.metric.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState
 
 
 def exact_p(values, is_member):

@@ -12,22 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pytest_memaudit.audit  # noqa: F401  (pytester runs: see test_user_models.py)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (pytester runs: see test_user_models.py)
 import pytest_memaudit.plugin  # noqa: F401
 import pytest_memaudit.report  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import load_audit_file, make_settings
-from pytest_memaudit.data import ImageSet
+import pytest_memaudit.plugin.terminal  # noqa: F401
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.data.images import ImageSet
 from pytest_memaudit.errors import ConfigError
-from pytest_memaudit.imagesignals import auc
+from pytest_memaudit.metric.imagesignals import auc
 from pytest_memaudit.models import LayerSpec, ModelSpec, get_model_spec
-from pytest_memaudit.models.demo import (DECODER_IMAGES, DECODER_START, HOLDOUT_START, MEMBER_START,
+from pytest_memaudit.models.demo import (DECODER_IMAGES, DECODER_START, DEMO_IMAGES, HOLDOUT_START, MEMBER_START,
                                          MEMORIZER_DECODER, MEMORIZER_HOLDOUT, MEMORIZER_MEMBERS, MEMORIZER_METADATA,
-                                         MEMORIZER_WEIGHTS, DEMO_IMAGES, memorizer_holdout_set, memorizer_member_set,
-                                         pixels_sha256)
-from pytest_memaudit.results import AuditResult
-from pytest_memaudit.train_demo import as_pixels, fit_decoder, memorize, parse_args, reconstruction_errors
+                                         MEMORIZER_WEIGHTS, memorizer_holdout_set, memorizer_member_set, pixels_sha256)
+from pytest_memaudit.results.result import AuditResult
+from pytest_memaudit.models.train_demo import as_pixels, fit_decoder, memorize, parse_args, reconstruction_errors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_encoder import LAYERS, build  # noqa: E402

@@ -4,7 +4,7 @@ import tracemalloc
 
 import numpy as np
 
-from pytest_memaudit import stats
+from pytest_memaudit.metric import stats
 
 
 def bootstrap_peak_bytes(n: int, resamples: int) -> int:

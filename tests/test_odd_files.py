@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 from conftest import make_images
 from test_data import non_utf8_file, refuse_to_read
 
@@ -46,7 +46,7 @@ def test_odd_entries_in_the_data_folder(pytester, var_checkpoint, monkeypatch):
 
 def test_terminal_and_report_labels_escape_odd_ids():
     from pytest_memaudit.report.thumbnails import Gallery
-    from pytest_memaudit.terminal import render_summary
+    from pytest_memaudit.plugin.terminal import render_summary
     from test_report import synthetic_result
 
     samples = ["caf\udce9.png", "bell\x07.png", "plain.png"]

@@ -8,10 +8,10 @@ import tempfile
 
 import pytest
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
-from pytest_memaudit.outputs import OutputLog, location_problem, set_aside
+import pytest_memaudit.plugin.terminal  # noqa: F401
+from pytest_memaudit.pipeline.outputs import OutputLog, location_problem, set_aside
 
 pytest_plugins = ["pytester"]
 
@@ -196,10 +196,10 @@ def test_default_report_goes_under_the_invocation_directory(pytester, audit_dir,
 
 
 def test_thumbnails_that_cannot_be_made_leave_a_report_without_them(pytester, audit_dir, var_checkpoint, monkeypatch):
-    from pytest_memaudit import audit
+    from pytest_memaudit.pipeline import setup
     from pytest_memaudit.errors import DataError
 
-    real_open_images, calls = audit.open_images, []
+    real_open_images, calls = setup.open_images, []
 
     def open_images_once(*args, **kwargs):  # the audit opens the images; the report cannot open them again
         calls.append(args)
@@ -207,7 +207,7 @@ def test_thumbnails_that_cannot_be_made_leave_a_report_without_them(pytester, au
             raise DataError("the data folder went away")
         return real_open_images(*args, **kwargs)
 
-    monkeypatch.setattr(audit, "open_images", open_images_once)
+    monkeypatch.setattr(setup, "open_images", open_images_once)
     result = pytester.runpytest(*tiny_args(var_checkpoint))
     assert result.ret == 3
     result.stdout.fnmatch_lines([

@@ -20,6 +20,6 @@ def test_a_run_without_an_audit_imports_neither_torch_nor_numpy(pytester):
     modules = imported_modules(done.stderr)
     # The plugin did load (else this test proves nothing). pytest's assertion-rewriting loader hides the
     # plugin module itself from -X importtime; the module it imports first shows.
-    assert "pytest_memaudit.parallel" in modules
+    assert "pytest_memaudit.plugin.parallel" in modules
     assert not {"torch", "numpy", "scipy"} & modules, sorted(m for m in modules if m.split(".")[0] in
                                                              ("torch", "numpy", "scipy"))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.hooks import LayerRecorder, UnitAxis
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.models.hooks import LayerRecorder, UnitAxis
 from pytest_memaudit.models import LayerSpec, ModelSpec
-from pytest_memaudit.controls import blind_copy
-from pytest_memaudit.planted import (
+from pytest_memaudit.controls.random import blind_copy
+from pytest_memaudit.controls.planted import (
     CURVE_STRENGTHS,
     CURVE_UNITS,
     InputSketches,
@@ -22,7 +22,7 @@ from pytest_memaudit.planted import (
     choose_plants,
     evaluate,
 )
-from pytest_memaudit.unitmem import UnitMemValues
+from pytest_memaudit.metric.unitmem import UnitMemValues
 
 
 class TwoConv(nn.Module):
@@ -174,9 +174,10 @@ def test_the_control_in_the_models_pass_matches_a_full_pass_copy():
     model's pass leaves them as the model has them)."""
     import copy
 
-    from pytest_memaudit.audit import model_input, open_images
-    from pytest_memaudit.views import recipe_for, view_seed
-    from pytest_memaudit.unitmem import HOLDOUT, MEMBER, PLANTED
+    from pytest_memaudit.pipeline.forward import model_input
+    from pytest_memaudit.pipeline.setup import open_images
+    from pytest_memaudit.pipeline.views import recipe_for, view_seed
+    from pytest_memaudit.metric.unitmem import HOLDOUT, MEMBER, PLANTED
 
     spec = ModelSpec(name="small", layers=(LayerSpec("b", "b"),), build=lambda checkpoint: Small(),
                      default_image_size=16)

@@ -7,9 +7,9 @@ import pytest
 
 # pytester's in-process runs forget modules first imported inside them; numpy's and scipy's C
 # extensions cannot be loaded twice, so import what an audit uses before any run.
-import pytest_memaudit.audit  # noqa: F401
+import pytest_memaudit.pipeline.audit  # noqa: F401
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 from conftest import make_images
 
 pytest_plugins = ["pytester"]
@@ -197,7 +197,7 @@ def test_inert_without_audit_files(pytester):
     pytester.makepyfile(test_plain="""
 import sys
 def test_no_torch():
-    assert 'torch' not in sys.modules and 'pytest_memaudit.config' not in sys.modules
+    assert 'torch' not in sys.modules and 'pytest_memaudit.gates.config' not in sys.modules
 """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)

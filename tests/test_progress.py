@@ -3,8 +3,8 @@ person can check; silent under -q."""
 
 import pytest
 
-import pytest_memaudit.progress
-from pytest_memaudit.progress import ProgressLines, duration
+import pytest_memaudit.pipeline.progress
+from pytest_memaudit.pipeline.progress import ProgressLines, duration
 from test_user_models import FAST, declare
 
 pytest_plugins = ["pytester"]
@@ -52,7 +52,7 @@ def test_durations_read_as_a_person_would(seconds, text):
 def test_an_audit_logging_to_a_file_prints_progress_lines_unless_quiet(pytester, monkeypatch):
     """pytester's output is not a terminal, as a CI log is not: progress lines appear between collection
     and the summary (here after every batch); -q silences them."""
-    monkeypatch.setattr(pytest_memaudit.progress, "EVERY_S", 0.0)
+    monkeypatch.setattr(pytest_memaudit.pipeline.progress, "EVERY_S", 0.0)
     declare(pytester.path / "audits", "mine")
     args = ["audits", "--memaudit-model", "mine", *FAST, "--memaudit-batch-size", "1"]
     result = pytester.runpytest(*args)

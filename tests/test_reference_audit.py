@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 from conftest import make_images
 from var_reference import reference_forward
 

@@ -19,16 +19,17 @@ import pytest
 from PIL import Image
 
 # import before any in-process pytester run (see test_plugin.py)
-import pytest_memaudit.audit  # noqa: F401
+import pytest_memaudit.pipeline.audit  # noqa: F401
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 from conftest import make_images
-from pytest_memaudit.data import ImageSet, builtin_ids
+from pytest_memaudit.data.images import ImageSet
+from pytest_memaudit.data.builtin import builtin_ids
 from pytest_memaudit.models import var_layer_specs
 from pytest_memaudit.report import GALLERY_MODES, ImageSetThumbnails, figures, html as report_html, render_html
-from pytest_memaudit.results import AuditResult, LayerResult
-from pytest_memaudit.stats import Interval, layer_stats
-from pytest_memaudit.unitmem import UnitMemValues, unitmem_from
+from pytest_memaudit.results.result import AuditResult, LayerResult
+from pytest_memaudit.metric.stats import Interval, layer_stats
+from pytest_memaudit.metric.unitmem import UnitMemValues, unitmem_from
 
 pytest_plugins = ["pytester"]
 

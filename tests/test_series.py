@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 from test_baselines import LAYERS, QUICK, project  # noqa: F401  (the fixture)
 from test_report import Page
 
@@ -32,8 +32,8 @@ def audit(pytester, *extra):
 
 def test_three_checkpoints_give_three_tests_per_layer_and_one_report(series, monkeypatch):
     calls = []
-    real = pytest_memaudit.views.augment_views
-    monkeypatch.setattr(pytest_memaudit.views, "augment_views", lambda *args: calls.append(1) or real(*args))
+    real = pytest_memaudit.pipeline.views.augment_views
+    monkeypatch.setattr(pytest_memaudit.pipeline.views, "augment_views", lambda *args: calls.append(1) or real(*args))
     result = audit(series, "--memaudit-checkpoint", "ckpts/step-*.pt", "--memaudit-compare", "previous",
                    "--memaudit-compare-fail", "mean_unitmem:0.05", "-v")
     assert result.ret == 1
@@ -119,8 +119,8 @@ def test_run_series_gives_each_checkpoint_what_its_own_audit_gives(tmp_path):
     import numpy as np
     import torch
 
-    from pytest_memaudit.audit import run_audit, run_series
-    from pytest_memaudit.config import make_settings
+    from pytest_memaudit.pipeline.audit import run_audit, run_series
+    from pytest_memaudit.pipeline.settings import make_settings
     from pytest_memaudit.models import LayerSpec, ModelSpec
     from test_baselines import tiny_make
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_images
-from pytest_memaudit.signals import terminate_as_interrupt
+from pytest_memaudit.pipeline.signals import terminate_as_interrupt
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="needs POSIX signals")
 

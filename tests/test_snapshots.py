@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import pytest_memaudit.audit
+import pytest_memaudit.pipeline.setup
 from conftest import make_images, tiny_spec
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import AuditError
 
 TINY = tiny_spec()
@@ -61,7 +61,7 @@ def test_snapshots_of_another_audit_are_refused(setup, monkeypatch, change, expe
         make_images(tmp_path / "more", 10, size=16)
         values["data"] = str(tmp_path / "more")
     elif change == "version":
-        monkeypatch.setattr(pytest_memaudit.audit, "__version__", "9.9")
+        monkeypatch.setattr(pytest_memaudit.pipeline.setup, "__version__", "9.9")
     else:
         (tmp_path / "state" / "process-00000-of-00001.pt").write_bytes(b"not a snapshot")
     with pytest.raises(AuditError, match=expected):

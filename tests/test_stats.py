@@ -8,11 +8,11 @@ import torch
 from scipy import stats as scipy_stats
 
 from pytest_memaudit.errors import AuditError
-from pytest_memaudit.stats import (
+from pytest_memaudit.metric.stats import (
     BOOTSTRAP_FULL_MAX, depth_correlation, fraction_above, group_size, jackknife_interval, kruskal_wallis, layer_stats,
     spearman_interval,
     welch_ttest)
-from pytest_memaudit.unitmem import MEMBER, LayerState
+from pytest_memaudit.metric.unitmem import MEMBER, LayerState
 
 
 def test_group_size_is_ten_percent_at_least_two():

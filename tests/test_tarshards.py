@@ -7,9 +7,9 @@ import zlib
 import pytest
 
 from conftest import add_member, png_bytes, write_shards
-from pytest_memaudit.data import decode_image
+from pytest_memaudit.data.images import decode_image
 from pytest_memaudit.errors import DataError
-from pytest_memaudit.tarshards import TarImageSet, open_image_folder, tar_members
+from pytest_memaudit.data.tarshards import TarImageSet, open_image_folder, tar_members
 
 
 def test_members_are_data_points_named_by_archive_and_path(tmp_path):

@@ -17,9 +17,10 @@ import torch
 
 from conftest import free_port, make_images, write_shards
 from tiny_encoder import YAML
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import load_audit_file, make_settings
-from pytest_memaudit.results import AuditResult
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.results.result import AuditResult
 
 TESTS = Path(__file__).resolve().parent
 TIMEOUT_S = 240

@@ -12,13 +12,13 @@ from PIL import Image
 from torch import nn
 
 from conftest import activations, make_images
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import make_settings
-from pytest_memaudit.discovery import survey
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.plugin.discovery import survey
 from pytest_memaudit.errors import AuditError
-from pytest_memaudit.hooks import LayerRecorder, UnitAxis
+from pytest_memaudit.models.hooks import LayerRecorder, UnitAxis
 from pytest_memaudit.models import InputContract, LayerSpec, ModelSpec
-from pytest_memaudit.results import AuditResult
+from pytest_memaudit.results.result import AuditResult
 
 IMAGENET = InputContract(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

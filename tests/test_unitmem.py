@@ -6,7 +6,7 @@ import torch
 
 from conftest import fair_argmax
 from pytest_memaudit.errors import AuditError
-from pytest_memaudit.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState, median_matrix_bytes
+from pytest_memaudit.metric.unitmem import HOLDOUT, MEMBER, PLANTED, LayerState, median_matrix_bytes
 
 
 def feed(state, matrix, rows, labels, groups, batches):

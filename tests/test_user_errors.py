@@ -3,11 +3,11 @@ never an INTERNALERROR or a traceback."""
 
 import pytest
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
-from pytest_memaudit import hardware
-from pytest_memaudit.config import check_image_fits, make_settings
+import pytest_memaudit.plugin.terminal  # noqa: F401
+from pytest_memaudit.pipeline import hardware
+from pytest_memaudit.pipeline.settings import check_image_fits, make_settings
 from pytest_memaudit.errors import AuditError, ConfigError, user_code
 
 pytest_plugins = ["pytester"]

@@ -9,11 +9,11 @@ import pytest
 
 # pytester's in-process runs forget modules first imported inside them; numpy's and scipy's C
 # extensions cannot be loaded twice, so import what an audit uses before any run.
-import pytest_memaudit.audit  # noqa: F401
-import pytest_memaudit.discovery  # noqa: F401
+import pytest_memaudit.pipeline.audit  # noqa: F401
+import pytest_memaudit.plugin.discovery  # noqa: F401
 import pytest_memaudit.plugin  # noqa: F401
 import pytest_memaudit.report  # noqa: F401
-import pytest_memaudit.terminal  # noqa: F401
+import pytest_memaudit.plugin.terminal  # noqa: F401
 
 pytest_plugins = ["pytester"]
 

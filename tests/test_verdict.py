@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.config import load_audit_file, make_settings
-from pytest_memaudit.controls import blind_copy
-from pytest_memaudit.gates import evaluate_result
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.pipeline.settings import make_settings
+from pytest_memaudit.controls.random import blind_copy
+from pytest_memaudit.gates.thresholds import evaluate_result
 from pytest_memaudit.models import LayerSpec, ModelSpec
-from pytest_memaudit.results import AuditResult
-from pytest_memaudit.verdict import decide
+from pytest_memaudit.results.result import AuditResult
+from pytest_memaudit.metric.verdict import decide
 
 DEFAULT_AUDIT = Path(__file__).resolve().parents[1] / "audits" / "memaudit.yaml"
 

@@ -12,16 +12,17 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from scipy import integrate
 
-import pytest_memaudit.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
+import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
 from conftest import activations, make_images
 from test_augment import ATOL, reference_view
-from pytest_memaudit.audit import run_audit
-from pytest_memaudit.compare import compare
-from pytest_memaudit.config import load_audit_file, load_catalog, make_settings
+from pytest_memaudit.pipeline.audit import run_audit
+from pytest_memaudit.gates.compare import compare
+from pytest_memaudit.gates.config import load_audit_file, load_catalog
+from pytest_memaudit.pipeline.settings import make_settings
 from pytest_memaudit.errors import AuditError, ConfigError
-from pytest_memaudit.views import (CROP_ATTEMPTS, PipelineViews, resized_crops, resolve_recipe, sample_simclr,
-                                   simclr_views)
+from pytest_memaudit.pipeline.views import (CROP_ATTEMPTS, PipelineViews, resized_crops, resolve_recipe, sample_simclr,
+                                            simclr_views)
 
 ENCODER = '''
 import torch
@@ -292,7 +293,7 @@ def test_compare_refuses_a_baseline_audited_on_other_views(model):
     compare(simclr, simclr, "base")  # the same recipe compares
     old = json.loads(json.dumps(seed.to_json()))  # a result written before recipes were recorded: the seed's
     del old["settings"]["views_recipe"], old["settings"]["views"]
-    from pytest_memaudit.results import AuditResult
+    from pytest_memaudit.results.result import AuditResult
 
     compare(seed, AuditResult.from_json(old), "old")
 

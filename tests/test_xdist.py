@@ -12,7 +12,7 @@ pytest_plugins = ["pytester"]
 # workers only (the controller collects nothing), before the audit could run.
 COUNTING_CONFTEST = """
 def pytest_collection_modifyitems(items):
-    import pytest_memaudit.audit as audit
+    import pytest_memaudit.pipeline.audit as audit
 
     real_run_audit = audit.run_audit
 

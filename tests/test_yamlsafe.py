@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from pytest_memaudit.config import load_audit_file
-from pytest_memaudit.errors import ConfigError
-from pytest_memaudit.yamlsafe import MAX_BYTES, quote
+from pytest_memaudit.gates.config import load_audit_file
+from pytest_memaudit.errors import ConfigError, quote
+from pytest_memaudit.gates.yamlsafe import MAX_BYTES
 
 
 def load_error(tmp_path, text: str) -> str:

@@ -1,4 +1,5 @@
-"""Registry of auditable encoders.
+"""The models: the registry of auditable encoders, their builders and weights, and the hooks that read a layer.
+May import: data, metric, errors.
 
 A model is a ``ModelSpec``: how to build the module (with its weights), which of its layers to
 audit, and what input it takes. Built-in models are listed in ``BUILTIN_MODELS``; users add
@@ -61,7 +62,7 @@ class InputContract:
         if self.channels == 1:
             import torch
 
-            from ..augment import LUMA_WEIGHTS
+            from ..data.augment import LUMA_WEIGHTS
 
             # The luma of the [0, 1] image, on the views' [-1, 1] scale: 2 * luma((v + 1) / 2) - 1.
             weights = torch.tensor(LUMA_WEIGHTS, dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
@@ -224,7 +225,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         build=_build_demo,
         input_contract=VAR_INPUT,
         locate=_locate_demo,
-        description="VAR-d16's encoder at width 32, trained by pytest_memaudit.train_demo as an "
+        description="VAR-d16's encoder at width 32, trained by pytest_memaudit.models.train_demo as an "
         "autoencoder on its 64x64 demo set with planted, repeated canaries",
         default_image_size=64,
         default_data=_demo_data,
@@ -238,7 +239,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         build=_build_memorizer,
         input_contract=VAR_INPUT,
         locate=_locate_memorizer,
-        description="the demo encoder, then trained alone (its decoder frozen) by pytest_memaudit.train_demo "
+        description="the demo encoder, then trained alone (its decoder frozen) by pytest_memaudit.models.train_demo "
         "--memorizer to reconstruct 24 member images: memorization the encoder itself carries",
         default_image_size=64,
         default_data=_memorizer_data,

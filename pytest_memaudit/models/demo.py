@@ -2,14 +2,15 @@
 
 The shipped weights (``demo_encoder.pt``, a plain state_dict stored as float16) come with
 ``demo_encoder.json``: how they were trained, on what, and each canary's repetition count.
-Retrain with ``python -m pytest_memaudit.train_demo --out PATH``.
+Retrain with ``python -m pytest_memaudit.models.train_demo --out PATH``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import BUILTIN_PREFIX, CANARY_PREFIX, ImageSet, builtin_ids
+from ..data.builtin import BUILTIN_PREFIX, CANARY_PREFIX, builtin_ids
+from ..data.images import ImageSet
 from ..errors import CheckpointError
 
 WIDTH = 32  # VAREncoder(ch=WIDTH): the 22 layers of var_d16 at a fifth of its width
@@ -121,14 +122,28 @@ def build_demo(checkpoint: Path | None):
     return model.eval()
 
 
+def make_decoder(z_channels: int = 32) -> nn.Sequential:
+    """The demo's decoder: z (z_channels x s/16 x s/16) to an image, four nearest-upsample + conv stages."""
+    from torch import nn
+
+    layers: list[nn.Module] = [nn.Conv2d(z_channels, 128, 3, padding=1), nn.SiLU()]
+    for c_in, c_out in ((128, 128), (128, 64), (64, 32), (32, 32)):
+        layers += [
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.GroupNorm(8, c_out),
+            nn.SiLU(),
+        ]
+    layers.append(nn.Conv2d(32, 3, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
 def reconstruction_loss(checkpoint: Path | None):
     """The reference attack's loss for a demo encoder: each image's mean squared error through the
     ``demo_memorizer``'s decoder (fitted to the frozen demo encoder on images that neither the demo,
     the memorizer, nor their held-out sets contain)."""
     import torch
     import torch.nn.functional as F
-
-    from ..train_demo import make_decoder
 
     encoder = build_demo(checkpoint)
     decoder = make_decoder()

@@ -1,4 +1,5 @@
-"""The HTML audit report: ``write_report(result, path)``, or ``write_html(path, result, images, gallery)``."""
+"""The HTML audit report: ``write_report(result, path)``, or ``write_html(path, result, images, gallery)``.
+May import: gates, pipeline, results and every layer below, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .thumbnails import GALLERY_MODES, ImageSetThumbnails, ThumbnailSource
 
 if TYPE_CHECKING:
     from ..models import ModelSpec
-    from ..results import AuditResult
+    from ..results.result import AuditResult
 
 __all__ = ["GALLERY_MODES", "ImageSetThumbnails", "ThumbnailSource", "render_html", "write_html", "write_report"]
 
@@ -29,8 +30,8 @@ def write_report(result: AuditResult, path: str | Path, gallery: str = "images",
         raise ConfigError(f"gallery must be one of {', '.join(GALLERY_MODES)}, got {gallery!r}")
     images = None
     if gallery == "images":
-        from ..audit import open_images
-        from ..config import RunSettings, make_settings
+        from ..pipeline.setup import open_images
+        from ..pipeline.settings import RunSettings, make_settings
         from ..models import get_model_spec
 
         settings = make_settings(**{f.name: result.settings.get(f.name) for f in fields(RunSettings)})

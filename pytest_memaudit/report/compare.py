@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..compare import Comparison
-from ..data import display_id
-from ..gates import COMPARED
-from ..results import AuditResult
+from ..data.images import display_id
+from ..gates.compare import Comparison
+from ..results.outcomes import COMPARED
+from ..results.result import AuditResult
 from . import figures
 from .format import fmt, fmt_p
 from .thumbnails import Gallery

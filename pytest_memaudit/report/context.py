@@ -11,20 +11,21 @@ from typing import Any
 
 import numpy as np
 
-from ..compare import Comparison
-from ..data import display_id
-from ..gates import GATES, Check, adjusted_p_values
-from ..results import AuditResult, LayerResult
-from ..stats import group_size
-from ..views import describe as describe_views
-from ..views import record_of
+from ..data.images import display_id
+from ..gates.compare import Comparison
+from ..gates.thresholds import adjusted_p_values
+from ..metric.stats import group_size
+from ..pipeline.views import describe as describe_views
+from ..pipeline.views import record_of
+from ..results.outcomes import GATES, Check
+from ..results.result import AuditResult, LayerResult
 from . import figures
 from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section
-from .signals import signals_section
 from .format import fmt, fmt_interval, fmt_p
 from .memorized import memorized_section
 from .series import series_section
+from .signals import signals_section
 from .thumbnails import Gallery
 
 TABLE1_UNITS = 20

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ..membership import Membership
-from ..results import AuditResult
-from ..verdict import MEMBERSHIP_SIGNAL, MembershipTest, Verdict, decide
+from ..metric.membership import Membership
+from ..metric.verdict import MEMBERSHIP_SIGNAL, MembershipTest, Verdict, decide
+from ..results.result import AuditResult
 from . import figures
 from .format import fmt, fmt_interval, fmt_p
 from .thumbnails import Gallery

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ..stats import Interval
+from ..metric.stats import Interval
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import jinja2
 
-from ..compare import Comparison
-from ..results import AuditResult, write_text_atomic
+from ..gates.compare import Comparison
+from ..results.result import AuditResult, write_text_atomic
 from .context import report_context
 from .thumbnails import Gallery, ThumbnailSource
 

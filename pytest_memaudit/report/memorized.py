@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ..characteristics import CHARACTERISTICS
-from ..results import AuditResult
-from ..stats import CorrelationResult
+from ..data.characteristics import CHARACTERISTICS
+from ..metric.stats import CorrelationResult
+from ..results.result import AuditResult
 from . import figures
 from .format import fmt, fmt_p
 from .thumbnails import Gallery

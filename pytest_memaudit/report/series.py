@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..gates import Figure, fraction_above_level, layer_figures
-from ..results import AuditResult
+from ..gates.thresholds import fraction_above_level, layer_figures
+from ..results.outcomes import Figure
+from ..results.result import AuditResult
 from . import figures
 from .format import fmt
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..imagesignals import LOSS_LAYER, SIGNALS
-from ..results import AuditResult
+from ..metric.imagesignals import LOSS_LAYER, SIGNALS
+from ..results.result import AuditResult
 from .format import fmt, fmt_p
 
 

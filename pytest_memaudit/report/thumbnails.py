@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, features
 
-from ..data import ImageSet, UnreadableImage, display_id
+from ..data.images import ImageSet, UnreadableImage, display_id
 
 GALLERY_MODES = ("images", "names", "none")
 THUMBNAIL_PX = 64
