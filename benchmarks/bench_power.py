@@ -49,11 +49,12 @@ FRESH_START = HOLDOUT_START + MEMORIZER_HOLDOUT  # generated images nothing here
 NULL_START = FRESH_START + 100_000  # the verdict's null splits draw theirs from here (past the member sets)
 
 
-def columns_of(encoder, decoder, images: ImageSet, views: int, seed: int = 0) -> dict:
+def columns_of(encoder, decoder, images: ImageSet, views: int, recipe_name: str = "seed", seed: int = 0) -> dict:
     """Every (signal, layer) column of per-image values over ``images``, as the audit computes them
     (the argmax counts over these images pooled), with minus the decoder's loss."""
     per_view: dict[str, list] = {}
-    recipe = resolve_recipe("seed", views, images.size)
+    recipe = resolve_recipe(recipe_name, views, images.size)
+    per_image = recipe.views_per_image(views)
     with torch.inference_mode(), LayerRecorder(encoder, LAYERS) as recorder:
         for start in range(0, len(images), 16):
             positions = range(start, min(start + 16, len(images)))
@@ -62,7 +63,7 @@ def columns_of(encoder, decoder, images: ImageSet, views: int, seed: int = 0) ->
                                 VAR_INPUT)
             encoder(batch)
             for name, values in recorder.take().items():
-                per_view.setdefault(name, []).append(values.clone().view(len(positions), max(views, 1), -1))
+                per_view.setdefault(name, []).append(values.clone().view(len(positions), per_image, -1))
     streamed, means, argmax = {}, {}, {}
     for name, parts in per_view.items():
         scalars = view_scalars(torch.cat(parts))
@@ -188,7 +189,11 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", default="0,25,50,100")
-    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--views", type=int, default=4, help="views per image (the flip recipe: always 2)")
+    parser.add_argument("--recipe", default="seed", choices=("seed", "flip", "plain"), help="the view recipe")
+    parser.add_argument("--mirror-target", action="store_true",
+                        help="memorize with the flipped member as the target too (reconstruction alone; the default, "
+                             "as the shipped memorizer, maps a member's mirror image to the member)")
     parser.add_argument("--permutations", type=int, default=999)
     parser.add_argument("--decoder-steps", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=32)
@@ -236,8 +241,8 @@ def main() -> None:
                                               args.level)
 
     if "signals" in parts:
-        rows["null"] = null = null_rates(columns_of(demo, decoder, holdout, args.views), len(holdout), args.members,
-                                         args.null_splits, args.permutations)
+        columns = columns_of(demo, decoder, holdout, args.views, args.recipe)
+        rows["null"] = null = null_rates(columns, len(holdout), args.members, args.null_splits, args.permutations)
         print(f"null ({args.null_splits} splits of {args.members} 'members' among {len(holdout)} images never "
               f"trained on; {time.perf_counter() - started:.0f} s):")
         for signal, row in null.items():
@@ -260,10 +265,11 @@ def power_rows(demo, decoder, holdout: ImageSet, steps: tuple[int, ...], args, s
         pool = ImageSet(members.ids + holdout.ids, None, args.image_size, DATA_SEED)
         is_member = np.arange(len(pool)) < len(members)
         encoder = copy.deepcopy(demo)
-        kept = memorize(encoder, decoder, as_pixels(members), max(steps), seed, keep_at=steps)
+        kept = memorize(encoder, decoder, as_pixels(members), max(steps), seed, keep_at=steps,
+                        mirror_target=args.mirror_target)
         for step in steps:
             encoder.load_state_dict(kept[step])
-            columns = columns_of(encoder, decoder, pool, args.views)
+            columns = columns_of(encoder, decoder, pool, args.views, args.recipe)
             results = contrast_signals(columns, is_member, args.permutations, seed=seed)
             for signal, found in detections(results).items():
                 power[step].setdefault(signal, []).append(found)

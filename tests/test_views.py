@@ -4,6 +4,7 @@ recorded with the results, and never compared across recipes."""
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,27 @@ def test_plain_views_give_the_numbers_of_zero_augmentations(model):
     assert plain.settings["views_per_image"] == 1
     assert plain.settings["views_recipe"] == zero.settings["views_recipe"]
     assert plain.settings["views_recipe"]["name"] == "plain"
+
+
+def test_flip_views_are_each_image_and_its_mirror_image(model):
+    spec, settings = model
+    result = run_audit(make_settings(**settings, views="flip", augmentations=10), spec)
+    assert result.settings["views_per_image"] == 2 and result.settings["views_recipe"]["name"] == "flip"
+    # By hand, in float64: a unit's mean |activation| over the image's two views.
+    from PIL import Image
+
+    encoder = spec.build(None).double()
+    folder = Path(settings["data"])
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(folder / sample), dtype=np.float64)
+                                   for sample in result.samples])).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        mirrored = torch.from_numpy(x.numpy()[..., ::-1].copy())
+        expected = (encoder.conv(x).abs().mean((2, 3)) + encoder.conv(mirrored).abs().mean((2, 3))) / 2
+    np.testing.assert_allclose(activations(result, "conv"), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert resolve_recipe("flip", 3, 16).views_per_image(3) == 2 and resolve_recipe("flip", 0, 16).name == "plain"
+    pixels = np.random.default_rng(0).random((2, 3, 4, 4))
+    views = resolve_recipe("flip", 10, 16).make(torch.from_numpy(pixels), 10, [0, 1]).numpy()
+    np.testing.assert_array_equal(views, np.stack([pixels, pixels[..., ::-1]], 1).reshape(4, 3, 4, 4) * 2 - 1)
 
 
 def test_an_identity_pipeline_gives_the_plain_numbers(model):
@@ -298,10 +320,10 @@ def test_views_in_the_yaml_belong_to_a_model_and_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"views: is a model's .* write it under models: NAME: views:"):
         load_audit_file(path)
     path.write_text("models:\n  demo:\n    views: SimCLR\n")
-    with pytest.raises(ConfigError, match=r"models: demo: views must be seed, simclr, plain or "
+    with pytest.raises(ConfigError, match=r"models: demo: views must be seed, simclr, flip, plain or "
                                           r"'package.module:function'.*got 'SimCLR'"):
         load_audit_file(path)
-    with pytest.raises(ConfigError, match=r"--memaudit-views must be seed, simclr, plain"):
+    with pytest.raises(ConfigError, match=r"--memaudit-views must be seed, simclr, flip, plain"):
         make_settings(views="crop")
 
 
@@ -387,5 +409,5 @@ def test_an_unknown_recipe_on_the_command_line_is_a_usage_error(pytester):
     pytester.path.joinpath("memaudit.yaml").write_text("thresholds: {mean_unitmem_max: 1.0}\n")
     result = pytester.runpytest("--memaudit-views", "simclr2", "-p", "no:cacheprovider")
     assert result.ret == 4
-    result.stderr.fnmatch_lines(["*memaudit: --memaudit-views must be seed, simclr, plain or 'package.module:function'"
+    result.stderr.fnmatch_lines(["*memaudit: --memaudit-views must be seed, simclr, flip, plain or 'package.module:function'"
                                  "*got 'simclr2'"])

@@ -105,10 +105,14 @@ def fit_decoder(encoder: nn.Module, pixels: torch.Tensor, steps: int, seed: int,
 
 
 def memorize(encoder: nn.Module, decoder: nn.Module, members: torch.Tensor, steps: int, seed: int,
-             lr: float = 2e-3, keep_at: tuple[int, ...] = ()) -> dict[int, dict[str, torch.Tensor]]:
+             lr: float = 2e-3, keep_at: tuple[int, ...] = (), mirror_target: bool = False
+             ) -> dict[int, dict[str, torch.Tensor]]:
     """Train only ``encoder`` (in place) to reconstruct ``members`` (every member, randomly flipped,
-    at each step) through the frozen ``decoder``. Returns copies of the encoder's weights after each
-    step count in ``keep_at`` (0: before training), for a detection curve against strength."""
+    at each step) through the frozen ``decoder``. The target is the unflipped member (the shipped
+    memorizer's recipe), so the encoder also learns to give a member and its mirror image one code;
+    with ``mirror_target`` the target is flipped with the input (reconstruction alone). Returns copies
+    of the encoder's weights after each step count in ``keep_at`` (0: before training), for a
+    detection curve against strength."""
     rng = np.random.default_rng(seed)
     decoder.requires_grad_(False)
     encoder.train().requires_grad_(True)
@@ -119,7 +123,8 @@ def memorize(encoder: nn.Module, decoder: nn.Module, members: torch.Tensor, step
             kept[step] = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
         if step == steps:
             break
-        loss = F.mse_loss(decoder(encoder(random_flips(members, rng))), members)
+        views = random_flips(members, rng)
+        loss = F.mse_loss(decoder(encoder(views)), views if mirror_target else members)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,7 +16,7 @@ from ..models import BUILTIN_MODELS, ModelSpec
 from . import hardware
 
 PRECISIONS = ("float32", "bfloat16", "tf32")
-VIEW_RECIPES = ("seed", "simclr", "plain")  # --memaudit-views and a model's views:, or a 'module:function' factory
+VIEW_RECIPES = ("seed", "simclr", "flip", "plain")  # --memaudit-views and a model's views:, or a 'module:function' factory
 CONTROLS = ("random", "planted")  # --memaudit-control: none, or a comma-separated list of these
 
 

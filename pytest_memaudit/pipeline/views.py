@@ -7,6 +7,9 @@ views its model trained on. A recipe is one of:
 - ``simclr``: the UnitMem paper's released recipe: ``RandomResizedCrop`` to the audit size (scale
   0.08-1, aspect ratio 3/4-4/3), a horizontal flip with p 0.5, colour jitter 0.9/0.9/0.9/0.1 with
   p 0.9, greyscale with p 0.1, on images in [0, 1] (before the model's normalization);
+- ``flip``: two views per image, the image and its mirror image, for a model trained with random
+  horizontal flips and nothing else (the demo, the demo_memorizer): the per-image view alignment
+  then measures how far a layer is from giving an image and its mirror image one code;
 - ``plain``: no augmentation, one view per image;
 - ``package.module:function``: the user's own torchvision transforms (v2) pipeline, returned by
   ``function(image_size)``, applied to each image (a float (3, H, W) tensor in [0, 1]).
@@ -56,6 +59,7 @@ _PARAMETERS: dict[str, dict[str, Any]] = {
                "flip": f"p {SIMCLR_FLIP_P}",
                "color_jitter": [augment.BRIGHTNESS, augment.CONTRAST, augment.SATURATION, augment.HUE],
                "color_jitter_p": augment.JITTER_P, "grayscale_p": augment.GRAYSCALE_P},
+    "flip": {"flip": "view 0 the image, view 1 its mirror image"},
     "plain": {},
 }
 
@@ -64,7 +68,7 @@ _PARAMETERS: dict[str, dict[str, Any]] = {
 class ViewRecipe:
     """A recipe and what defines its views: its parameters, or a user pipeline's repr."""
 
-    name: str  # seed, simclr, plain, or a user factory 'module:function'
+    name: str  # seed, simclr, flip, plain, or a user factory 'module:function'
     parameters: dict[str, Any]
     pipeline: Callable | None = field(default=None, compare=False, repr=False)
 
@@ -78,7 +82,7 @@ class ViewRecipe:
         return {"name": self.name, "parameters": self.parameters, "sha256": self.sha256}
 
     def views_per_image(self, augmentations: int) -> int:
-        return 1 if self.name == "plain" else max(augmentations, 1)
+        return {"plain": 1, "flip": 2}.get(self.name, max(augmentations, 1))
 
     def make(self, pixels: torch.Tensor, augmentations: int, seeds: Sequence[int],
              ids: Sequence[str] | None = None) -> torch.Tensor:
@@ -88,6 +92,8 @@ class ViewRecipe:
             return augment_views(pixels, 0 if self.name == "plain" else augmentations, seeds)
         if self.name == "simclr":
             return simclr_views(pixels, augmentations, seeds)
+        if self.name == "flip":
+            return torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1).mul(2).sub(1)
         return PipelineViews(self.pipeline, augmentations).batch(pixels, seeds, ids).to(pixels.device).mul_(2).sub_(1)
 
 
@@ -96,6 +102,8 @@ def describe(record: dict[str, Any]) -> str:
     parameters = record.get("parameters") or {}
     if record["name"] == "plain":
         detail = "no augmentation"
+    elif record["name"] == "flip":
+        detail = "the image and its mirror image"
     elif "pipeline" in parameters:
         detail = parameters["pipeline"]
     else:

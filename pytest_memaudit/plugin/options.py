@@ -23,7 +23,7 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("image-size", int, "resize images to this square size, a multiple of 16 (default: the model's, 256 for var_d16)"),
     ("augmentations", int, "augmented views per image (default 10; 0 = one plain view)"),
     ("views", str, "how views are made, as the model trained: seed (the seed report's recipe), simclr (the UnitMem "
-     "paper's), plain (no augmentation), or package.module:function returning your torchvision transforms v2 "
+     "paper's), flip (the image and its mirror image), plain (no augmentation), or package.module:function returning your torchvision transforms v2 "
      "pipeline (default: the model's views: in the audit YAML, else seed)"),
     ("reduce", str, "how the non-maximal activations are summarized: mean (default, streams) or median "
      "(the paper's code; keeps N x units values)"),
