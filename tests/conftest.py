@@ -8,7 +8,10 @@ import pytest
 # pytester's in-process runs forget the modules first imported inside them, and numpy's and scipy's
 # C extensions cannot be loaded twice. The audit imports scipy.stats only when it first computes a
 # statistic (a second less before the first batch), so import it before any run, for every test file.
+# The same for PyYAML: a run that first imports it leaves later runs' parser raising the forgotten
+# copy's exceptions, which the audit file's `except yaml.YAMLError` no longer catches.
 import scipy.stats  # noqa: F401
+import yaml  # noqa: F401
 from PIL import Image
 
 from var_checkpoints import write_var_checkpoint
