@@ -112,3 +112,30 @@ def fair_argmax(column, rows=None):
     rows = np.arange(len(column)) if rows is None else np.asarray(rows)
     tied = np.flatnonzero(column == column.max())
     return int(rows[min(tied, key=lambda i: tie_key(int(rows[i])))])
+
+
+def one_layer_model_source(loss_expression: str) -> str:
+    """A user model module (`build`, `loss` factories) with one conv layer, whose per-image loss
+    is `loss_expression` of `images`: the reference attack's simplest subject."""
+    return f"""
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.stem(x)
+
+
+def build(checkpoint):
+    torch.manual_seed(0)
+    return Net()
+
+
+def loss(checkpoint):
+    return lambda images: {loss_expression}
+"""

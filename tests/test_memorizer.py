@@ -30,6 +30,7 @@ from pytest_memaudit.results.result import AuditResult
 from pytest_memaudit.models.train_demo import as_pixels, fit_decoder, memorize, parse_args, reconstruction_errors
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import one_layer_model_source  # noqa: E402
 from tiny_encoder import LAYERS, build  # noqa: E402
 
 pytest_plugins = ["pytester"]
@@ -130,34 +131,12 @@ def test_memorizer_options():
         parse_args(["--out", "x.pt", "--memorizer", "--members", "0"])
 
 
-LOSS_MODULE = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-
-    def forward(self, x):
-        return self.stem(x)
-
-
-def build(checkpoint):
-    torch.manual_seed(0)
-    return Net()
-
-
-def loss(checkpoint):
-    return lambda images: images.flatten(1).pow(2).mean(1){suffix}
-'''
 
 
 def declare(pytester, suffix=""):
     folder = pytester.path / "audits"
     folder.mkdir()
-    (folder / "lossy.py").write_text(LOSS_MODULE.format(suffix=suffix))
+    (folder / "lossy.py").write_text(one_layer_model_source(f"images.flatten(1).pow(2).mean(1){suffix}"))
     (folder / "memaudit_lossy.yaml").write_text(textwrap.dedent("""\
         thresholds: {mean_unitmem_max: 1.0}
         allow_no_gates: true

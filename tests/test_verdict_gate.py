@@ -21,6 +21,8 @@ from pytest_memaudit.gates.config import load_audit_file
 from pytest_memaudit.gates.limits import parse_threshold_option
 from pytest_memaudit.metric.verdict import decide, format_p
 
+from conftest import one_layer_model_source
+
 pytest_plugins = ["pytester"]
 
 
@@ -63,28 +65,6 @@ def test_the_verdict_gate_is_the_models_not_a_layers(tmp_path):
         load_audit_file(tmp_path / "memaudit.yaml")
 
 
-MODULE = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-
-    def forward(self, x):
-        return self.stem(x)
-
-
-def build(checkpoint):
-    torch.manual_seed(0)
-    return Net()
-
-
-def loss(checkpoint):
-    return lambda images: -images.flatten(1).mean(1)  # lower on brighter images
-'''
 PERMUTATIONS = 2000
 IMAGES = 10  # members, and as many held-out images
 
@@ -95,7 +75,7 @@ def setup(pytester, members_brighter: bool) -> None:
     alike (a null)."""
     folder = pytester.path / "audits"
     folder.mkdir()
-    (folder / "bright.py").write_text(MODULE)
+    (folder / "bright.py").write_text(one_layer_model_source("-images.flatten(1).mean(1)"))  # lower on brighter images
     (folder / "memaudit.yaml").write_text(textwrap.dedent("""\
         allow_no_gates: true
         thresholds: {verdict_p_min: 0.01}
