@@ -1,6 +1,5 @@
-"""Hostile and mistaken YAML in audit files: every case is a short ConfigError, fast."""
-
-import time
+"""Hostile and mistaken YAML in audit files: every case is a short ConfigError, from the limit
+that refuses it before the document is built (each test checks that limit's own message)."""
 
 import pytest
 
@@ -12,10 +11,8 @@ from pytest_memaudit.gates.yamlsafe import MAX_BYTES
 def load_error(tmp_path, text: str) -> str:
     path = tmp_path / "memaudit.yaml"
     path.write_text(text)
-    started = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         load_audit_file(path)
-    assert time.perf_counter() - started < 2.0
     message = str(info.value)
     assert message.startswith(f"{path}: ")
     assert len(message) < 600, message[:1000]
