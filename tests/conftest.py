@@ -1,3 +1,4 @@
+import contextlib
 import io
 import socket
 import tarfile
@@ -17,15 +18,23 @@ from PIL import Image
 from var_checkpoints import write_var_checkpoint
 
 
-@pytest.fixture
-def one_thread():
+@contextlib.contextmanager
+def on_one_thread():
     """Tiny tensors: a thread pool on a busy machine only waits."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with on_one_thread():
+        yield
 
 
 def tiny_spec():

@@ -21,6 +21,8 @@ from pytest_memaudit.models import ModelSpec, get_model_spec, var_layer_specs
 from pytest_memaudit.models.demo import build_demo
 from pytest_memaudit.models.train_demo import as_pixels
 
+from conftest import on_one_thread
+
 MEMBERS = ImageSet.builtin(6, 16, 0, start=4000)
 HELDOUT = ImageSet.builtin(24, 16, 0, start=4100)
 OTHERS = ImageSet.builtin(12, 16, 0, start=3000)
@@ -48,12 +50,8 @@ def invariance_memorizer(steps: int) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 @pytest.fixture(scope="module")
 def memorizer():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with on_one_thread():
         return invariance_memorizer(40)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def audit(encoder, views="flip"):

@@ -30,7 +30,7 @@ from pytest_memaudit.results.result import AuditResult
 from pytest_memaudit.models.train_demo import as_pixels, fit_decoder, memorize, parse_args, reconstruction_errors
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import one_layer_model_source  # noqa: E402
+from conftest import on_one_thread, one_layer_model_source  # noqa: E402
 from tiny_encoder import LAYERS, build  # noqa: E402
 
 pytest_plugins = ["pytester"]
@@ -68,12 +68,8 @@ def audit(encoder, decoder):
 def memorizer():
     """(decoder, encoder before, encoder after 300 steps): built once for the module's tests, on one
     thread (for a model this small, a second thread only waits, and on a busy machine far longer)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with on_one_thread():
         return tiny_memorizer(300)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_tiny_memorizer_is_found_by_its_loss_attack(memorizer):
