@@ -130,7 +130,8 @@ def _drop_last_position(payload):
     (lambda p: p["progress"].update(done=-5), "its progress counter says -5 data points"),
     (lambda p: p["progress"].update(done=0), "the model state of layer conv1 holds 4 data points, not the 0 its "
                                              "progress says were read"),  # would stream the data twice
-    (_drop_last_position, "it lists 3 data points measured, not the 4 read"),
+    (_drop_last_position, "it lists 3 data points measured, but its image characteristics, signals and "
+                              "embedding cover [4]"),
     (lambda p: p["progress"].update(skipped=[[10**12, "x"]]), "its 1 skipped data points are not distinct data points"),
     (lambda p: p["progress"].update(skipped=[[0, "x"]]), "the model state of layer conv1 holds 4 data points, not the 3"),
     (lambda p: p["progress"].update(skipped="absurd"), "ValueError"),

@@ -122,11 +122,11 @@ def embedded_rows(points: DataPoints) -> np.ndarray:
 
 def cluster_memorized(points: DataPoints, embedding: np.ndarray, layer: str, seed: int) -> Clusters | None:
     """k-means (k by silhouette) of the highest-scoring data points (``embedded_rows``) in
-    ``embedding`` (data points x the layer's units; only those rows need values)."""
+    ``embedding`` (their activations at the layer, in that order: those data points x its units)."""
     top = embedded_rows(points)
     if top.size == 0:
         return None
-    clustering = cluster_features(embedding[top], seed)
+    clustering = cluster_features(embedding, seed)
     mean_score = np.array([points.score[top[clustering.labels == k]].mean() for k in range(clustering.k)])
     silhouette = clustering.silhouettes.get(clustering.k, math.nan)
     return Clusters(layer, top, clustering.labels, silhouette, clustering.sizes, mean_score)

@@ -36,12 +36,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .rows import RowStore
+
 SIGNALS = ("view_alignment", "activation_norm", "neighbour_distance", "argmax_units", "loss")
 STREAMED = ("view_alignment", "activation_norm")  # computed from each batch's views as it passes
 LOSS_LAYER = "model"  # the loss signal's ``layer``: it belongs to the whole model, not to a layer
 # neighbour_distance's sample: 2,000 view-means of var_d16's 8,192 units are 66 MB (float32), and
 # its nearest-neighbour search, 2,000^2 x units multiply-adds, takes seconds
 NEIGHBOUR_IMAGES = 2000
+NEIGHBOUR_BLOCK = 1 << 19  # distances computed this many at a time (a few temporaries of 4 MB each)
 
 
 @dataclass(frozen=True)
@@ -114,30 +117,34 @@ def neighbour_sample(count: int, seed: int) -> np.ndarray:
 
 class ViewMeans:
     """The view-means (units floats per layer, float32) of the data points of ``sample`` (bool by
-    listing position), by ``signal_key``, as the stream adds batches: what ``neighbour_distance`` needs."""
+    listing position), by ``signal_key``, as the stream adds batches: what ``neighbour_distance`` needs.
+    ``capacity``: how many sampled data points this process streams (default: all of the sample)."""
 
-    def __init__(self, sample: np.ndarray):
+    def __init__(self, sample: np.ndarray, capacity: int | None = None):
         self.sample = sample
-        self.positions: list[np.ndarray] = []
-        self.rows: dict[str, list[np.ndarray]] = {}
+        capacity = int(sample.sum()) if capacity is None else capacity
+        self._positions, self._rows = RowStore(capacity), RowStore(capacity)
 
     def add(self, positions: Sequence[int], means: Mapping[str, np.ndarray]) -> None:
         """A batch's view-means (n, units) by key, of the data points at ``positions`` (n,)."""
         positions = np.asarray(positions, dtype=np.int64)
         kept = self.sample[positions]
-        self.positions.append(positions[kept])
-        for key, rows in means.items():
-            self.rows.setdefault(key, []).append(np.asarray(rows, dtype=np.float32)[kept])
+        self._positions.add({"positions": positions[kept]})
+        self._rows.add({key: np.asarray(rows, dtype=np.float32)[kept] for key, rows in means.items()})
+
+    def views(self) -> dict:
+        """Positions (kept,) and rows by key (kept, units): views of the stored rows, not copies."""
+        return {"positions": self._positions.arrays().get("positions", np.zeros(0, dtype=np.int64)),
+                "rows": self._rows.arrays()}
 
     def state_dict(self) -> dict:
-        """Positions (kept,) and rows by key (kept, units), numpy."""
-        empty = np.zeros(0, dtype=np.int64)
-        return {"positions": np.concatenate(self.positions) if self.positions else empty,
-                "rows": {key: np.concatenate(parts) for key, parts in self.rows.items()}}
+        """``views()``, copied (for a snapshot)."""
+        views = self.views()
+        return {"positions": views["positions"].copy(), "rows": {key: rows.copy() for key, rows in views["rows"].items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.positions = [np.asarray(state["positions"], dtype=np.int64)]
-        self.rows = {key: [np.asarray(rows, dtype=np.float32)] for key, rows in state["rows"].items()}
+        self._positions.load({"positions": np.asarray(state["positions"], dtype=np.int64)})
+        self._rows.load({key: np.asarray(rows, dtype=np.float32) for key, rows in state["rows"].items()})
 
 
 def neighbour_column(indices: np.ndarray, rows: np.ndarray, pooled: np.ndarray) -> np.ndarray:
@@ -160,7 +167,7 @@ def neighbour_distances(vectors: np.ndarray) -> np.ndarray:
     x = (x[:, keep] - x[:, keep].mean(axis=0)) / sd[keep]
     squared = np.einsum("ij,ij->i", x, x)
     nearest = np.full(len(x), np.inf)
-    chunk = max(1, 2**22 // max(1, len(x)))
+    chunk = max(1, NEIGHBOUR_BLOCK // max(1, len(x)))
     for start in range(0, len(x), chunk):
         block = squared[start:start + chunk, None] + squared[None, :] - 2 * x[start:start + chunk] @ x.T
         rows = np.arange(start, min(start + chunk, len(x)))
@@ -211,15 +218,15 @@ def contrast_signals(columns: Mapping[tuple[str, str], np.ndarray], is_member: n
     is_member = np.asarray(is_member, dtype=bool)
     keys = list(columns)
     complete = [key for key in keys if np.all(np.isfinite(columns[key]))]
-    p_values = dict(zip(complete, _rank_permutation_test(np.stack([columns[k] for k in complete], axis=1), is_member,
-                                                        permutations, seed))) if complete else {}
+    p_values = dict(zip(complete, _rank_permutation_test([columns[k] for k in complete], is_member, permutations,
+                                                        seed))) if complete else {}
     results = []
     for key in keys:
         values = np.asarray(columns[key], dtype=np.float64)
         finite = np.isfinite(values)
         members, heldout = values[finite & is_member], values[finite & ~is_member]
         if key not in p_values:
-            p_values[key] = _rank_permutation_test(values[finite], is_member[finite], permutations, seed)[0]
+            p_values[key] = _rank_permutation_test([values[finite]], is_member[finite], permutations, seed)[0]
         if members.size == 0 or heldout.size == 0:
             estimate, low, high = math.nan, math.nan, math.nan
         else:
@@ -270,9 +277,16 @@ def image_signals(role: str, contrast, values: Mapping[str, np.ndarray], layers:
     return contrast_signals(columns, contrast.is_member, permutations, seed)
 
 
-def _rank_permutation_test(values: np.ndarray, is_member: np.ndarray, permutations: int, seed: int) -> list[float]:
-    """The permutation p of the members' rank sum (Mann-Whitney's U) per column of ``values``."""
+def _rank_permutation_test(columns: Sequence[np.ndarray], is_member: np.ndarray, permutations: int,
+                           seed: int) -> list[float]:
+    """The permutation p of the members' rank sum (Mann-Whitney's U) per column (of equal lengths).
+    Each column is ranked on its own into one array: ranking them all at once holds several
+    temporaries of data points x columns."""
     from .membership import permutation_test
     from .stats import scipy_stats
 
-    return permutation_test(scipy_stats().rankdata(values, axis=0), is_member, permutations, seed)
+    rankdata = scipy_stats().rankdata
+    ranks = np.empty((len(columns[0]), len(columns)))
+    for j, column in enumerate(columns):
+        ranks[:, j] = rankdata(column)
+    return permutation_test(ranks, is_member, permutations, seed)

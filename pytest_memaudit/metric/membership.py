@@ -109,7 +109,10 @@ def membership_contrast(
         top_index = state.top(pooled_labels)[1][:, picks]
         topk_shares[name] = float(is_member[position[top_index]].mean()) if top_index.size else math.nan
 
-    columns = np.stack([*layer_counts.values(), sum(layer_counts.values())], axis=1)
+    columns = np.empty((pooled.size, len(layer_counts) + 1))  # float64 already: permutation_test makes no copy
+    for i, counts in enumerate(layer_counts.values()):
+        columns[:, i] = counts
+    columns[:, -1] = columns[:, :-1].sum(axis=1)
     p_values, null_sums = permutation_test(columns, is_member, permutations, seed, keep_null=True)
     expected = members / pooled.size
 
@@ -129,7 +132,7 @@ def membership_contrast(
     shares = np.array(list(topk_shares.values()))
     overall_topk = float(np.dot(np.nan_to_num(shares), units) / units.sum()) if units.sum() else math.nan
     overall = contrast(len(states), overall_topk, sum(excluded.values()))
-    return Contrast(per_layer, overall, pooled, is_member, columns[:, -1], layer_counts)
+    return Contrast(per_layer, overall, pooled, is_member, columns[:, -1].astype(np.int64), layer_counts)
 
 
 def shift_interval(estimate: float, null: np.ndarray, points: int, confidence: float = 0.95) -> Interval | None:
@@ -169,7 +172,7 @@ def permutation_test(columns: np.ndarray, is_member: np.ndarray, permutations: i
     at_least = np.zeros(tests, dtype=np.int64)
     null = np.empty((permutations, tests)) if keep_null else None
     chunk = max(1, _CHUNK_ELEMENTS // n)
-    tolerance = 1e-9 * np.maximum(1.0, np.abs(columns).sum(axis=0))
+    tolerance = 1e-9 * np.maximum(1.0, [np.abs(column).sum() for column in columns.T])  # a column at a time
     for start in range(0, permutations, chunk):
         rows = min(chunk, permutations - start)
         indicators = rng.permuted(np.tile(template, (rows, 1)), axis=1)

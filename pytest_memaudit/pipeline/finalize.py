@@ -25,21 +25,22 @@ from .setup import environment
 
 
 def gather_embedding(run: AuditRun, merged: Merged, points: DataPoints) -> np.ndarray | None:
-    """The model's activations at the embedding layer for the data points to cluster (the
-    highest-scoring), from whichever process streamed each; None when there are none to cluster."""
+    """The model's activations at the embedding layer of the data points to cluster (``embedded_rows``,
+    in that order), from whichever process streamed each; None when there are none to cluster."""
     wanted = embedded_rows(points)
     if wanted.size == 0:
         return None
-    state = run.measured.state_dict()
+    measured = run.measured.part("embedding").get("embedding")
     rows = {}
-    if state["embedding"] is not None:
-        index = merged.new_index[state["positions"].numpy()]
-        wanted_set = set(wanted.tolist())
-        rows = {int(i): row for i, row in zip(index, state["embedding"].numpy()) if int(i) in wanted_set}
+    if measured is not None:
+        slot = np.full(merged.new_index.size, -1, dtype=np.int64)  # by listing position: its place in wanted
+        slot[merged.read[wanted]] = np.arange(wanted.size)
+        mine = slot[run.measured.positions]
+        rows = {int(mine[i]): measured[i].copy() for i in np.flatnonzero(mine >= 0)}
     found: dict[int, np.ndarray] = {}
     for theirs in run.world.all_gather_object(rows, "gathering the images to cluster"):
         found.update(theirs)
-    embedding = np.full((points.score.size, next(iter(found.values())).size if found else 0), np.nan)
+    embedding = np.full((wanted.size, next(iter(found.values())).size if found else 0), np.nan)
     for i, row in found.items():
         embedding[i] = row
     return embedding

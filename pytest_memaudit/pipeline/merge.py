@@ -54,8 +54,8 @@ def merge(run: AuditRun) -> Merged:
 
 def gather_view_means(run: AuditRun, new_index: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every process's view-means of the sampled data points (``ViewMeans``), by key: (data points (new
-    index), their rows)."""
-    everyone = run.world.all_gather_object(run.measured.view_means.state_dict(), "gathering the view-means")
+    index), their rows). One process's are its stored rows themselves, not a copy."""
+    everyone = run.world.all_gather_object(run.measured.view_means.views(), "gathering the view-means")
     merged: dict[str, tuple[list, list]] = {}
     for theirs in everyone:
         rows = new_index[theirs["positions"]]
@@ -63,18 +63,16 @@ def gather_view_means(run: AuditRun, new_index: np.ndarray) -> dict[str, tuple[n
         for key, values in theirs["rows"].items():
             indices, parts = merged.setdefault(key, ([], []))
             indices.append(rows[kept])
-            parts.append(values[kept])
-    return {key: (np.concatenate(indices), np.concatenate(parts)) for key, (indices, parts) in merged.items()}
+            parts.append(values if kept.all() else values[kept])
+    return {key: (joined(indices), joined(parts)) for key, (indices, parts) in merged.items()}
 
 
 def gather_characteristics(run: AuditRun, new_index: np.ndarray, count: int,
                            part: str = "characteristics") -> dict[str, np.ndarray]:
-    """Every process's image characteristics (or another ``part`` of what it measured per image),
-    as arrays by data point (new index)."""
-    mine = run.measured.state_dict()
-    everyone = run.world.all_gather_object(
-        (mine["positions"].numpy(), {name: values.numpy() for name, values in mine[part].items()}),
-        f"gathering the image {part}")
+    """Every process's image characteristics (or another ``part`` of what it measured per image,
+    ``Measured.PARTS``), as arrays by data point (new index)."""
+    everyone = run.world.all_gather_object((run.measured.positions, run.measured.part(part)),
+                                           f"gathering the image {part}")
     merged: dict[str, np.ndarray] = {}
     for positions, values in everyone:
         rows = new_index[positions]
@@ -82,3 +80,8 @@ def gather_characteristics(run: AuditRun, new_index: np.ndarray, count: int,
         for name, column in values.items():
             merged.setdefault(name, np.full((count, *column.shape[1:]), np.nan))[rows[kept]] = column[kept]
     return merged
+
+
+def joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate``, without its copy when there is one array."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)

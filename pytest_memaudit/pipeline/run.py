@@ -14,6 +14,7 @@ from ..controls.planted import PlantedRecorder, PlantedUnit
 from ..data.labelled import LabelledImages
 from ..errors import AuditError
 from ..metric.imagesignals import ViewMeans
+from ..metric.rows import RowStore
 from ..metric.unitmem import LayerState
 from ..models import LayerSpec, ModelSpec
 from ..models.hooks import LayerRecorder
@@ -79,49 +80,60 @@ class ShardProgress:
         self.skipped = [(int(position), str(reason)) for position, reason in state["skipped"]]
 
 
-@dataclass
 class Measured:
-    """What this process measured of its images besides the states: each image's characteristics
-    (``characteristics.py``) and the model's per-unit activations at the embedding layer, by
-    position in the listing."""
+    """What this process measured of its images besides the states, by position in the listing: each
+    image's characteristics (``characteristics.py``), the model's per-image signals (by
+    ``signal_key``), its per-unit activations at the embedding layer, and a sample's view-means.
+    ``capacity``: the data points this process streams; the rows are kept in arrays of that many
+    (``RowStore``), so a long stream leaves nothing behind in the heap batch by batch."""
 
-    positions: list[np.ndarray] = field(default_factory=list)
-    characteristics: list[dict[str, np.ndarray]] = field(default_factory=list)
-    embedding: list[np.ndarray] = field(default_factory=list)  # (images, units) per batch
-    # per batch, the per-image signal values of the model's subjects, by signal_key (imagesignals.py)
-    signals: list[dict[str, np.ndarray]] = field(default_factory=list)
-    view_means: ViewMeans = field(default_factory=lambda: ViewMeans(np.zeros(0, dtype=bool)))  # a sample's
+    PARTS = ("characteristics", "signals", "embedding")
+
+    def __init__(self, capacity: int = 0, view_means: ViewMeans | None = None):
+        self.rows = RowStore(capacity)  # keys: "positions", and (part, name) for each part
+        self.view_means = view_means or ViewMeans(np.zeros(0, dtype=bool))
 
     def add(self, positions: list[int], characteristics: dict[str, np.ndarray], embedding: np.ndarray | None,
             signals: dict[str, np.ndarray], view_means: dict[str, np.ndarray]) -> None:
-        self.positions.append(np.asarray(positions, dtype=np.int64))
-        self.characteristics.append(characteristics)
-        self.signals.append(signals)
+        parts = {"characteristics": characteristics, "signals": signals,
+                 "embedding": {} if embedding is None else {"embedding": embedding}}
+        self.rows.add({"positions": np.asarray(positions, dtype=np.int64)}
+                      | {(part, name): values for part, columns in parts.items() for name, values in columns.items()})
         if view_means:
             self.view_means.add(positions, view_means)
-        if embedding is not None:
-            self.embedding.append(embedding)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.rows.arrays().get("positions", np.zeros(0, dtype=np.int64))
+
+    def part(self, part: str) -> dict[str, np.ndarray]:
+        """One of ``PARTS`` by name, as arrays by data point (in the order of ``positions``): views, not copies."""
+        return {key[1]: values for key, values in self.rows.arrays().items() if isinstance(key, tuple) and key[0] == part}
 
     def state_dict(self) -> dict:
-        positions = np.concatenate(self.positions) if self.positions else np.zeros(0, dtype=np.int64)
-        names = self.characteristics[0] if self.characteristics else {}
+        """Copies of what was measured (for a snapshot)."""
+        embedding = self.part("embedding").get("embedding")
         means = self.view_means.state_dict()
         return {
-            "positions": torch.from_numpy(positions),
-            "characteristics": {name: torch.from_numpy(np.concatenate([c[name] for c in self.characteristics]))
-                                for name in names},
-            "embedding": torch.from_numpy(np.concatenate(self.embedding)) if self.embedding else None,
-            "signals": {key: torch.from_numpy(np.concatenate([s[key] for s in self.signals if key in s]))
-                        for key in dict.fromkeys(key for s in self.signals for key in s)},
+            "positions": torch.from_numpy(self.positions.copy()),
+            "characteristics": {name: torch.from_numpy(values.copy())
+                                for name, values in self.part("characteristics").items()},
+            "embedding": None if embedding is None else torch.from_numpy(embedding.copy()),
+            "signals": {key: torch.from_numpy(values.copy()) for key, values in self.part("signals").items()},
             "view_means": {"positions": torch.from_numpy(means["positions"]),
                            "rows": {key: torch.from_numpy(rows) for key, rows in means["rows"].items()}},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.positions = [state["positions"].numpy()]
-        self.characteristics = [{name: values.numpy() for name, values in state["characteristics"].items()}]
-        self.signals = [{key: values.numpy() for key, values in state["signals"].items()}]
-        self.embedding = [] if state["embedding"] is None else [state["embedding"].numpy()]
+        parts = {"characteristics": state["characteristics"], "signals": state["signals"],
+                 "embedding": {} if state["embedding"] is None else {"embedding": state["embedding"]}}
+        sizes = sorted({len(values) for columns in parts.values() for values in columns.values()})
+        if sizes and sizes != [len(state["positions"])]:
+            raise AuditError(f"it lists {len(state['positions'])} data points measured, but its image "
+                             f"characteristics, signals and embedding cover {sizes}")
+        self.rows.load({"positions": state["positions"].numpy()}
+                       | {(part, name): values.numpy() for part, columns in parts.items()
+                          for name, values in columns.items()})
         self.view_means.load_state_dict({"positions": state["view_means"]["positions"].numpy(),
                                          "rows": {key: rows.numpy() for key, rows in state["view_means"]["rows"].items()}})
 

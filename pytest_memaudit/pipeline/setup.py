@@ -80,15 +80,16 @@ def set_up(settings: RunSettings, spec: ModelSpec, selected: list[LayerSpec], wo
     if device.type == "cuda" and memory_format(spec.input_contract) == torch.channels_last:
         notes.append(f"memory layout on {device}: {layout_name(layout)}, the faster for a forward pass: "
                      + ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in seconds.items()))
+    shard, sample = world.shard(len(images)), neighbour_sample(len(images), settings.seed)
     run = AuditRun(
         settings, spec, selected, world, device, images, image_size, paths, checkpoint_info, checkpoints, model_net,
-        layout, recipe, fingerprint, ShardProgress(world.shard(len(images))),
+        layout, recipe, fingerprint, ShardProgress(shard),
         settings.workers if settings.workers is not None else default_workers(images, device, views,
                                                                              world.launch.local_size, cpus),
         AdaptiveForward(views_per_pass(settings, device), device, notes), notes, timer=ForwardTimer(device),
         checker=OverlapCheck(images) if images.count(HOLDOUT, PLANTED) else None,
         threads=threads, cpus=f"{cpus_why}; {threads} intra-op thread(s): {threads_why}",
-        measured=Measured(view_means=ViewMeans(neighbour_sample(len(images), settings.seed))),
+        measured=Measured(len(shard), ViewMeans(sample, int(sample[shard.start : shard.stop].sum()))),
     )
     if settings.state:
         run.snapshots = Snapshots(settings.state, world.rank, world.size, fingerprint, settings.state_every)
