@@ -22,7 +22,7 @@ entry, then ``--memaudit-threshold`` on the command line.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 

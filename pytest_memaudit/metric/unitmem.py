@@ -19,7 +19,6 @@ several processes all rest on these three.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass

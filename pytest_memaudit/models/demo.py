@@ -8,10 +8,15 @@ Retrain with ``python -m pytest_memaudit.models.train_demo --out PATH``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.builtin import BUILTIN_PREFIX, CANARY_PREFIX, builtin_ids
 from ..data.images import ImageSet
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:  # torch loads when a model is built, not on import
+    import torch
+    from torch import nn
 
 WIDTH = 32  # VAREncoder(ch=WIDTH): the 22 layers of var_d16 at a fifth of its width
 IMAGE_SIZE = 64

@@ -194,8 +194,6 @@ def stored_model_spec(catalog: "AuditCatalog", stored: "AuditResult") -> "ModelS
     """The model of a stored audit, with the layers it audited: as the audit files or the built-in registry
     declare it, or (a model declared nowhere now) as the stored layers say. ConfigError when a stored
     layer is not the declared model's."""
-    from dataclasses import replace
-
     from ..errors import ConfigError
     from ..models import LayerSpec, ModelSpec
 

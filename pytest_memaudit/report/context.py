@@ -22,7 +22,7 @@ from ..results.result import AuditResult, LayerResult
 from . import figures
 from .compare import compare_section
 from .evidence import evidence, membership_section, planted_section
-from .format import fmt, fmt_interval, fmt_p
+from .format import fmt
 from .memorized import memorized_section
 from .series import series_section
 from .signals import signals_section
