@@ -210,7 +210,7 @@ def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             img.load()
-            pixels = _rgb_array(img)
+            pixels = rgb_array(img)
     except UnidentifiedImageError as exc:
         empty = os.path.getsize(path) == 0
         raise UnreadableImage(path, "empty file" if empty else "not an image Pillow can read") from exc
@@ -218,10 +218,10 @@ def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
         raise UnreadableImage(path, str(exc) or type(exc).__name__) from exc
     except Exception as exc:  # noqa: BLE001 (Pillow's decoders raise others on malformed files: skip the file)
         raise UnreadableImage(path, f"{type(exc).__name__}: {exc}") from exc
-    return _resize(_chw(pixels), size)
+    return resize_image(to_chw(pixels), size)
 
 
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
     """torchvision's ``resize(image, [size, size], antialias=True)`` for uint8 on the CPU: the same
     interpolate call, without importing torchvision (seconds of start-up)."""
     if image.shape[1:] == (size, size):
@@ -229,13 +229,13 @@ def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def _chw(pixels: np.ndarray) -> torch.Tensor:
+def to_chw(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) array to a contiguous (3, H, W) tensor. numpy does the transpose: torch's
     multi-threaded strided copy stalls for images this small on busy few-core hosts."""
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def _rgb_array(img: Image.Image) -> np.ndarray:
+def rgb_array(img: Image.Image) -> np.ndarray:
     """A writable uint8 (H, W, 3) copy of ``img``."""
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit greyscale PNG
         wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
@@ -328,9 +328,9 @@ class ImageSet(Dataset):
         id_ = self.ids[position]
         if self.root is None:
             if id_.startswith(CANARY_PREFIX):
-                return _chw(canary_image(int(id_.removeprefix(CANARY_PREFIX)), self.size, self.seed))
+                return to_chw(canary_image(int(id_.removeprefix(CANARY_PREFIX)), self.size, self.seed))
             index = int(id_.removeprefix(BUILTIN_PREFIX))
-            return _chw(builtin_image(index, self.size, self.seed))
+            return to_chw(builtin_image(index, self.size, self.seed))
         return decode_image(self.root / id_, self.size)
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:

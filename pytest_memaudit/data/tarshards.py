@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from .images import (IMAGE_EXTENSIONS, ImageSet, UnreadableImage, _chw, _resize, _rgb_array, list_image_files,
+from .images import (IMAGE_EXTENSIONS, ImageSet, UnreadableImage, to_chw, resize_image, rgb_array, list_image_files,
                      select_samples)
 
 TAR_SUFFIX = ".tar"
@@ -250,9 +250,9 @@ def decode_member(data: bytes, name: str, size: int) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            pixels = _rgb_array(img)
+            pixels = rgb_array(img)
     except UnidentifiedImageError as exc:
         raise UnreadableImage(name, "not an image Pillow can read") from exc
     except Exception as exc:  # noqa: BLE001 (any decoder failure: the member is skipped)
         raise UnreadableImage(name, str(exc) or type(exc).__name__) from exc
-    return _resize(_chw(pixels), size)
+    return resize_image(to_chw(pixels), size)

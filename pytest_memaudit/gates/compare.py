@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..metric.stats import Interval, difference_interval, distribution_shift_p, holm
-from ..results.encoding import _number
+from ..results.encoding import float_out
 from ..results.outcomes import COMPARED, Figure
 from ..results.result import AuditResult, LayerResult
 from .thresholds import fraction_above_level, layer_figures, layer_intervals
@@ -96,10 +96,10 @@ class Comparison:
                          "data_source": baseline.data_source, "samples": len(baseline.samples)},
             "differences": [{"what": what, "baseline": old, "current": new} for what, old, new in self.differences],
             "layers": [
-                {"name": layer.name, "shift_p": _number(layer.shift_p), "shift_p_adjusted": _number(layer.shift_p_adjusted),
-                 "figures": {figure: {"baseline": _number(c.baseline), "current": _number(c.current),
-                                      "delta": _number(c.delta), "low": _number(c.interval.low) if c.interval else None,
-                                      "high": _number(c.interval.high) if c.interval else None,
+                {"name": layer.name, "shift_p": float_out(layer.shift_p), "shift_p_adjusted": float_out(layer.shift_p_adjusted),
+                 "figures": {figure: {"baseline": float_out(c.baseline), "current": float_out(c.current),
+                                      "delta": float_out(c.delta), "low": float_out(c.interval.low) if c.interval else None,
+                                      "high": float_out(c.interval.high) if c.interval else None,
                                       "beyond_noise": c.beyond_noise}
                              for figure, c in layer.changes.items()}}
                 for layer in self.layers

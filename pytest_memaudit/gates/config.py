@@ -33,7 +33,7 @@ from ..models import TOKEN_CHOICES, UNIT_LAYOUTS, InputContract, LayerSpec, Mode
 from ..pipeline.settings import check_views_value
 from ..results.outcomes import GATES, LIMITS, MULTIPLE_TESTING, Gate
 from . import yamlsafe
-from .limits import _check_keys, _check_model_gates, _compare_block, _expect_mapping, _number, _threshold_block, _whole
+from .limits import check_keys, check_model_gates, compare_block, expect_mapping, is_number, threshold_block, is_whole
 
 if TYPE_CHECKING:
     from .limits import Partial
@@ -200,11 +200,11 @@ def load_audit_file(path: str | Path) -> AuditFile:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     document = {} if document is None else document
-    _expect_mapping(path, "the top level", document)
+    expect_mapping(path, "the top level", document)
     if "views" in document:
         raise ConfigError(f"{path}: views: is a model's (the views it trained on): write it under models: NAME: "
                           "views: (a built-in model's name works too, e.g. models: demo: views: simclr)")
-    _check_keys(path, "the top level", document, _TOP_KEYS)
+    check_keys(path, "the top level", document, _TOP_KEYS)
     audit = AuditFile(path=path)
     if "multiple_testing" in document:
         if document["multiple_testing"] not in MULTIPLE_TESTING:
@@ -214,16 +214,16 @@ def load_audit_file(path: str | Path) -> AuditFile:
     audit.allow_no_gates = document.get("allow_no_gates", False)
     if not isinstance(audit.allow_no_gates, bool):
         raise ConfigError(f"{path}: allow_no_gates must be true or false, got {quote(audit.allow_no_gates)}")
-    audit.thresholds = _threshold_block(path, "thresholds", document.get("thresholds"))
-    audit.compare, audit.compare_layers = _compare_block(path, "compare", document.get("compare"))
+    audit.thresholds = threshold_block(path, "thresholds", document.get("thresholds"))
+    audit.compare, audit.compare_layers = compare_block(path, "compare", document.get("compare"))
     audit.layers = _layer_block(path, "layers", document.get("layers"))
     models = document.get("models") or {}
-    _expect_mapping(path, "models", models)
+    expect_mapping(path, "models", models)
     for name, entry in models.items():
         where = f"models: {shorten(str(name))}"
-        _expect_mapping(path, where, entry)
-        _check_keys(path, where, entry, _MODEL_KEYS)
-        audit.model_thresholds[str(name)] = _threshold_block(path, f"{where}: thresholds", entry.get("thresholds"))
+        expect_mapping(path, where, entry)
+        check_keys(path, where, entry, _MODEL_KEYS)
+        audit.model_thresholds[str(name)] = threshold_block(path, f"{where}: thresholds", entry.get("thresholds"))
         audit.model_layers[str(name)] = _layer_block(path, f"{where}: layers", entry.get("layers"))
         if "views" in entry:
             check_views_value(f"{path}: {where}: views", entry["views"])
@@ -267,7 +267,7 @@ def _layer_spec(path, where, item) -> LayerSpec:
     if not isinstance(item, dict) or not isinstance(item.get("module"), str) or not item["module"]:
         raise ConfigError(f"{path}: {where}: entry {item!r} is not a module path or a mapping with a module")
     where = f"{where}: {item['module']}"
-    _check_keys(path, where, item, _LAYER_KEYS)
+    check_keys(path, where, item, _LAYER_KEYS)
     name = item.get("name", item["module"])
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{path}: {where}: name must be a non-empty string, got {name!r}")
@@ -282,17 +282,17 @@ def _layer_spec(path, where, item) -> LayerSpec:
                           "(or give the axis number as units_axis)")
     if "units_axis" in item:
         units = item["units_axis"]
-        if not _whole(units) or units == 0:
+        if not is_whole(units) or units == 0:
             raise ConfigError(f"{path}: {where}: units_axis must be the number of the output's unit axis (0 is the "
                               f"batch; -1 the last), got {units!r}")
     tokens = item.get("tokens", "all")
     if tokens not in TOKEN_CHOICES:
         raise ConfigError(f"{path}: {where}: tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}")
     output = item.get("output")
-    if output is not None and not (isinstance(output, str) or (_whole(output) and output >= 0)):
+    if output is not None and not (isinstance(output, str) or (is_whole(output) and output >= 0)):
         raise ConfigError(f"{path}: {where}: output must be a part's index (0, 1, ...) or key, got {output!r}")
     call = item.get("call")
-    if call is not None and call != "all" and not (_whole(call) and call >= 0):
+    if call is not None and call != "all" and not (is_whole(call) and call >= 0):
         raise ConfigError(f"{path}: {where}: call must be a call's number (0 is the first) or 'all', got {call!r}")
     return LayerSpec(name, item["module"], units=units, tokens=tokens, output=output, call=call)
 
@@ -319,19 +319,19 @@ def _input_contract(path, where, entry) -> InputContract:
                           "in [0, 1])")
     normalize = entry.get("normalize")
     if normalize is not None:
-        _expect_mapping(path, f"{where}: normalize", normalize)
-        _check_keys(path, f"{where}: normalize", normalize, ("mean", "std"))
+        expect_mapping(path, f"{where}: normalize", normalize)
+        check_keys(path, f"{where}: normalize", normalize, ("mean", "std"))
         mean, std = normalize.get("mean"), normalize.get("std")
         names = "the grey channel" if channels == 1 else ", ".join(order)
         for key, values in (("mean", mean), ("std", std)):
-            if not (isinstance(values, list) and len(values) == channels and all(_number(v) for v in values)):
+            if not (isinstance(values, list) and len(values) == channels and all(is_number(v) for v in values)):
                 raise ConfigError(f"{path}: {where}: normalize: {key} must be {channels} number{'s' * (channels > 1)} "
                                   f"({names}, in the model's order), got {values!r}")
         if any(v <= 0 for v in std):
             raise ConfigError(f"{path}: {where}: normalize: std must be positive, got {std!r}")
         return InputContract(mean=tuple(map(float, mean)), std=tuple(map(float, std)), **layout)
     value_range = entry.get("input_range", [-1, 1])
-    if not (isinstance(value_range, list) and len(value_range) == 2 and all(_number(v) for v in value_range)
+    if not (isinstance(value_range, list) and len(value_range) == 2 and all(is_number(v) for v in value_range)
             and value_range[0] < value_range[1]):
         raise ConfigError(f"{path}: {where}: input_range must be [low, high] with low < high, e.g. [-1, 1] or "
                           f"[0, 1], got {value_range!r}")
@@ -361,8 +361,8 @@ def _check_layers_unambiguous(path, where, layers: list[tuple[str, str]]) -> Non
 def _layer_block(path, where, block) -> dict[str, dict[str, float | None]]:
     if block is None:
         return {}
-    _expect_mapping(path, where, block)
-    blocks = {str(name): _threshold_block(path, f"{where}: {shorten(str(name))}", entry) for name, entry in block.items()}
+    expect_mapping(path, where, block)
+    blocks = {str(name): threshold_block(path, f"{where}: {shorten(str(name))}", entry) for name, entry in block.items()}
     for name, entry in blocks.items():
-        _check_model_gates(f"{path}: {where}: {shorten(name)}", entry)
+        check_model_gates(f"{path}: {where}: {shorten(name)}", entry)
     return blocks

@@ -16,19 +16,19 @@ _GATE_FIELDS = ("limit", "when", "severity")
 Partial = dict[str, Any]  # what one level of configuration sets of a threshold: some of a Gate's fields, or "value"
 
 
-def _whole(value) -> bool:
+def is_whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _threshold_block(path, where, block) -> dict[str, Partial]:
+def threshold_block(path, where, block) -> dict[str, Partial]:
     if block is None:
         return {}
-    _expect_mapping(path, where, block)
-    _check_keys(path, where, block, THRESHOLD_KEYS)
+    expect_mapping(path, where, block)
+    check_keys(path, where, block, THRESHOLD_KEYS)
     return {key: threshold_entry(f"{path}: {where}: {key}", key, value) for key, value in block.items()}
 
 
@@ -82,21 +82,21 @@ def threshold_value(where: str, key: str, value: Any) -> float | None:
     return value
 
 
-def _compare_block(path, where, block) -> tuple[dict[str, Partial], dict[str, dict[str, Partial]]]:
+def compare_block(path, where, block) -> tuple[dict[str, Partial], dict[str, dict[str, Partial]]]:
     """The ``compare:`` block: compare gates by figure for every layer, and ``layers:`` overrides."""
     if block is None:
         return {}, {}
-    _expect_mapping(path, where, block)
-    _check_keys(path, where, block, (*COMPARED, "layers"))
+    expect_mapping(path, where, block)
+    check_keys(path, where, block, (*COMPARED, "layers"))
     gates = {f"{figure}_rise_max": compare_entry(f"{path}: {where}: {figure}", figure, value)
              for figure, value in block.items() if figure != "layers"}
     layers = block.get("layers") or {}
-    _expect_mapping(path, f"{where}: layers", layers)
+    expect_mapping(path, f"{where}: layers", layers)
     per_layer = {}
     for name, entry in layers.items():
         inner = f"{where}: layers: {shorten(str(name))}"
-        _expect_mapping(path, inner, entry)
-        _check_keys(path, inner, entry, tuple(COMPARED))
+        expect_mapping(path, inner, entry)
+        check_keys(path, inner, entry, tuple(COMPARED))
         per_layer[str(name)] = {f"{figure}_rise_max": compare_entry(f"{path}: {inner}: {figure}", figure, value)
                                 for figure, value in entry.items()}
     return gates, per_layer
@@ -178,12 +178,12 @@ def parse_compare_option(text: str) -> tuple[str, str, Partial]:
     return layer.strip() or "*", f"{figure}_rise_max", partial
 
 
-def _expect_mapping(path, where, value) -> None:
+def expect_mapping(path, where, value) -> None:
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: {where} must be a mapping (key: value), got {type(value).__name__}")
 
 
-def _check_keys(path, where, mapping, allowed) -> None:
+def check_keys(path, where, mapping, allowed) -> None:
     for key in mapping:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
@@ -208,11 +208,11 @@ def parse_threshold_option(text: str) -> tuple[str, str, Partial]:
     except ValueError:
         raise ConfigError(f"--memaudit-threshold {text!r}: {raw!r} is not a number (or 'off')") from None
     if layer.strip() not in ("", "*"):
-        _check_model_gates(f"--memaudit-threshold {text!r}", {key: value})
+        check_model_gates(f"--memaudit-threshold {text!r}", {key: value})
     return layer.strip() or "*", key, threshold_entry(f"--memaudit-threshold {key}", key, value)
 
 
-def _check_model_gates(where: str, entry: dict) -> None:
+def check_model_gates(where: str, entry: dict) -> None:
     """A model's gate (the verdict's) set for one layer: a ConfigError saying where it belongs."""
     for key in MODEL_GATES:
         if key in entry:

@@ -173,7 +173,7 @@ class LayerState:
         self.sums += other.sums.to(self.sums.device)
         _merge_max(self.maxima, self.argmax, other.maxima.to(self.maxima.device), other.argmax.to(self.argmax.device))
         for code in range(len(LABELS)):
-            _merge_top(self.top_values[code], self.top_index[code],
+            merge_top(self.top_values[code], self.top_index[code],
                        other.top_values[code].to(self.top_values.device), other.top_index[code].to(self.top_index.device))
         if self.values is not None:
             self.values.extend(other.values)
@@ -241,7 +241,7 @@ class LayerState:
         values = self.top_values[labels[0]].clone()
         index = self.top_index[labels[0]].clone()
         for code in labels[1:]:
-            _merge_top(values, index, self.top_values[code], self.top_index[code])
+            merge_top(values, index, self.top_values[code], self.top_index[code])
         filled = min(self.topk, int(self.counts[labels].sum()))
         return values[:filled].double().cpu().numpy(), index[:filled].cpu().numpy()
 
@@ -438,7 +438,7 @@ def _append_top(values: torch.Tensor, index: torch.Tensor, new_values: torch.Ten
     torch.gather(all_index, 0, order, out=index)
 
 
-def _merge_top(values: torch.Tensor, index: torch.Tensor, other_values: torch.Tensor, other_index: torch.Tensor) -> None:
+def merge_top(values: torch.Tensor, index: torch.Tensor, other_values: torch.Tensor, other_index: torch.Tensor) -> None:
     """In place: the k largest of two top-k lists per unit, ties to the lower index."""
     all_values = torch.cat([values, other_values])
     all_index = torch.cat([index, other_index])

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import AuditError
-from ..metric.unitmem import NO_INDEX, LayerState, _merge_top, index_of, tie_order
+from ..metric.unitmem import NO_INDEX, LayerState, merge_top, index_of, tie_order
 from .launch import Launch, launch_from_environment
 from .signals import ignore_terminate
 
@@ -205,7 +205,7 @@ class World:
             state.top_index.copy_(top_index[0][i])
             for rank in range(1, self.size):
                 for code in range(state.top_values.shape[0]):
-                    _merge_top(state.top_values[code], state.top_index[code], top_values[rank][i][code],
+                    merge_top(state.top_values[code], state.top_index[code], top_values[rank][i][code],
                                top_index[rank][i][code])
             if state.values is not None:
                 state.values.all_reduce = self.all_reduce

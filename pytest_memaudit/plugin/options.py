@@ -110,7 +110,7 @@ def list_saved(config: pytest.Config) -> int:
     return 0
 
 
-def _given(config: pytest.Config, name: str) -> bool:
+def is_given(config: pytest.Config, name: str) -> bool:
     return bool(config.getoption(name) or config.getini(name))
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import parallel
-from .options import OPTIONS, _given, check_output_locations, compare_fail_options
+from .options import OPTIONS, is_given, check_output_locations, compare_fail_options
 
 if TYPE_CHECKING:
     from ..gates.compare import Comparison
@@ -305,13 +305,13 @@ def validate_options(config: pytest.Config, state: AuditSession) -> None:
 
     try:
         load_baseline_inputs(config, state)
-        if any(_given(config, "memaudit_" + suffix.replace("-", "_")) for suffix, _, _ in OPTIONS):
+        if any(is_given(config, "memaudit_" + suffix.replace("-", "_")) for suffix, _, _ in OPTIONS):
             from ..pipeline.settings import check_image_fits
 
             check_image_fits(state.load_settings())
         if config.getoption("memaudit_threshold"):
             state.threshold_overrides()
-        if any(_given(config, name) for name in ("memaudit_html", "memaudit_json")):
+        if any(is_given(config, name) for name in ("memaudit_html", "memaudit_json")):
             check_output_locations(config)
     except ConfigError as exc:
         raise pytest.UsageError(f"memaudit: {exc}") from None

@@ -20,9 +20,9 @@ from ..metric.stats import Interval, LayerStats, depth_correlation
 from ..metric.unitmem import UnitMemValues
 from ..metric.verdict import GATED_AS, Verdict, decide, gate_sentence, membership_tests
 from ..models.hooks import UnitAxis
-from .encoding import (_array, _check_from_json, _check_json, _float, _floats, _interval_from_json, _interval_json,
-                       _membership_from_json, _membership_json, _memorized_from_json, _memorized_json, _number,
-                       _planted_from_json, _planted_json, _signal_from_json, _signal_json)
+from .encoding import (array_in, check_from_json, check_json, float_in, floats_out, interval_from_json, interval_json,
+                       membership_from_json, membership_json, memorized_from_json, memorized_json, float_out,
+                       planted_from_json, planted_json, signal_from_json, signal_json)
 from .outcomes import UNTESTABLE, Gate, GateOutcome, as_json
 from .schema import check_document
 
@@ -154,15 +154,15 @@ class AuditResult:
             "skipped": self.skipped,
             "summary": {
                 "units": int(all_values.size),
-                "mean_unitmem": _number(float(all_values.mean())) if all_values.size else None,
-                "depth_spearman_rho": _number(rho),
-                "depth_spearman_p": _number(p),
+                "mean_unitmem": float_out(float(all_values.mean())) if all_values.size else None,
+                "depth_spearman_rho": float_out(rho),
+                "depth_spearman_p": float_out(p),
                 "layers_passed": sum(o.status == "passed" for o in outcomes),
                 "layers_warned": sum(o.status == "warned" for o in outcomes),
                 "layers_failed": sum(o.status == "failed" for o in outcomes),
                 "layers_not_testable": sum(o.status == UNTESTABLE for o in outcomes),
                 "layers_not_gated": len(self.layers) - sum(o.status != "not gated" for o in outcomes),
-                "membership": _membership_json(self.membership),
+                "membership": membership_json(self.membership),
                 "verdict": None if self.verdict is None else self.verdict.as_dict(),
                 "verdict_gate": _verdict_gate_json(self.verdict_gate, self.verdict),
                 "multiple_testing": self.multiple_testing,
@@ -173,11 +173,11 @@ class AuditResult:
             "notes": self.notes,
             "canaries": [{"id": c, "rank": r} for c, r in self.canary_ranks().items()],
             "data_point_ranking": [{"id": s, "units": n} for s, n in self.data_point_ranking()[:50]],
-            **_memorized_json(self.memorized, self.samples),
+            **memorized_json(self.memorized, self.samples),
             "layers": [_layer_json(layer) for layer in self.layers],
             "control": None if self.control is None else _subject_json(self.control),
-            "planted": _planted_json(self.planted, self.samples),
-            "signals": [_signal_json(signal) for signal in self.signals],
+            "planted": planted_json(self.planted, self.samples),
+            "signals": [signal_json(signal) for signal in self.signals],
         }
 
     @classmethod
@@ -199,15 +199,15 @@ class AuditResult:
             notes=data.get("notes") or [],
             canaries=[entry["id"] for entry in data.get("canaries") or []],
             holdout_source=data.get("holdout_source"),
-            membership=_membership_from_json(data["summary"].get("membership")),
-            memorized=_memorized_from_json(data),
+            membership=membership_from_json(data["summary"].get("membership")),
+            memorized=memorized_from_json(data),
             control=None if data.get("control") is None else _subject_from_json(data["control"]),
-            planted=_planted_from_json(data.get("planted"), samples),
+            planted=planted_from_json(data.get("planted"), samples),
             verdict=_verdict_from_json(data["summary"].get("verdict"), layers),
             verdict_gate=_verdict_gate_from_json(data["summary"].get("verdict_gate")),
             multiple_testing=data["summary"].get("multiple_testing", "holm"),
             distributed=data.get("distributed"),
-            signals=[_signal_from_json(entry) for entry in data.get("signals") or []],
+            signals=[signal_from_json(entry) for entry in data.get("signals") or []],
         )
 
 
@@ -228,39 +228,39 @@ def _layer_json(layer: LayerResult) -> dict[str, Any]:
         "channels": layer.channels,
         "unit_axis": None if layer.unit_axis is None else {
             "axis": layer.unit_axis.axis, "shape": list(layer.unit_axis.shape), "source": layer.unit_axis.source},
-        "unitmem": _floats(layer.values.unitmem),
+        "unitmem": floats_out(layer.values.unitmem),
         "max_sample": layer.values.max_sample.tolist(),
-        "mu_max": _floats(layer.values.mu_max),
-        "mu_rest": _floats(layer.values.mu_rest),
+        "mu_max": floats_out(layer.values.mu_max),
+        "mu_rest": floats_out(layer.values.mu_rest),
         "dead": np.flatnonzero(layer.values.dead).tolist(),
         "top_samples": layer.values.top_samples.tolist(),
-        "top_values": [_floats(row) for row in layer.values.top_values],
-        **{key: _number(value) for key, value in layer.stats.as_dict().items()},
-        "intervals": {name: _interval_json(interval) for name, interval in layer.intervals.items()},
-        "membership": _membership_json(layer.membership),
-        "control_mean_unitmem": _number(layer.control_mean),
-        "excess_over_control": _interval_json(layer.control_excess),
+        "top_values": [floats_out(row) for row in layer.values.top_values],
+        **{key: float_out(value) for key, value in layer.stats.as_dict().items()},
+        "intervals": {name: interval_json(interval) for name, interval in layer.intervals.items()},
+        "membership": membership_json(layer.membership),
+        "control_mean_unitmem": float_out(layer.control_mean),
+        "excess_over_control": interval_json(layer.control_excess),
         "thresholds": None if layer.thresholds is None else as_json(layer.thresholds),
         "outcome": None if outcome is None else outcome.status,
-        "checks": None if outcome is None else [_check_json(check) for check in outcome.checks],
+        "checks": None if outcome is None else [check_json(check) for check in outcome.checks],
         "untestable": None if outcome is None else [{"key": key, "reason": why} for key, why in outcome.untestable],
     }
 
 
 def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
-    unitmem = _array(entry["unitmem"])
+    unitmem = array_in(entry["unitmem"])
     dead = np.zeros(unitmem.size, dtype=bool)
     dead[entry["dead"]] = True
     values = UnitMemValues(
         unitmem=unitmem,
-        mu_max=_array(entry["mu_max"]),
-        mu_rest=_array(entry["mu_rest"]),
+        mu_max=array_in(entry["mu_max"]),
+        mu_rest=array_in(entry["mu_rest"]),
         max_sample=np.asarray(entry["max_sample"], dtype=np.int64),
         dead=dead,
-        top_values=np.array([_array(row) for row in entry["top_values"]]).reshape(-1, unitmem.size),
+        top_values=np.array([array_in(row) for row in entry["top_values"]]).reshape(-1, unitmem.size),
         top_samples=np.asarray(entry["top_samples"], dtype=np.int64).reshape(-1, unitmem.size),
     )
-    stats = LayerStats(**{f.name: _float(entry[f.name]) if f.type != "int" else int(entry[f.name])
+    stats = LayerStats(**{f.name: float_in(entry[f.name]) if f.type != "int" else int(entry[f.name])
                           for f in fields(LayerStats)})
     thresholds = entry.get("thresholds")
     axis = entry.get("unit_axis")
@@ -269,17 +269,17 @@ def _layer_from_json(entry: dict[str, Any]) -> LayerResult:
         module=entry["module"],
         values=values,
         stats=stats,
-        intervals={name: _interval_from_json(item) for name, item in (entry.get("intervals") or {}).items()},
-        membership=_membership_from_json(entry.get("membership")),
+        intervals={name: interval_from_json(item) for name, item in (entry.get("intervals") or {}).items()},
+        membership=membership_from_json(entry.get("membership")),
         control_mean=None if entry.get("control_mean_unitmem") is None else float(entry["control_mean_unitmem"]),
-        control_excess=_interval_from_json(entry.get("excess_over_control")),
+        control_excess=interval_from_json(entry.get("excess_over_control")),
         thresholds=None if thresholds is None else {
             key: Gate(**value) if isinstance(value, dict) else value for key, value in thresholds.items()
         },
         unit_axis=None if axis is None else UnitAxis(axis["axis"], tuple(axis["shape"]), axis["source"]),
     )
     if entry.get("checks") is not None:
-        layer.outcome = GateOutcome(layer.name, tuple(_check_from_json(item) for item in entry["checks"]),
+        layer.outcome = GateOutcome(layer.name, tuple(check_from_json(item) for item in entry["checks"]),
                                     tuple((item["key"], item["reason"]) for item in entry.get("untestable") or ()))
     return layer
 
@@ -289,18 +289,18 @@ def _verdict_gate_json(outcome: GateOutcome | None, verdict: Verdict | None) -> 
         return None
     check = outcome.checks[0]
     return {"outcome": outcome.status, "message": gate_sentence(verdict, check.key, check.limit, not check.passed),
-            "checks": [_check_json(check) for check in outcome.checks]}
+            "checks": [check_json(check) for check in outcome.checks]}
 
 
 def _verdict_gate_from_json(data: dict[str, Any] | None) -> GateOutcome | None:
-    return None if data is None else GateOutcome(GATED_AS, tuple(_check_from_json(item) for item in data["checks"]))
+    return None if data is None else GateOutcome(GATED_AS, tuple(check_from_json(item) for item in data["checks"]))
 
 
 def _subject_json(subject: SubjectResult) -> dict[str, Any]:
     return {
         "role": subject.role,
         "description": subject.description,
-        "membership": _membership_json(subject.membership),
+        "membership": membership_json(subject.membership),
         "verdict": None if subject.verdict is None else subject.verdict.as_dict(),
         "layers": [_layer_json(layer) for layer in subject.layers],
     }
@@ -308,7 +308,7 @@ def _subject_json(subject: SubjectResult) -> dict[str, Any]:
 
 def _subject_from_json(data: dict[str, Any]) -> SubjectResult:
     layers = [_layer_from_json(e) for e in data["layers"]]
-    return SubjectResult(data["role"], data["description"], layers, _membership_from_json(data.get("membership")),
+    return SubjectResult(data["role"], data["description"], layers, membership_from_json(data.get("membership")),
                          _verdict_from_json(data.get("verdict"), layers))
 
 
