@@ -11,7 +11,7 @@ import pytest
 import pytest_memaudit.pipeline.audit  # noqa: F401  (see test_plugin.py: import before pytester runs)
 import pytest_memaudit.plugin  # noqa: F401
 import pytest_memaudit.plugin.terminal  # noqa: F401
-from pytest_memaudit.pipeline.outputs import OutputLog, location_problem, set_aside
+from pytest_memaudit.plugin.outputs import OutputLog, location_problem, set_aside
 
 pytest_plugins = ["pytester"]
 

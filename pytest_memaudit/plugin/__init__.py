@@ -1,4 +1,5 @@
-"""The pytest layer: the plugin's hooks (this module), options, items, the session's audit, files, terminal summary.
+"""The pytest layer: the plugin's hooks (this module), options, items, the session's audit, files (and the output
+log that writes them), terminal summary.
 May import: every other layer (lazily: a run that audits nothing imports no torch).
 
 No metric code lives here. Importing this module imports neither torch nor numpy, so the

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 from .options import gallery_mode, report_paths
 
 if TYPE_CHECKING:
-    from ..pipeline.outputs import OutputLog
+    from .outputs import OutputLog
     from .session import AuditSession
 
 
 def write_outputs(state: AuditSession) -> "OutputLog":
     """Write the JSON, then the report; each failure is logged and the other output still written."""
-    from ..pipeline.outputs import OutputLog
+    from .outputs import OutputLog
     from ..results.result import write_json_atomic
 
     log = OutputLog()
@@ -90,7 +90,7 @@ def stored_thumbnails(state: AuditSession, log: "OutputLog"):
     """Thumbnails of a stored audit's images, decoded again where they still are; else None (names only,
     which the log says: a job that gates stored results often has no copy of the images)."""
     from ..pipeline.setup import open_images
-    from ..pipeline.outputs import failure_reason
+    from .outputs import failure_reason
     from ..report import ImageSetThumbnails
 
     try:

@@ -136,7 +136,7 @@ def check_output_locations(config: pytest.Config) -> None:
     """ConfigError when the report or the JSON cannot be written where they go, or one would replace
     the other (or the report the finished audit or baseline it reads)."""
     from ..errors import ConfigError
-    from ..pipeline.outputs import location_problem, same_file
+    from .outputs import location_problem, same_file
 
     html_path, json_path = report_paths(config)
     base = config.invocation_params.dir

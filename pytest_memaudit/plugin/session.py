@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..gates.config import AuditCatalog, AuditFile
     from ..pipeline.settings import RunSettings
     from ..models import ModelSpec
-    from ..pipeline.outputs import OutputLog
+    from .outputs import OutputLog
     from ..results.result import AuditResult
 
 
