@@ -169,7 +169,7 @@ def test_flat_folders_have_no_classes_and_say_so(tmp_path):
 
 def test_large_results_are_written_compact_and_per_data_point_numbers_rounded(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "INDENTED_SAMPLES_MAX", 3)
-    document = {"samples": ["a", "b", "c", "d"], "score": results._floats(kept_digits(np.array([1 / 3, 2.0, 1e-9 / 7,
+    document = {"samples": ["a", "b", "c", "d"], "score": results.floats_out(kept_digits(np.array([1 / 3, 2.0, 1e-9 / 7,
                                                                                                np.nan])))}
     results.write_json_atomic(tmp_path / "big.json", document)
     text = (tmp_path / "big.json").read_text()
