@@ -90,25 +90,25 @@ class Measured:
     PARTS = ("characteristics", "signals", "embedding")
 
     def __init__(self, capacity: int = 0, view_means: ViewMeans | None = None):
-        self.rows = RowStore(capacity)  # keys: "positions", and (part, name) for each part
+        self._positions = RowStore(capacity)
+        self._parts = {part: RowStore(capacity) for part in self.PARTS}
         self.view_means = view_means or ViewMeans(np.zeros(0, dtype=bool))
 
     def add(self, positions: list[int], characteristics: dict[str, np.ndarray], embedding: np.ndarray | None,
             signals: dict[str, np.ndarray], view_means: dict[str, np.ndarray]) -> None:
-        parts = {"characteristics": characteristics, "signals": signals,
-                 "embedding": {} if embedding is None else {"embedding": embedding}}
-        self.rows.add({"positions": np.asarray(positions, dtype=np.int64)}
-                      | {(part, name): values for part, columns in parts.items() for name, values in columns.items()})
+        self._positions.add({"positions": np.asarray(positions, dtype=np.int64)})
+        for part, columns in zip(self.PARTS, (characteristics, signals, _embedding_part(embedding))):
+            self._parts[part].add(columns)
         if view_means:
             self.view_means.add(positions, view_means)
 
     @property
     def positions(self) -> np.ndarray:
-        return self.rows.arrays().get("positions", np.zeros(0, dtype=np.int64))
+        return self._positions.arrays().get("positions", np.zeros(0, dtype=np.int64))
 
     def part(self, part: str) -> dict[str, np.ndarray]:
         """One of ``PARTS`` by name, as arrays by data point (in the order of ``positions``): views, not copies."""
-        return {key[1]: values for key, values in self.rows.arrays().items() if isinstance(key, tuple) and key[0] == part}
+        return self._parts[part].arrays()
 
     def state_dict(self) -> dict:
         """Copies of what was measured (for a snapshot)."""
@@ -125,17 +125,20 @@ class Measured:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        parts = {"characteristics": state["characteristics"], "signals": state["signals"],
-                 "embedding": {} if state["embedding"] is None else {"embedding": state["embedding"]}}
+        parts = dict(zip(self.PARTS, (state["characteristics"], state["signals"], _embedding_part(state["embedding"]))))
         sizes = sorted({len(values) for columns in parts.values() for values in columns.values()})
         if sizes and sizes != [len(state["positions"])]:
             raise AuditError(f"it lists {len(state['positions'])} data points measured, but its image "
                              f"characteristics, signals and embedding cover {sizes}")
-        self.rows.load({"positions": state["positions"].numpy()}
-                       | {(part, name): values.numpy() for part, columns in parts.items()
-                          for name, values in columns.items()})
+        self._positions.load({"positions": state["positions"].numpy()})
+        for part, columns in parts.items():
+            self._parts[part].load({name: values.numpy() for name, values in columns.items()})
         self.view_means.load_state_dict({"positions": state["view_means"]["positions"].numpy(),
                                          "rows": {key: rows.numpy() for key, rows in state["view_means"]["rows"].items()}})
+
+
+def _embedding_part(embedding):
+    return {} if embedding is None else {"embedding": embedding}
 
 
 @dataclass
