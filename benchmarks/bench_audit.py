@@ -102,7 +102,11 @@ def child_env(isa: str = "native", bytecode_cache: bool = True) -> dict[str, str
 
 
 def run_child(args: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> dict:
-    """Run ``args`` to completion: wall and CPU seconds, peak RSS (MB) and exit status."""
+    """Run ``args`` to completion: wall and CPU seconds, peak RSS (MB) and exit status.
+
+    The peak is ``ru_maxrss``, which Linux starts at this process's RSS when the child is spawned:
+    a child's peak reads at least that (this process stays under 100 MB; bench_memory.py makes
+    its model in a child for that reason)."""
     started = time.perf_counter()
     with open(log, "wb") as out:
         process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
